@@ -1,0 +1,234 @@
+"""The `pipeinfer-cpu` command: a thin layer over the library (engine, shards, launcher, bench)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from .errors import PipeinferError, UserError
+from .hostfile import Host, parse_hostfile
+from .transport import under_mpi
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def friendly_errors(command):
+    """Show our errors as one line on stderr (a traceback only with --debug)."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False) or bool(os.environ.get("PIPEINFER_DEBUG"))
+        try:
+            return command(*args, **kwargs)
+        except PipeinferError as exc:
+            if debug:
+                raise
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            sys.exit(130)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pipeinfer-cpu")
+def main() -> None:
+    """Run a GGUF language model split layer-wise across the CPU machines of an MPI job."""
+
+
+# -- shared options -----------------------------------------------------------------------------
+
+def engine_options(command):
+    options = [
+        click.option("--hostfile", type=click.Path(path_type=Path), help="Machines, one stage per line (MPICH/Open MPI syntax)."),
+        click.option("--model", "-m", type=click.Path(path_type=Path), help="GGUF model (default: the embedded SmolLM2-135M-Instruct Q4_1)."),
+        click.option("--mode", type=click.Choice(["single", "pipeline"]), default="pipeline", show_default=True),
+        click.option("--stages", type=int, help="Pipeline stages (default: one per hostfile line)."),
+        click.option("--weights", help="Comma-separated layer-split weights, one per stage (default: the hostfile's)."),
+        click.option("--threads", "-t", type=int, default=0, help="Threads per stage (0: the host's cores shared by its stages)."),
+        click.option("--ctx-size", "-c", "n_ctx", type=int, default=2048, show_default=True),
+        click.option("--batch-size", "-b", "n_batch", type=int, default=256, show_default=True),
+        click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True, help="Seconds to wait for any rank before giving up."),
+        click.option("--shard-dir", type=click.Path(path_type=Path), help="Where to write shards (default: a cache keyed by model hash and split)."),
+        click.option("--verbose", "-v", is_flag=True, help="Say what is being set up."),
+        click.option("--debug", is_flag=True, help="Tracebacks and mpiexec's own output on errors."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def sampling_options(command):
+    options = [
+        click.option("--temp", "temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off."),
+        click.option("--seed", "-s", type=int, default=0, show_default=True),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@dataclass(frozen=True)
+class Topology:
+    """How many stages, on which hosts, with which weights."""
+
+    stage_hosts: tuple[str, ...]
+    weights: tuple[float, ...]
+
+    @property
+    def placement(self) -> tuple[str, ...]:
+        """Host of each MPI rank: the head beside the first stage, then the stages in order."""
+        return (self.stage_hosts[0], *self.stage_hosts)
+
+
+def topology(hostfile: Path | None, stages: int | None, weights: str | None) -> Topology:
+    from .planning import parse_weights
+
+    hosts: tuple[Host, ...] = parse_hostfile(hostfile) if hostfile else (Host("localhost"),)
+    n_stages = stages if stages is not None else len(hosts)
+    if n_stages < 1:
+        raise UserError(f"--stages must be at least 1, got {n_stages}")
+    stage_hosts = tuple(hosts[i % len(hosts)].name for i in range(n_stages))
+    if weights is not None:
+        return Topology(stage_hosts, parse_weights(weights, n_stages))
+    return Topology(stage_hosts, tuple(hosts[i % len(hosts)].weight for i in range(n_stages)))
+
+
+def engine_settings(model, mode, weights, threads, n_ctx, n_batch, timeout_s, shard_dir, verbose):
+    from .engine import EngineSettings
+
+    if threads < 0:
+        raise UserError(f"--threads must be 0 (auto) or more, got {threads}")
+    return EngineSettings(model=model, mode=mode, weights=weights, n_threads=threads, n_ctx=n_ctx,
+                          n_batch=n_batch, timeout_s=timeout_s, shard_dir=shard_dir, verbose=verbose)
+
+
+def preflight(settings, topo: Topology) -> None:
+    """Check what can be checked before any process starts: the model and the split."""
+    from .models import check_supported, read_model_info, resolve_model
+    from .planning import split_layers
+
+    info = read_model_info(resolve_model(settings.model))
+    check_supported(info)
+    if settings.mode != "single":
+        split_layers(info.n_layer, topo.weights)
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise UserError("give either --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            return prompt_file.read_text()
+        except OSError as exc:
+            raise UserError(f"cannot read prompt file {prompt_file}: {exc.strerror or exc}") from None
+    if prompt is None:
+        raise UserError("give a prompt with --prompt TEXT or --prompt-file FILE")
+    return prompt
+
+
+# -- run ------------------------------------------------------------------------------------------
+
+@main.command()
+@engine_options
+@sampling_options
+@click.option("--prompt", "-p", help="Prompt text.")
+@click.option("--prompt-file", "-f", type=click.Path(path_type=Path), help="Read the prompt from a file.")
+@click.option("--n-predict", "-n", "max_tokens", type=int, default=128, show_default=True, help="Tokens to generate at most.")
+@click.option("--chat-template/--raw", default=False, help="Wrap the prompt as a user turn in the model's chat template.")
+@click.option("--system", help="System message (with --chat-template).")
+@click.option("--stats-json", type=click.Path(path_type=Path), help="Write the statistics (and token ids) as JSON.")
+@click.option("--save-logits", type=click.Path(path_type=Path), help="Save the logits of the last prompt token (.npy).")
+@friendly_errors
+def run(hostfile, model, mode, stages, weights, threads, n_ctx, n_batch, timeout_s, shard_dir, verbose, debug,
+        temperature, top_k, top_p, seed, prompt, prompt_file, max_tokens, chat_template, system, stats_json,
+        save_logits):
+    """Generate text from a prompt, streaming it to stdout."""
+    from .runner import GenerateRequest, run_job
+    from .sampling import SamplingConfig
+
+    topo = topology(hostfile, stages, weights)
+    settings = engine_settings(model, mode, topo.weights, threads, n_ctx, n_batch, timeout_s, shard_dir, verbose)
+    try:
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if max_tokens < 1:
+        raise UserError(f"-n must be at least 1, got {max_tokens}")
+    request = GenerateRequest(read_prompt(prompt, prompt_file), max_tokens, sampling, chat_template, system,
+                              stats_json, save_logits)
+    if under_mpi() or mode == "single":
+        sys.exit(run_job(settings, request, debug))
+    preflight(settings, topo)
+    from .launcher import launch
+
+    sys.exit(launch(topo.placement, sys.argv[1:], debug))
+
+
+# -- shard ----------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--stages", type=int, required=True)
+@click.option("--weights", help="Comma-separated weights, one per stage.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--debug", is_flag=True)
+@friendly_errors
+def shard(model, stages, weights, out_dir, debug):
+    """Write one GGUF per stage (contiguous layer ranges) and a manifest."""
+    from .models import check_supported, read_model_info, resolve_model
+    from .planning import parse_weights, split_layers
+    from .shards import shard_model
+
+    info = read_model_info(resolve_model(model))
+    check_supported(info)
+    ranges = split_layers(info.n_layer, parse_weights(weights, stages))
+    plan = shard_model(info, ranges, out_dir=out_dir, progress=lambda text: click.echo(text, err=True))
+    for s in plan.shards:
+        click.echo(f"stage {s.index}: layers [{s.start}, {s.end})  {s.size_bytes / 1e6:.1f} MB  {s.path}")
+    click.echo(f"manifest: {out_dir / 'manifest.json'}")
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+@main.group()
+def models() -> None:
+    """Models available on this machine."""
+
+
+@models.command("list")
+@click.option("--dir", "dirs", multiple=True, type=click.Path(path_type=Path), help="Also list GGUF files here.")
+def models_list(dirs):
+    """Show the embedded default model and any GGUF files in the given folders."""
+    from .models import VERIFIED_ARCHITECTURES, list_local_models
+
+    infos = list_local_models(tuple(dirs) + (Path("models"),))
+    if not infos:
+        click.echo("no models found", err=True)
+        sys.exit(1)
+    for info in infos:
+        verified = "verified" if info.arch in VERIFIED_ARCHITECTURES else "unverified arch"
+        click.echo(f"{info.name:32s} {info.arch:8s} {info.n_layer:4d} layers  {info.size_bytes / 1e6:8.1f} MB  "
+                   f"{verified:15s} {info.path}")
+
+
+def _attach_compress() -> None:
+    """`pipeinfer-cpu compress ...` lives in the optional compress package (it needs torch)."""
+    try:
+        from compress.cli import compress_group
+    except ImportError:
+        @main.command("compress", context_settings={"ignore_unknown_options": True})
+        @click.argument("args", nargs=-1)
+        def compress_missing(args):
+            """Prune vision CNNs (needs the optional extra: pip install 'pipeinfer-cpu[compress]')."""
+            _fail("compress needs the optional dependencies: pip install 'pipeinfer-cpu[compress]'")
+        return
+    main.add_command(compress_group)

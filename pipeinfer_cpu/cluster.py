@@ -1,0 +1,166 @@
+"""The head's view of the worker ranks: start-up, shard hand-out, statistics, shutdown.
+
+Every wait here is bounded; a rank that reports an error or stops answering becomes a
+`ClusterError` naming the rank and its host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+import numpy as np
+from tqdm import tqdm
+
+from . import protocol as P
+from .errors import ClusterError
+from .protocol import HEAD, Tag
+from .shards import ShardPlan
+from .stats import StageStats
+from .transport import Transport, wait
+from .worker import Assignment
+
+FILE_CHUNK_BYTES = 4 << 20
+HELLO_TIMEOUT_S = 60.0
+LOAD_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """How every stage's llama.cpp context is set up."""
+
+    n_ctx: int
+    n_batch: int
+    n_threads: int
+    n_seq_max: int
+    cancellation: bool
+
+
+class Cluster:
+    """The worker ranks 1..N as seen from the head (rank 0)."""
+
+    def __init__(self, transport: Transport, timeout_s: float) -> None:
+        self.transport = transport
+        self.timeout_s = timeout_s
+        self.hosts: dict[int, str] = {HEAD: "head"}
+        self._bytes_sent: dict[int, int] = {}
+        self.cpus: dict[int, int] = {}
+
+    @property
+    def workers(self) -> range:
+        return range(1, self.transport.size)
+
+    def host(self, rank: int) -> str:
+        return self.hosts.get(rank, "?")
+
+    def greet(self) -> None:
+        """Collect every worker's hello (its host name)."""
+        for rank in self.workers:
+            reply = self.expect(rank, "hello", HELLO_TIMEOUT_S)
+            self.hosts[rank] = reply["host"]
+            self.cpus[rank] = reply["cpus"]
+
+    def threads_for(self, rank: int, stage_ranks: list[int], requested: int) -> int:
+        """The requested thread count, or (0 = auto) the host's cores shared by its stages."""
+        if requested:
+            return requested
+        sharing = sum(1 for r in stage_ranks if self.hosts[r] == self.hosts[rank])
+        return max(1, self.cpus[rank] // sharing)
+
+    def expect(self, rank: int, kind: str, timeout_s: float | None = None) -> dict:
+        """Wait for a reply of `kind` from `rank`; raise ClusterError on an error, a timeout or junk."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        message = wait(self.transport, [(rank, Tag.REPLY)], timeout_s)
+        if message is None:
+            raise ClusterError(f"rank {rank} ({self.host(rank)}) did not answer within {timeout_s:.0f} s")
+        reply = P.decode_json(message.data)
+        if reply["type"] == "error":
+            detail = f"\n{reply['detail']}" if reply.get("detail") else ""
+            raise ClusterError(f"rank {rank} ({self.host(rank)}): {reply['message']}{detail}")
+        if reply["type"] != kind:
+            raise ClusterError(f"rank {rank} ({self.host(rank)}): expected {kind!r}, got {reply['type']!r}")
+        return reply
+
+    def check_errors(self) -> None:
+        """Raise if any worker has reported an error (polled without waiting)."""
+        message = self.transport.poll([(-1, Tag.REPLY)])
+        if message is not None:
+            reply = P.decode_json(message.data)
+            rank = message.source
+            raise ClusterError(f"rank {rank} ({self.host(rank)}): {reply.get('message', reply['type'])}")
+
+    def load_stages(self, plan: ShardPlan, stage_ranks: list[int], settings: StageSettings) -> None:
+        """Assign shard i to stage_ranks[i], send files to hosts that cannot read them, wait for loads."""
+        for index, rank in enumerate(stage_ranks):
+            shard = plan.shards[index]
+            upstream = HEAD if index == 0 else stage_ranks[index - 1]
+            downstream = HEAD if index == len(stage_ranks) - 1 else stage_ranks[index + 1]
+            assignment = Assignment(index, shard.start, shard.end, plan.n_layer, shard, settings.n_ctx,
+                                    settings.n_batch, self.threads_for(rank, stage_ranks, settings.n_threads),
+                                    settings.n_seq_max, upstream,
+                                    downstream, settings.cancellation)
+            self.send_control(rank, {"type": "assign", "assignment": asdict(assignment)})
+        for index, rank in enumerate(stage_ranks):
+            reply = self._file_reply(rank)
+            if reply["type"] == "need-file":
+                self._send_file(rank, Path(plan.shards[index].path))
+        for rank in stage_ranks:
+            self.expect(rank, "ready", LOAD_TIMEOUT_S)
+
+    def _file_reply(self, rank: int) -> dict:
+        message = wait(self.transport, [(rank, Tag.REPLY)], self.timeout_s)
+        if message is None:
+            raise ClusterError(f"rank {rank} ({self.host(rank)}) did not answer within {self.timeout_s:.0f} s")
+        reply = P.decode_json(message.data)
+        if reply["type"] not in ("have-file", "need-file"):
+            raise ClusterError(f"rank {rank} ({self.host(rank)}): {reply.get('message', reply['type'])}")
+        return reply
+
+    def _send_file(self, rank: int, path: Path) -> None:
+        size = path.stat().st_size
+        label = f"shard -> rank {rank} ({self.host(rank)})"
+        with open(path, "rb") as source, tqdm(total=size, unit="B", unit_scale=True, desc=label, leave=False) as bar:
+            while chunk := source.read(FILE_CHUNK_BYTES):
+                self.transport.send(rank, int(Tag.FILE), _bytes_array(chunk))
+                self.transport.flush(self.timeout_s)
+                bar.update(len(chunk))
+
+    def send_control(self, rank: int, command: dict) -> None:
+        self.transport.send(rank, int(Tag.CONTROL), P.encode_json(command))
+
+    def broadcast(self, command: dict, ranks=None) -> None:
+        for rank in self.workers if ranks is None else ranks:
+            self.send_control(rank, command)
+
+    def reset_stats(self) -> None:
+        self.broadcast({"type": "reset-stats"})
+
+    def stage_stats(self, ranks: list[int]) -> tuple[StageStats, ...]:
+        self.broadcast({"type": "stats"}, ranks)
+        stats = []
+        for rank in ranks:
+            r = self.expect(rank, "stats")
+            stats.append(StageStats(rank=rank, host=r["host"], layers=tuple(r["layers"]),
+                                    compute_s=r["compute_s"], wall_s=r["wall_s"],
+                                    peak_rss_bytes=r["peak_rss_bytes"], runs_computed=r["runs_computed"],
+                                    runs_cancelled_before=r["runs_cancelled_before"],
+                                    runs_cancelled_during=r["runs_cancelled_during"],
+                                    compute_saved_s=r["compute_saved_s"], prefill_tokens=r["prefill_tokens"]))
+            self._bytes_sent[rank] = r["bytes_sent"]
+        return tuple(stats)
+
+    def worker_bytes_sent(self) -> int:
+        """Bytes all workers had sent when their statistics were last collected."""
+        return sum(self._bytes_sent.values())
+
+    def kv_usage(self, rank: int, seqs: list[int]) -> dict[int, tuple[int, int]]:
+        self.send_control(rank, {"type": "kv-usage", "seqs": seqs})
+        reply = self.expect(rank, "kv-usage")
+        return {int(k): (v[0], v[1]) for k, v in reply["seqs"].items()}
+
+    def shutdown(self) -> None:
+        self.broadcast({"type": "shutdown"})
+        self.transport.flush(5.0)
+
+
+def _bytes_array(chunk: bytes) -> np.ndarray:
+    return np.frombuffer(chunk, dtype=np.uint8)

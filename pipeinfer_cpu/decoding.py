@@ -1,0 +1,153 @@
+"""The plain decoding loop (modes `single` and `pipeline`): one token per run, in order.
+
+The `Decoder` owns the committed sequence (KV sequence 0 on every stage). Tokens are streamed to a
+callback as they are sampled; the caller decides when to stop (EOS, -n, an interrupt).
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .executors import Executor, RunResult
+from .protocol import KvKind, KvOp, Output, RunMessage
+from .sampling import SamplingConfig, make_rng, sample
+
+COMMITTED_SEQ = 0
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What one request produced, with the timings statistics are made of."""
+
+    prompt_tokens: tuple[int, ...]
+    tokens: tuple[int, ...]
+    prefill_s: float
+    token_times_s: tuple[float, ...]  # since the request started
+    first_logits: np.ndarray | None = field(default=None, compare=False)
+    stopped_by: str = "length"  # "length", "eos" or "interrupt"
+
+
+class TextStream:
+    """Turns token pieces (bytes, possibly half a UTF-8 character) into printable text."""
+
+    def __init__(self, piece: Callable[[int], bytes]) -> None:
+        self._piece = piece
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._decoder.decode(self._piece(token))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+class Decoder:
+    """Sequential decoding over an executor; keeps the committed context between requests."""
+
+    def __init__(self, executor: Executor, n_batch: int, n_ctx: int) -> None:
+        self.executor = executor
+        self.n_batch = n_batch
+        self.n_ctx = n_ctx
+        self.kv_tokens: list[int] = []  # tokens whose KV entries are in sequence 0 on every stage
+        self._next_run = 0
+
+    def new_run_id(self) -> int:
+        self._next_run += 1
+        return self._next_run
+
+    def reset(self) -> None:
+        """Forget the context on every stage."""
+        self.executor.launch(RunMessage(self.new_run_id(), kv_ops=(KvOp(KvKind.CLEAR),)))
+        self.kv_tokens = []
+
+    def truncate(self, n_keep: int) -> None:
+        """Drop committed tokens from position n_keep on (e.g. an interrupted turn's tail)."""
+        if n_keep < len(self.kv_tokens):
+            op = KvOp(KvKind.RM, COMMITTED_SEQ, 0, n_keep, -1)
+            self.executor.launch(RunMessage(self.new_run_id(), kv_ops=(op,)))
+            self.kv_tokens = self.kv_tokens[:n_keep]
+
+    def prefill(self, tokens: list[int], want_logits: bool) -> RunResult:
+        """Feed tokens after the committed ones in chunks of n_batch; return the last row's result.
+
+        The chunks are launched back to back, so in a pipeline the stages work on them concurrently.
+        """
+        if not tokens:
+            raise ValueError("nothing to prefill")
+        start = len(self.kv_tokens)
+        chunks = [tokens[i:i + self.n_batch] for i in range(0, len(tokens), self.n_batch)]
+        for index, chunk in enumerate(chunks):
+            last = index == len(chunks) - 1
+            at = start + index * self.n_batch
+            outputs = tuple(last and i == len(chunk) - 1 for i in range(len(chunk)))
+            self.executor.launch(RunMessage(
+                self.new_run_id(), positions=tuple(range(at, at + len(chunk))),
+                seq_ids=((COMMITTED_SEQ,),) * len(chunk), tokens=tuple(chunk), outputs=outputs,
+                output_kind=Output.LOGITS if want_logits else Output.ARGMAX))
+        self.kv_tokens.extend(tokens)
+        return self.executor.wait()
+
+    def step(self, token: int, want_logits: bool) -> RunResult:
+        """Feed one sampled token; return the result for the position after it."""
+        position = len(self.kv_tokens)
+        self.executor.launch(RunMessage(
+            self.new_run_id(), positions=(position,), seq_ids=((COMMITTED_SEQ,),), tokens=(token,),
+            outputs=(True,), output_kind=Output.LOGITS if want_logits else Output.ARGMAX))
+        self.kv_tokens.append(token)
+        return self.executor.wait()
+
+    def generate(
+        self,
+        new_tokens: list[int],
+        max_tokens: int,
+        sampling: SamplingConfig,
+        is_end: Callable[[int], bool],
+        on_token: Callable[[int], None] = lambda token: None,
+        should_stop: Callable[[], bool] = lambda: False,
+        keep_first_logits: bool = False,
+    ) -> Generation:
+        """Prefill `new_tokens`, then sample up to `max_tokens` tokens, streaming each to on_token.
+
+        The last sampled token is not fed back: it stays pending, and the caller's next request
+        starts with it (`kv_tokens` says what the stages hold).
+        """
+        rng = make_rng(sampling)
+        want_logits = not sampling.greedy or keep_first_logits
+        started = time.perf_counter()
+        result = self.prefill(new_tokens, want_logits)
+        prefill_s = time.perf_counter() - started
+        first_logits = result.payload[0].copy() if result.output_kind == Output.LOGITS else None
+        want_logits = not sampling.greedy
+        tokens: list[int] = []
+        times: list[float] = []
+        stopped_by = "length"
+        while len(tokens) < max_tokens:
+            token = _choose(result, sampling, rng)
+            tokens.append(token)
+            times.append(time.perf_counter() - started)
+            on_token(token)
+            if is_end(token):
+                stopped_by = "eos"
+                break
+            if len(tokens) == max_tokens:
+                break
+            if should_stop():
+                stopped_by = "interrupt"
+                break
+            if len(self.kv_tokens) + 1 >= self.n_ctx:
+                stopped_by = "context"
+                break
+            result = self.step(token, want_logits)
+        return Generation(tuple(new_tokens), tuple(tokens), prefill_s, tuple(times), first_logits, stopped_by)
+
+
+def _choose(result: RunResult, sampling: SamplingConfig, rng: np.random.Generator) -> int:
+    if result.output_kind == Output.ARGMAX:
+        rng.random()  # keep the random stream aligned with `sample`, which draws one uniform per call
+        return int(result.payload[0])
+    return sample(result.payload[-1], sampling, rng)

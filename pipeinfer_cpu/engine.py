@@ -1,0 +1,190 @@
+"""The head's library API: load a model (whole, or sharded across the worker ranks) and generate.
+
+    with Engine.start(settings, transport) as engine:
+        generation, stats = engine.generate(engine.encode("Hello"), max_tokens=64, sampling=...)
+
+`single` mode runs the whole model in this process; `pipeline` mode shards it across the worker
+ranks of the MPI job and feeds one token at a time through all stages.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .cluster import Cluster, StageSettings
+from .decoding import Decoder, Generation
+from .errors import UserError
+from .executors import Executor, LocalExecutor, PipelineExecutor
+from .hostfile import Host
+from .llamacpp import Stage, StageConfig, Vocab
+from .models import ModelInfo, check_supported, read_model_info, resolve_model
+from .planning import split_layers
+from .sampling import SamplingConfig
+from .shards import shard_model
+from .stats import RunStats, StageStats
+from .transport import Transport
+from .worker import peak_rss_bytes
+
+MODES = ("single", "pipeline")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Everything about how the model runs; nothing about what to generate."""
+
+    model: Path | None = None
+    mode: str = "pipeline"
+    weights: tuple[float, ...] | None = None  # one per stage; None = equal
+    n_threads: int = 0  # 0 = this host's cores shared among the stages on it
+    n_ctx: int = 2048
+    n_batch: int = 256
+    timeout_s: float = 60.0
+    shard_dir: Path | None = None
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
+        if self.n_ctx < 16:
+            raise UserError(f"--ctx-size must be at least 16, got {self.n_ctx}")
+        if self.n_batch < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.n_batch}")
+
+
+class Engine:
+    """A loaded model ready to generate; owns the workers' lifetime in pipeline mode."""
+
+    def __init__(self, settings: EngineSettings, info: ModelInfo, vocab: Vocab, executor: Executor,
+                 cluster: Cluster | None, stage_ranks: list[int], local_stage: Stage | None) -> None:
+        self.settings = settings
+        self.info = info
+        self.vocab = vocab
+        self.executor = executor
+        self.cluster = cluster
+        self.stage_ranks = stage_ranks
+        self._local_stage = local_stage
+        self.decoder = Decoder(executor, settings.n_batch, settings.n_ctx)
+
+    @staticmethod
+    def start(settings: EngineSettings, transport: Transport | None = None) -> "Engine":
+        info = read_model_info(resolve_model(settings.model))
+        check_supported(info)
+        if settings.mode == "single":
+            return Engine._start_single(settings, info)
+        if transport is None or transport.size < 2:
+            raise UserError("pipeline mode needs at least one worker rank (start it with --hostfile or mpiexec)")
+        return Engine._start_pipeline(settings, info, transport)
+
+    @staticmethod
+    def _start_single(settings: EngineSettings, info: ModelInfo) -> "Engine":
+        threads = settings.n_threads or _default_threads(1)
+        stage = Stage(StageConfig(info.path, True, True, settings.n_ctx, settings.n_batch, threads, 1))
+        vocab = Vocab(info.path)
+        return Engine(settings, info, vocab, LocalExecutor(stage), None, [], stage)
+
+    @staticmethod
+    def _start_pipeline(settings: EngineSettings, info: ModelInfo, transport: Transport) -> "Engine":
+        cluster = Cluster(transport, settings.timeout_s)
+        stage_ranks = list(range(1, transport.size))
+        weights = settings.weights or (1.0,) * len(stage_ranks)
+        if len(weights) != len(stage_ranks):
+            raise UserError(f"{len(weights)} stage weights for {len(stage_ranks)} stages")
+        ranges = split_layers(info.n_layer, weights)
+        cluster.greet()
+        plan = shard_model(info, ranges, out_dir=settings.shard_dir, progress=_progress(settings.verbose))
+        stage_settings = StageSettings(settings.n_ctx, settings.n_batch, settings.n_threads, 1, False)
+        cluster.load_stages(plan, stage_ranks, stage_settings)
+        vocab = Vocab(info.path)
+        executor = PipelineExecutor(cluster, stage_ranks, settings.timeout_s)
+        return Engine(settings, info, vocab, executor, cluster, stage_ranks, None)
+
+    # -- text ---------------------------------------------------------------------------------
+
+    def encode(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:
+        """Tokens for a prompt: raw text, or one user turn rendered with the model's chat template."""
+        if chat:
+            messages = ([("system", system)] if system else []) + [("user", text)]
+            text = self.vocab.apply_chat_template(messages, add_assistant=True)
+            return self.vocab.tokenize(text, add_special=False, parse_special=True)
+        return self.vocab.tokenize(text, add_special=True, parse_special=False)
+
+    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        room = self.settings.n_ctx - len(self.decoder.kv_tokens)
+        if n_prompt >= room:
+            raise UserError(f"the prompt has {n_prompt} tokens but the context has room for {room - 1} "
+                            f"(--ctx-size {self.settings.n_ctx})")
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def generate(self, tokens: list[int], max_tokens: int, sampling: SamplingConfig,
+                 on_token: Callable[[int], None] = lambda token: None,
+                 should_stop: Callable[[], bool] = lambda: False,
+                 keep_first_logits: bool = False) -> tuple[Generation, RunStats]:
+        self.check_fits(len(tokens), max_tokens)
+        if self.cluster is not None:
+            self.cluster.reset_stats()
+        bytes_before = self._head_bytes()
+        generation = self.decoder.generate(tokens, max_tokens, sampling, self.vocab.is_end, on_token,
+                                           should_stop, keep_first_logits)
+        return generation, self._stats(generation, self._head_bytes() - bytes_before)
+
+    def _head_bytes(self) -> int:
+        return self.cluster.transport.bytes_sent if self.cluster is not None else 0
+
+    def _stats(self, generation: Generation, head_bytes: int) -> RunStats:
+        if self.cluster is None:
+            stages = (self._local_stage_stats(generation),)
+            worker_bytes = 0
+        else:
+            stages = self.cluster.stage_stats(self.stage_ranks)
+            worker_bytes = self.cluster.worker_bytes_sent()
+        times = generation.token_times_s
+        return RunStats(mode=self.settings.mode, n_prompt=len(generation.prompt_tokens),
+                        n_generated=len(generation.tokens), prefill_s=generation.prefill_s,
+                        ttft_s=times[0] if times else 0.0, token_times_s=times,
+                        bytes_sent=head_bytes + worker_bytes, stages=stages,
+                        head_peak_rss_bytes=peak_rss_bytes())
+
+    def _local_stage_stats(self, generation: Generation) -> StageStats:
+        assert isinstance(self.executor, LocalExecutor)
+        wall = generation.token_times_s[-1] if generation.token_times_s else generation.prefill_s
+        compute = self.executor.compute_s
+        self.executor.compute_s = 0.0
+        return StageStats(rank=0, host=socket.gethostname(), layers=(0, self.info.n_layer),
+                          compute_s=compute, wall_s=wall, peak_rss_bytes=peak_rss_bytes(),
+                          prefill_tokens=len(generation.prompt_tokens))
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
+        if self._local_stage is not None:
+            self._local_stage.close()
+            self._local_stage = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _default_threads(stages_here: int) -> int:
+    import os
+
+    return max(1, (os.cpu_count() or 1) // stages_here)
+
+
+def _progress(verbose: bool) -> Callable[[str], None] | None:
+    if not verbose:
+        return None
+    return lambda text: print(text, file=sys.stderr, flush=True)
+
+
+def stage_hosts(hosts: tuple[Host, ...], n_stages: int) -> tuple[str, ...]:
+    """Host of each stage: the hostfile's lines in order, wrapping around when stages outnumber them."""
+    return tuple(hosts[i % len(hosts)].name for i in range(n_stages))

@@ -1,0 +1,100 @@
+"""Hostfiles: the machines of the cluster, in MPICH / Open MPI syntax, with an optional split weight.
+
+Accepted lines (one host each, in rank order):
+
+    node1                 # one slot
+    node2:4               # MPICH: 4 slots
+    node3 slots=4         # Open MPI: 4 slots
+    node4:2  # weight=2.5   our extension: a share of the layers proportional to 2.5
+
+The weight lives in a comment, so the same file stays a valid hostfile for `mpiexec`. Blank lines
+and lines that hold only a comment are ignored. Each host runs one pipeline stage; a weight says
+how fast that host is relative to the others (the default is 1).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import HostfileError
+
+_HOST = r"(?P<host>[A-Za-z0-9_.\-]+?)"
+_LINE = re.compile(
+    rf"^{_HOST}(?::(?P<colon_slots>\d+)|\s+slots\s*=\s*(?P<slots>\d+))?"
+    rf"(?:\s+max[-_]slots\s*=\s*\d+)?\s*$"
+)
+_WEIGHT = re.compile(r"^\s*weight\s*=\s*(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)(?:\s.*)?$")
+
+
+@dataclass(frozen=True)
+class Host:
+    """One machine of the cluster."""
+
+    name: str
+    slots: int = 1
+    weight: float = 1.0
+
+
+def parse_hostfile(path: Path) -> tuple[Host, ...]:
+    """Read a hostfile; raise `HostfileError` naming the file and line of the first bad line."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise HostfileError(f"cannot read hostfile {path}: {exc.strerror or exc}") from None
+    hosts = tuple(
+        host
+        for number, line in enumerate(text.splitlines(), start=1)
+        if (host := parse_line(line, f"{path}:{number}")) is not None
+    )
+    if not hosts:
+        raise HostfileError(f"{path}: no hosts listed")
+    return hosts
+
+
+def parse_line(line: str, where: str) -> Host | None:
+    """Parse one hostfile line; None for a blank or comment-only line."""
+    body, _, comment = line.partition("#")
+    body = body.strip()
+    if not body:
+        return None
+    match = _LINE.match(body)
+    if match is None:
+        raise HostfileError(
+            f"{where}: cannot parse {body!r} (expected 'host', 'host:slots' or 'host slots=N')"
+        )
+    slots = int(match["colon_slots"] or match["slots"] or 1)
+    if slots < 1:
+        raise HostfileError(f"{where}: slots must be at least 1, got {slots}")
+    return Host(name=match["host"], slots=slots, weight=_parse_weight(comment, where))
+
+
+def _parse_weight(comment: str, where: str) -> float:
+    comment = comment.strip()
+    if not comment.startswith("weight"):
+        return 1.0
+    match = _WEIGHT.match(comment)
+    if match is None or float(match["weight"]) <= 0:
+        raise HostfileError(f"{where}: bad weight {comment!r} (expected '# weight=<positive number>')")
+    return float(match["weight"])
+
+
+def machinefile_lines(placement: tuple[str, ...]) -> list[str]:
+    """Lines of an MPICH/Open MPI machinefile that put rank i on placement[i], in order.
+
+    Consecutive ranks on one host are grouped as `host:count`, which both hydra and Open MPI's
+    sequential filling honour.
+    """
+    lines: list[str] = []
+    previous, count = None, 0
+    for host in placement:
+        if host == previous:
+            count += 1
+            continue
+        if previous is not None:
+            lines.append(f"{previous}:{count}")
+        previous, count = host, 1
+    if previous is not None:
+        lines.append(f"{previous}:{count}")
+    return lines

@@ -1,0 +1,293 @@
+"""The only module that talks to llama.cpp (through llama-cpp-python's low-level ctypes API).
+
+`Vocab` tokenises and detokenises with a vocabulary-only load; `Stage` runs a GGUF (a whole model or
+a shard holding a layer range): token ids or hidden states in, hidden states of its last block or
+logits out, with KV-cache operations and a cancellation flag that aborts `llama_decode` between
+graph nodes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+import llama_cpp
+from llama_cpp import _ggml
+
+from .errors import ModelError
+from .native import Capture, load_callbacks
+from .shards import default_cache_dir
+
+_ggml_lib = _ggml.libggml
+_ggml_lib.ggml_get_name.restype = ctypes.c_char_p
+_ggml_lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+_ggml_lib.ggml_nbytes.restype = ctypes.c_size_t
+_ggml_lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+_ggml_lib.ggml_backend_tensor_get.restype = None
+_ggml_lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+
+_DECODE_ABORTED = 2
+_initialised = False
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+def _quiet_log(level: int, text: bytes, user_data: int) -> None:
+    """llama.cpp logs every tensor it loads to stderr; keep the terminal for the user."""
+
+
+def _init_backend() -> None:
+    global _initialised  # llama_backend_init must run once per process
+    if _initialised:
+        return
+    if not os.environ.get("PIPEINFER_LLAMA_LOG"):
+        llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p())
+    llama_cpp.llama_backend_init()
+    _initialised = True
+
+
+def _load_model(path: Path, vocab_only: bool) -> llama_cpp.llama_model_p:
+    _init_backend()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = vocab_only
+    params.use_mmap = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise ModelError(f"llama.cpp could not load {path} (see PIPEINFER_LLAMA_LOG=1 for its log)")
+    return model
+
+
+class Vocab:
+    """Tokeniser and chat template of a model, loaded without its weights."""
+
+    def __init__(self, path: Path) -> None:
+        self._model = _load_model(path, vocab_only=True)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        buffer = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, parse_special)
+        if n < 0:
+            buffer = (llama_cpp.llama_token * -n)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, -n, add_special, parse_special)
+        return list(buffer[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (special tokens are not rendered)."""
+        buffer = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+        return buffer.raw[:n]
+
+    def is_end(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def chat_template(self) -> str | None:
+        template = llama_cpp.llama_model_chat_template(self._model, None)
+        return template.decode("utf-8") if template else None
+
+    def apply_chat_template(self, messages: Sequence[tuple[str, str]], add_assistant: bool = True) -> str:
+        """Render (role, content) messages with the model's own template (llama.cpp's matcher)."""
+        template = llama_cpp.llama_model_chat_template(self._model, None)
+        if not template:
+            raise ModelError("the model has no chat template")
+        keep = [(r.encode(), c.encode()) for r, c in messages]
+        chat = (llama_cpp.llama_chat_message * len(keep))(
+            *[llama_cpp.llama_chat_message(role=r, content=c) for r, c in keep]
+        )
+        size = sum(len(c) + len(r) for r, c in keep) * 2 + 256
+        for _ in range(2):
+            buffer = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_chat_apply_template(template, chat, len(keep), add_assistant, buffer, size)
+            if n < 0:
+                raise ModelError("llama.cpp does not recognise this model's chat template")
+            if n <= size:
+                return buffer.raw[:n].decode("utf-8", errors="replace")
+            size = n
+        raise ModelError("chat template rendering failed")
+
+    def close(self) -> None:
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """How to run one GGUF on one rank."""
+
+    path: Path
+    is_first: bool
+    is_last: bool
+    n_ctx: int = 2048
+    n_batch: int = 256
+    n_threads: int = 1
+    n_seq_max: int = 1
+
+
+class Stage:
+    """One llama.cpp context over a GGUF holding a layer range.
+
+    `decode` takes token ids (first stage) or hidden states (other stages) and returns the hidden
+    states of the shard's last block, or logits when the shard ends the model.
+    """
+
+    def __init__(self, config: StageConfig) -> None:
+        self.config = config
+        self._model = _load_model(config.path, vocab_only=False)
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.n_layer = llama_cpp.llama_model_n_layer(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
+        self._hidden_name = f"l_out-{self.n_layer - 1}".encode()
+        self._hidden = np.empty((config.n_batch, self.n_embd), dtype=np.float32)
+        self._capture = Capture(self._hidden_name, self._hidden.ctypes.data, self._hidden.nbytes, 0)
+        self._cancel_flag = ctypes.create_string_buffer(2)
+        self._eval_cb, self._abort_cb = self._callbacks()
+        self._ctx = self._new_context()
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        embd = 0 if config.is_first else self.n_embd
+        self._batch = llama_cpp.llama_batch_init(config.n_batch, embd, config.n_seq_max)
+
+    def _new_context(self):
+        c = self.config
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = c.n_ctx
+        params.n_batch = c.n_batch
+        params.n_ubatch = c.n_batch  # one graph per decode: the hidden-state callback sees every row
+        params.n_seq_max = c.n_seq_max
+        params.n_threads = c.n_threads
+        params.n_threads_batch = c.n_threads
+        params.kv_unified = True
+        if not c.is_last:
+            params.cb_eval = self._eval_cb
+            params.cb_eval_user_data = ctypes.addressof(self._capture)
+        ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not ctx:
+            raise ModelError(f"llama.cpp could not create a context for {c.path}")
+        llama_cpp.llama_set_abort_callback(ctx, self._abort_cb, ctypes.cast(self._cancel_flag, ctypes.c_void_p))
+        return ctx
+
+    def _callbacks(self):
+        """The hidden-state capture and abort callbacks: compiled C when possible, else Python."""
+        native = _native_callbacks()
+        if native is not None:
+            capture = ctypes.cast(native.pipeinfer_capture_cb, ctypes.c_void_p).value
+            abort = ctypes.cast(native.pipeinfer_flag_set, ctypes.c_void_p).value
+            return llama_cpp.ggml_backend_sched_eval_callback(capture), llama_cpp.ggml_abort_callback(abort)
+        flag = self._cancel_flag
+        return (llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor),
+                llama_cpp.ggml_abort_callback(lambda data: flag.raw[0] != 0))
+
+    def _on_tensor(self, tensor: int, ask: bool, user_data: int) -> bool:
+        name = _ggml_lib.ggml_get_name(tensor)
+        if ask:
+            return name == self._hidden_name
+        if name == self._hidden_name:
+            nbytes = _ggml_lib.ggml_nbytes(tensor)
+            _ggml_lib.ggml_backend_tensor_get(tensor, self._hidden.ctypes.data, 0, nbytes)
+            self._capture.nbytes = nbytes
+            return False  # stop here: the output norm and vocabulary matmul are not needed
+        return True
+
+    # -- decoding -----------------------------------------------------------------------------
+
+    def decode(
+        self,
+        positions: Sequence[int],
+        seq_ids: Sequence[Sequence[int]],
+        tokens: Sequence[int] | None = None,
+        hidden: np.ndarray | None = None,
+        outputs: Sequence[bool] | None = None,
+    ) -> np.ndarray | None:
+        """Run one batch. Returns hidden states [n, n_embd], logits [n_outputs, n_vocab], or None
+        if the run was cancelled while computing (llama.cpp then drops the batch's KV entries)."""
+        n = len(positions)
+        if n > self.config.n_batch:
+            raise ValueError(f"batch of {n} tokens exceeds n_batch {self.config.n_batch}")
+        self._fill_batch(positions, seq_ids, tokens, hidden, outputs)
+        self._capture.nbytes = 0
+        rc = llama_cpp.llama_decode(self._ctx, self._batch)
+        if rc == _DECODE_ABORTED:
+            return None
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} (context full or bad batch)")
+        if not self.config.is_last:
+            rows = self._capture.nbytes // (4 * self.n_embd)
+            if rows != n:
+                raise RuntimeError(f"expected {n} hidden rows, llama.cpp gave {rows}")
+            return self._hidden[:n].copy()
+        n_out = n if outputs is None else sum(bool(o) for o in outputs)
+        logits = llama_cpp.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(logits, shape=(n_out, self.n_vocab)).copy()
+
+    def _fill_batch(self, positions, seq_ids, tokens, hidden, outputs) -> None:
+        batch = self._batch
+        n = len(positions)
+        batch.n_tokens = n
+        if self.config.is_first:
+            if tokens is None or len(tokens) != n:
+                raise ValueError("the first stage needs one token id per position")
+            for i, token in enumerate(tokens):
+                batch.token[i] = token
+        else:
+            if hidden is None or hidden.shape != (n, self.n_embd):
+                raise ValueError(f"expected hidden states of shape ({n}, {self.n_embd})")
+            source = np.ascontiguousarray(hidden, dtype=np.float32)  # kept alive until decode returns
+            ctypes.memmove(batch.embd, source.ctypes.data, source.nbytes)
+            self._keepalive = source
+        for i in range(n):
+            batch.pos[i] = positions[i]
+            ids = seq_ids[i]
+            batch.n_seq_id[i] = len(ids)
+            for j, seq in enumerate(ids):
+                batch.seq_id[i][j] = seq
+            # Every row is an output on inner stages: otherwise the last block keeps only output rows.
+            batch.logits[i] = 1 if (outputs is None or not self.config.is_last) else int(bool(outputs[i]))
+
+    # -- cancellation -------------------------------------------------------------------------
+
+    def set_cancelled(self, cancelled: bool) -> None:
+        """Ask a running `decode` to stop at the next graph node (safe from another thread)."""
+        self._cancel_flag[0] = b"\x01" if cancelled else b"\x00"
+
+    # -- KV cache -----------------------------------------------------------------------------
+
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool:
+        return bool(llama_cpp.llama_memory_seq_rm(self._memory, seq, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        llama_cpp.llama_memory_seq_cp(self._memory, src, dst, p0, p1)
+
+    def seq_keep(self, seq: int) -> None:
+        llama_cpp.llama_memory_seq_keep(self._memory, seq)
+
+    def seq_pos_max(self, seq: int) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq))
+
+    def seq_pos_min(self, seq: int) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_min(self._memory, seq))
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self._memory, True)
+
+    def close(self) -> None:
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = None
+
+
+@functools.cache
+def _native_callbacks() -> ctypes.CDLL | None:
+    return load_callbacks(Path(llama_cpp.__file__).parent / "lib", default_cache_dir())

@@ -1,0 +1,154 @@
+"""What ranks say to each other: message tags, run messages (binary) and control messages (JSON).
+
+A *run* is one batch of tokens travelling head -> stage 1 -> ... -> last stage -> head. It carries
+the KV-cache operations each stage applies before computing it, so every stage applies them in the
+same order relative to the runs, with one message per decision.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+
+HEAD = 0
+
+
+class Tag(IntEnum):
+    CONTROL = 10  # head -> worker: JSON commands (assign, stats, shutdown, reset)
+    REPLY = 11  # worker -> head: JSON answers (hello, ready, need-file, stats, error)
+    RUN = 12  # along the pipeline: RunMessage
+    FILE = 13  # head -> worker: raw chunks of a shard file
+    CANCEL = 14  # head -> every stage, directly: int64 run ids that became stale
+
+
+class KvKind(IntEnum):
+    RM = 1  # remove seq a from positions [p0, p1)
+    CP = 2  # add seq b to the cells of seq a in [p0, p1) (no data copied)
+    KEEP = 3  # drop every sequence but a
+    CLEAR = 4  # empty the cache
+
+
+class Output(IntEnum):
+    """What the last stage returns for each output row."""
+
+    LOGITS = 0  # float32 [n_out, n_vocab]
+    ARGMAX = 1  # int32 [n_out]: enough for greedy decoding, 1/n_vocab of the bytes
+
+
+@dataclass(frozen=True)
+class KvOp:
+    kind: KvKind
+    a: int = 0
+    b: int = 0
+    p0: int = -1
+    p1: int = -1
+
+
+@dataclass(frozen=True)
+class RunMessage:
+    """A batch of tokens (or only KV operations when `positions` is empty)."""
+
+    run_id: int
+    positions: tuple[int, ...] = ()
+    seq_ids: tuple[tuple[int, ...], ...] = ()
+    tokens: tuple[int, ...] = ()
+    outputs: tuple[bool, ...] = ()  # which rows the last stage returns
+    kv_ops: tuple[KvOp, ...] = ()
+    output_kind: Output = Output.LOGITS
+    payload: np.ndarray | None = field(default=None, compare=False)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.positions)
+
+    @property
+    def is_ops_only(self) -> bool:
+        return not self.positions
+
+    def with_payload(self, payload: np.ndarray | None, tokens: tuple[int, ...] = ()) -> "RunMessage":
+        return RunMessage(self.run_id, self.positions, self.seq_ids, tokens, self.outputs, self.kv_ops,
+                          self.output_kind, payload)
+
+    def ops_only(self) -> "RunMessage":
+        return RunMessage(-1, kv_ops=self.kv_ops)
+
+
+_HEADER = 8
+_PAYLOAD_NONE, _PAYLOAD_F32, _PAYLOAD_I32 = 0, 1, 2
+
+
+def encode_run(msg: RunMessage) -> np.ndarray:
+    """Flatten a run into one uint8 buffer: an int64 header, int64 sections, then the payload."""
+    counts = [len(ids) for ids in msg.seq_ids]
+    flat_ids = [s for ids in msg.seq_ids for s in ids]
+    ops = [v for op in msg.kv_ops for v in (int(op.kind), op.a, op.b, op.p0, op.p1)]
+    payload_kind, rows, cols = _payload_shape(msg.payload)
+    header = [msg.run_id, msg.n_tokens, len(flat_ids), len(msg.tokens), len(msg.kv_ops),
+              int(msg.output_kind), payload_kind, rows * 65536 + cols if payload_kind else 0]
+    ints = np.array(header + list(msg.positions) + counts + flat_ids + list(msg.tokens)
+                    + [int(o) for o in msg.outputs] + ops, dtype=np.int64)
+    parts = [ints.view(np.uint8)]
+    if msg.payload is not None:
+        parts.append(np.ascontiguousarray(msg.payload).view(np.uint8).reshape(-1))
+    return np.concatenate(parts)
+
+
+def _payload_shape(payload: np.ndarray | None) -> tuple[int, int, int]:
+    if payload is None:
+        return _PAYLOAD_NONE, 0, 0
+    kind = _PAYLOAD_F32 if payload.dtype == np.float32 else _PAYLOAD_I32
+    if payload.dtype not in (np.float32, np.int32):
+        raise TypeError(f"payload must be float32 or int32, got {payload.dtype}")
+    rows, cols = (payload.shape[0], payload.shape[1]) if payload.ndim == 2 else (payload.shape[0], 0)
+    if cols >= 65536 * 64 or rows >= 65536 * 64:
+        raise ValueError("payload too large for a run message")
+    return kind, rows, cols
+
+
+def decode_run(data: np.ndarray) -> RunMessage:
+    head = data[: _HEADER * 8].view(np.int64)
+    run_id, n, n_ids, n_tok, n_ops, output_kind, payload_kind, shape = (int(v) for v in head)
+    n_ints = _HEADER + 3 * n + n_ids + n_tok + 5 * n_ops
+    ints = data[: n_ints * 8].view(np.int64)
+    at = _HEADER
+    positions = tuple(int(v) for v in ints[at:at + n]); at += n
+    counts = ints[at:at + n]; at += n
+    flat = ints[at:at + n_ids]; at += n_ids
+    tokens = tuple(int(v) for v in ints[at:at + n_tok]); at += n_tok
+    outputs = tuple(bool(v) for v in ints[at:at + n]); at += n
+    ops = tuple(KvOp(KvKind(int(o[0])), *(int(v) for v in o[1:])) for o in ints[at:at + 5 * n_ops].reshape(-1, 5))
+    seq_ids, start = [], 0
+    for count in counts:
+        seq_ids.append(tuple(int(v) for v in flat[start:start + count]))
+        start += count
+    payload = _decode_payload(data[n_ints * 8:], payload_kind, shape)
+    return RunMessage(run_id, positions, tuple(seq_ids), tokens, outputs, ops, Output(output_kind), payload)
+
+
+def _decode_payload(raw: np.ndarray, kind: int, shape: int) -> np.ndarray | None:
+    if kind == _PAYLOAD_NONE:
+        return None
+    rows, cols = divmod(shape, 65536)
+    dtype = np.float32 if kind == _PAYLOAD_F32 else np.int32
+    array = raw.view(dtype)
+    return array.reshape(rows, cols) if cols else array.reshape(rows)
+
+
+def encode_json(obj: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+
+
+def decode_json(data: np.ndarray) -> dict[str, Any]:
+    return json.loads(data.tobytes().decode())
+
+
+def encode_ids(ids: list[int]) -> np.ndarray:
+    return np.asarray(ids, dtype=np.int64).view(np.uint8)
+
+
+def decode_ids(data: np.ndarray) -> list[int]:
+    return [int(v) for v in data.view(np.int64)]

@@ -1,0 +1,106 @@
+"""One process of a `run` job: the head generates and reports, a worker serves its stage."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .decoding import TextStream
+from .engine import Engine, EngineSettings
+from .errors import PipeinferError
+from .sampling import SamplingConfig
+from .stats import write_json
+from .transport import MpiTransport, under_mpi
+
+HEAD_RANK = 0
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompt: str
+    max_tokens: int
+    sampling: SamplingConfig
+    chat_template: bool = False
+    system: str | None = None
+    stats_json: Path | None = None
+    save_logits: Path | None = None
+
+
+def run_job(settings: EngineSettings, request: GenerateRequest, debug: bool) -> int:
+    """Entry point of every process of a run: returns its exit code."""
+    if not under_mpi():
+        return _as_head(lambda: _generate(Engine.start(settings), request), None, debug)
+    transport = MpiTransport()
+    if transport.rank != HEAD_RANK:
+        from .worker import worker_main
+
+        code = worker_main(transport)
+        transport.finalize()
+        return code
+    return _as_head(lambda: _generate(Engine.start(settings, transport), request), transport, debug)
+
+
+def _as_head(body, transport: MpiTransport | None, debug: bool) -> int:
+    """Run the head's work; on failure print one line, stop every rank, and return non-zero."""
+    try:
+        body()
+    except (PipeinferError, KeyboardInterrupt) as exc:
+        if debug or os.environ.get("PIPEINFER_DEBUG"):
+            traceback.print_exc()
+        message = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return _stop_all(transport, 130 if isinstance(exc, KeyboardInterrupt) else 1)
+    except Exception:  # a bug: show it, and still leave no rank behind
+        traceback.print_exc()
+        return _stop_all(transport, 1)
+    if transport is not None:
+        transport.finalize()
+    return 0
+
+
+def _stop_all(transport: MpiTransport | None, code: int) -> int:
+    if transport is None:
+        return code
+    from . import protocol as P
+
+    for rank in range(1, transport.size):
+        transport.send(rank, int(P.Tag.CONTROL), P.encode_json({"type": "shutdown"}))
+    transport.flush(2.0)
+    transport.abort(code)  # kills any rank that is stuck; mpiexec then exits with `code`
+    return code
+
+
+def _generate(engine: Engine, request: GenerateRequest) -> None:
+    with engine:
+        tokens = engine.encode(request.prompt, chat=request.chat_template, system=request.system)
+        stream = TextStream(engine.vocab.piece)
+
+        def show(token: int) -> None:
+            if not engine.vocab.is_end(token):
+                sys.stdout.write(stream.push(token))
+                sys.stdout.flush()
+
+        generation, stats = engine.generate(tokens, request.max_tokens, request.sampling, on_token=show,
+                                            keep_first_logits=request.save_logits is not None)
+        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.flush()
+        print(stats.summary_line(), file=sys.stderr, flush=True)
+        if request.stats_json is not None:
+            write_json({**stats.to_json_dict(), "prompt_tokens": list(generation.prompt_tokens),
+                        "tokens": list(generation.tokens), "stopped_by": generation.stopped_by},
+                       request.stats_json)
+        if request.save_logits is not None and generation.first_logits is not None:
+            _save_npy(request.save_logits, generation.first_logits)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    from .shards import atomic_output
+
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)

@@ -1,0 +1,147 @@
+"""Message transport between ranks. The only module that imports mpi4py.
+
+Messages are flat byte buffers (numpy uint8) sent with non-blocking MPI calls; nothing on the hot
+path is pickled. Waiting never spins: MPICH's blocking receive busy-polls a core, which on a small
+machine halves the speed of the rank that is computing, so `wait` polls with short sleeps that grow
+the longer a rank stays idle.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+import numpy as np
+
+ANY = -1
+
+
+@dataclass(frozen=True)
+class Message:
+    source: int
+    tag: int
+    data: np.ndarray  # uint8
+
+
+class Transport(Protocol):
+    """What ranks need from the network: send, poll, and a bounded wait."""
+
+    rank: int
+    size: int
+    bytes_sent: int
+
+    def send(self, dest: int, tag: int, data: np.ndarray) -> None: ...
+
+    def poll(self, channels: Iterable[tuple[int, int]]) -> Message | None: ...
+
+    def host_of(self, rank: int) -> str: ...
+
+
+class Backoff:
+    """Sleep intervals for an idle poll loop: short while a message is likely soon, longer later.
+
+    A pipeline stage usually waits a few milliseconds for the next activation, so the first 20 ms
+    poll every ~0.1 ms (a few percent of a core); a rank idle for longer (a chat waiting for the
+    user) backs off to 5 ms, costing almost nothing.
+    """
+
+    def __init__(self, fast_s: float = float(os.environ.get("PIPEINFER_POLL_US", 100)) * 1e-6, fast_window_s: float = 0.02, slow_s: float = 0.005) -> None:
+        self.fast_s, self.fast_window_s, self.slow_s = fast_s, fast_window_s, slow_s
+        self.started = time.perf_counter()
+
+    def sleep(self) -> None:
+        idle = time.perf_counter() - self.started
+        if idle < self.fast_window_s:
+            time.sleep(self.fast_s)
+        else:
+            time.sleep(min(self.slow_s, self.fast_s * (1 + idle / self.fast_window_s)))
+
+
+def wait(transport: Transport, channels: Iterable[tuple[int, int]], timeout_s: float | None) -> Message | None:
+    """Poll until a message arrives on one of (source, tag) channels; None after `timeout_s`."""
+    channels = tuple(channels)
+    backoff = Backoff()
+    deadline = None if timeout_s is None else time.perf_counter() + timeout_s
+    while True:
+        message = transport.poll(channels)
+        if message is not None:
+            return message
+        if deadline is not None and time.perf_counter() > deadline:
+            return None
+        backoff.sleep()
+
+
+def under_mpi() -> bool:
+    """True when this process was started by mpiexec (MPICH hydra, Open MPI, Intel MPI, Slurm PMI)."""
+    markers = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
+    return any(name in os.environ for name in markers)
+
+
+class MpiTransport:
+    """`Transport` over an MPI communicator (COMM_WORLD by default)."""
+
+    def __init__(self) -> None:
+        from mpi4py import MPI
+
+        self._mpi = MPI
+        self._comm = MPI.COMM_WORLD
+        self.rank = self._comm.Get_rank()
+        self.size = self._comm.Get_size()
+        self.bytes_sent = 0
+        self._pending: list[tuple[object, np.ndarray]] = []
+        self._hosts: dict[int, str] = {}
+
+    def send(self, dest: int, tag: int, data: np.ndarray) -> None:
+        buffer = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+        request = self._comm.Isend([buffer, self._mpi.BYTE], dest=dest, tag=tag)
+        self._pending.append((request, buffer))  # the buffer must live until the send completes
+        self.bytes_sent += buffer.nbytes
+        self._reap()
+
+    def _reap(self) -> None:
+        self._pending = [(r, b) for r, b in self._pending if not r.Test()]
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait (without spinning) until every send has completed; False on timeout."""
+        deadline = time.perf_counter() + timeout_s
+        backoff = Backoff()
+        while self._pending:
+            self._reap()
+            if time.perf_counter() > deadline:
+                return False
+            if self._pending:
+                backoff.sleep()
+        return True
+
+    def poll(self, channels: Iterable[tuple[int, int]]) -> Message | None:
+        self._reap()
+        status = self._mpi.Status()
+        for source, tag in channels:
+            source = self._mpi.ANY_SOURCE if source == ANY else source
+            tag = self._mpi.ANY_TAG if tag == ANY else tag
+            handle = self._comm.Improbe(source=source, tag=tag, status=status)
+            if handle is None:
+                continue
+            buffer = np.empty(status.Get_count(self._mpi.BYTE), dtype=np.uint8)
+            handle.Recv([buffer, self._mpi.BYTE])
+            return Message(status.Get_source(), status.Get_tag(), buffer)
+        return None
+
+    def set_hosts(self, hosts: dict[int, str]) -> None:
+        self._hosts = dict(hosts)
+
+    def host_of(self, rank: int) -> str:
+        return self._hosts.get(rank, "?")
+
+    def processor_name(self) -> str:
+        return self._mpi.Get_processor_name()
+
+    def abort(self, code: int) -> None:
+        """Kill every rank of the job (used after an error the head has already reported)."""
+        self._comm.Abort(code)
+
+    def finalize(self) -> None:
+        self.flush(5.0)
+        self._mpi.Finalize()

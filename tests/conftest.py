@@ -1,0 +1,40 @@
+"""Shared fixtures: the embedded default model, an isolated shard cache, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    from pipeinfer_cpu.models import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pipeinfer-cache")
+
+
+@pytest.fixture(scope="session")
+def cli(cache_dir):
+    """Run `pipeinfer-cpu ARGS` in a subprocess (real MPI when asked), returning CompletedProcess."""
+    def run(*args: str, timeout: float = 300, env: dict | None = None, input: str | None = None):
+        full_env = dict(os.environ, PIPEINFER_CACHE=str(cache_dir), **(env or {}))
+        full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
+        return subprocess.run([sys.executable, "-m", "pipeinfer_cpu", *args], capture_output=True, text=True,
+                              timeout=timeout, env=full_env, cwd=REPO, input=input)
+    return run
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,101 @@
+"""Each bad input: one readable line on stderr, a non-zero exit, no traceback, no rank left running."""
+
+import os
+
+import psutil
+
+
+def assert_clean_failure(done, fragment):
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
+    assert "Traceback" not in done.stderr
+    assert not _our_ranks(), "a rank was left running"
+
+
+def _our_ranks():
+    ranks = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "pipeinfer_cpu" in cmdline and process.pid != os.getpid():
+            ranks.append(process)
+    return ranks
+
+
+RUN = ("run", "--hostfile", "hosts/local.txt", "-p", "Hello", "-n", "4")
+
+
+def test_missing_model(cli, tmp_path):
+    assert_clean_failure(cli(*RUN, "--model", str(tmp_path / "nope.gguf")), "model file not found")
+
+
+def test_not_a_gguf_file(cli, tmp_path):
+    path = tmp_path / "notes.gguf"
+    path.write_text("these are not weights")
+    assert_clean_failure(cli(*RUN, "--model", str(path)), "is not a GGUF file")
+
+
+def test_truncated_gguf(cli, tmp_path, default_model):
+    path = tmp_path / "truncated.gguf"
+    path.write_bytes(default_model.read_bytes()[: 40_000_000])
+    assert_clean_failure(cli(*RUN, "--model", str(path)), "truncated")
+
+
+def test_unsupported_architecture(cli, tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "gpt2.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="gpt2")
+    writer.add_block_count(2)
+    writer.add_embedding_length(8)
+    writer.add_context_length(64)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_clean_failure(cli(*RUN, "--model", str(path)), "architecture 'gpt2' is not supported")
+
+
+def test_hostfile_typo(cli, tmp_path):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("localhost\nlocalhost slot=2\n")
+    done = cli("run", "--hostfile", str(hosts), "-p", "Hello")
+    assert_clean_failure(done, f"{hosts}:2")
+
+
+def test_more_stages_than_layers(cli):
+    assert_clean_failure(cli(*RUN, "--stages", "31"), "cannot split 30 layers into 31 stages")
+
+
+def test_shard_command_with_too_many_stages(cli, tmp_path, default_model):
+    done = cli("shard", str(default_model), "--stages", "40", "-o", str(tmp_path / "out"))
+    assert_clean_failure(done, "more stages than layers")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_prompt_longer_than_context(cli):
+    done = cli("run", "--hostfile", "hosts/local.txt", "-c", "64", "-p", "word " * 200, "-n", "4")
+    assert_clean_failure(done, "the prompt has 201 tokens but the context has room for 63")
+
+
+def test_unreachable_host(cli, tmp_path):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("localhost\nno-such-host.invalid\n")
+    assert_clean_failure(cli("run", "--hostfile", str(hosts), "-p", "Hi", timeout=60), "host no-such-host.invalid is unreachable")
+
+
+def test_missing_mpiexec(cli):
+    done = cli(*RUN, env={"PIPEINFER_MPIEXEC": "/nonexistent/mpiexec"})
+    assert_clean_failure(done, "mpiexec not found")
+
+
+def test_no_prompt(cli):
+    assert_clean_failure(cli("run", "--hostfile", "hosts/local.txt"), "give a prompt")
+
+
+def test_debug_shows_the_traceback(cli, tmp_path):
+    done = cli(*RUN, "--model", str(tmp_path / "nope.gguf"), "--debug")
+    assert done.returncode != 0 and "Traceback" in done.stderr
