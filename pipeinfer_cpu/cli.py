@@ -36,7 +36,31 @@ def friendly_errors(command):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """Adds `compress`, from the optional compress package, only when it is asked for (it imports torch)."""
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), "compress"})
+
+    def get_command(self, ctx, name):
+        if name != "compress":
+            return super().get_command(ctx, name)
+        try:
+            from compress.cli import compress_group
+        except ImportError as exc:
+            return _compress_missing(str(exc))
+        return compress_group
+
+
+def _compress_missing(reason: str) -> click.Command:
+    @click.command("compress", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def compress_missing():
+        """Prune vision CNNs (needs: pip install 'pipeinfer-cpu[compress]')."""
+        _fail(f"compress needs its optional dependencies ({reason}): pip install 'pipeinfer-cpu[compress]'")
+    return compress_missing
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pipeinfer-cpu")
 def main() -> None:
     """Run a GGUF language model split layer-wise across the CPU machines of an MPI job."""
@@ -218,17 +242,3 @@ def models_list(dirs):
         verified = "verified" if info.arch in VERIFIED_ARCHITECTURES else "unverified arch"
         click.echo(f"{info.name:32s} {info.arch:8s} {info.n_layer:4d} layers  {info.size_bytes / 1e6:8.1f} MB  "
                    f"{verified:15s} {info.path}")
-
-
-def _attach_compress() -> None:
-    """`pipeinfer-cpu compress ...` lives in the optional compress package (it needs torch)."""
-    try:
-        from compress.cli import compress_group
-    except ImportError:
-        @main.command("compress", context_settings={"ignore_unknown_options": True})
-        @click.argument("args", nargs=-1)
-        def compress_missing(args):
-            """Prune vision CNNs (needs the optional extra: pip install 'pipeinfer-cpu[compress]')."""
-            _fail("compress needs the optional dependencies: pip install 'pipeinfer-cpu[compress]'")
-        return
-    main.add_command(compress_group)
