@@ -146,17 +146,24 @@ def preflight(settings, topo: Topology) -> None:
         split_layers(info.n_layer, topo.weights)
 
 
-def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
-    if prompt is not None and prompt_file is not None:
-        raise UserError("give either --prompt or --prompt-file, not both")
+def read_prompts(prompt: str | None, prompt_file: Path | None, prompts_file: Path | None) -> tuple[str, ...]:
+    """The prompt(s) to answer: --prompt, the whole of --prompt-file, or one per line of --prompts-file."""
+    given = [x for x in (prompt, prompt_file, prompts_file) if x is not None]
+    if len(given) != 1:
+        raise UserError("give exactly one of --prompt TEXT, --prompt-file FILE or --prompts-file FILE")
+    if prompt is not None:
+        return (prompt,)
+    path = prompt_file or prompts_file
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     if prompt_file is not None:
-        try:
-            return prompt_file.read_text()
-        except OSError as exc:
-            raise UserError(f"cannot read prompt file {prompt_file}: {exc.strerror or exc}") from None
-    if prompt is None:
-        raise UserError("give a prompt with --prompt TEXT or --prompt-file FILE")
-    return prompt
+        return (text,)
+    prompts = tuple(line for line in text.splitlines() if line.strip())
+    if not prompts:
+        raise UserError(f"{path} holds no prompts")
+    return prompts
 
 
 # -- run ------------------------------------------------------------------------------------------
@@ -166,6 +173,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 @sampling_options
 @click.option("--prompt", "-p", help="Prompt text.")
 @click.option("--prompt-file", "-f", type=click.Path(path_type=Path), help="Read the prompt from a file.")
+@click.option("--prompts-file", type=click.Path(path_type=Path), help="One prompt per line, each answered afresh.")
 @click.option("--n-predict", "-n", "max_tokens", type=int, default=128, show_default=True, help="Tokens to generate at most.")
 @click.option("--chat-template/--raw", default=False, help="Wrap the prompt as a user turn in the model's chat template.")
 @click.option("--system", help="System message (with --chat-template).")
@@ -173,7 +181,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 @click.option("--save-logits", type=click.Path(path_type=Path), help="Save the logits of the last prompt token (.npy).")
 @friendly_errors
 def run(hostfile, model, mode, stages, weights, threads, n_ctx, n_batch, timeout_s, shard_dir, verbose, debug,
-        temperature, top_k, top_p, seed, prompt, prompt_file, max_tokens, chat_template, system, stats_json,
+        temperature, top_k, top_p, seed, prompt, prompt_file, prompts_file, max_tokens, chat_template, system, stats_json,
         save_logits):
     """Generate text from a prompt, streaming it to stdout."""
     from .runner import GenerateRequest, run_job
@@ -187,7 +195,7 @@ def run(hostfile, model, mode, stages, weights, threads, n_ctx, n_batch, timeout
         raise UserError(str(exc)) from None
     if max_tokens < 1:
         raise UserError(f"-n must be at least 1, got {max_tokens}")
-    request = GenerateRequest(read_prompt(prompt, prompt_file), max_tokens, sampling, chat_template, system,
+    request = GenerateRequest(read_prompts(prompt, prompt_file, prompts_file), max_tokens, sampling, chat_template, system,
                               stats_json, save_logits)
     if under_mpi() or mode == "single":
         sys.exit(run_job(settings, request, debug))
@@ -242,3 +250,74 @@ def models_list(dirs):
         verified = "verified" if info.arch in VERIFIED_ARCHITECTURES else "unverified arch"
         click.echo(f"{info.name:32s} {info.arch:8s} {info.n_layer:4d} layers  {info.size_bytes / 1e6:8.1f} MB  "
                    f"{verified:15s} {info.path}")
+
+
+# -- bench ----------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--hostfile", type=click.Path(path_type=Path), default=Path("hosts/local.txt"), show_default=True)
+@click.option("--model", "-m", type=click.Path(path_type=Path))
+@click.option("--modes", default="plain,single,pipeline", show_default=True,
+              help="Comma-separated: plain (a bare llama-cpp-python loop), single, pipeline.")
+@click.option("--stages", type=int, default=2, show_default=True, help="Stages of the pipeline modes.")
+@click.option("--threads", "-t", type=int, default=1, show_default=True, help="Threads of plain and single.")
+@click.option("--n-predict", "-n", "n_tokens", type=int, default=64, show_default=True)
+@click.option("--prompts-file", type=click.Path(path_type=Path), help="One prompt per line (default: four built-in).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True)
+@click.option("--debug", is_flag=True)
+@friendly_errors
+def bench(hostfile, model, modes, stages, threads, n_tokens, prompts_file, out_dir, debug):
+    """Run the same prompts through several modes; write bench.json and bench.md."""
+    from . import bench as B
+
+    wanted = [m.strip() for m in modes.split(",") if m.strip()]
+    unknown = set(wanted) - {"plain", "single", "pipeline"}
+    if unknown:
+        raise UserError(f"unknown benchmark modes: {', '.join(sorted(unknown))}")
+    prompts = read_prompts(None, None, prompts_file) if prompts_file else B.DEFAULT_PROMPTS
+    common = ("--hostfile", str(hostfile)) + (("--model", str(model)) if model else ())
+    specs = {"single": B.ModeSpec(f"single ({threads} thread)", ("--mode", "single", "-t", str(threads))),
+             "pipeline": B.ModeSpec(f"pipeline ({stages} stages)", ("--mode", "pipeline", "--stages", str(stages)))}
+    with _prompts_path(prompts) as path:
+        rows = []
+        for mode in wanted:
+            click.echo(f"bench: {mode} ...", err=True)
+            if mode == "plain":
+                rows.append(_plain_row(model, prompts, n_tokens, threads))
+            else:
+                rows.append(B.run_mode(specs[mode], path, n_tokens, common, timeout_s=1800))
+    title = f"pipeinfer-cpu bench, {n_tokens} tokens x {len(prompts)} prompts"
+    click.echo(B.write_report(out_dir, title, rows, {"machine": B.machine_description(), "n_tokens": n_tokens}))
+
+
+def _plain_row(model, prompts, n_tokens, threads) -> dict:
+    from statistics import mean
+
+    from .llamacpp import Vocab, plain_greedy_tokens_per_s
+    from .models import resolve_model
+
+    path = resolve_model(model)
+    vocab = Vocab(path)
+    speeds = [plain_greedy_tokens_per_s(path, vocab.tokenize(p), n_tokens, threads) for p in prompts]
+    vocab.close()
+    command = f"llama_cpp.Llama(n_threads={threads}).eval() + argmax loop (pipeinfer_cpu.llamacpp.plain_greedy_tokens_per_s)"
+    return {"label": f"plain llama-cpp-python ({threads} thread)", "command": command, "runs": [],
+            "summary": {"decode_tok_s": mean(speeds), "tokens": n_tokens * len(prompts)}}
+
+
+class _prompts_path:
+    """The prompts as a temporary one-per-line file."""
+
+    def __init__(self, prompts) -> None:
+        self.prompts = prompts
+
+    def __enter__(self) -> Path:
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory()
+        path = Path(self._dir.name) / "prompts.txt"
+        path.write_text("\n".join(self.prompts) + "\n")
+        return path
+
+    def __exit__(self, *exc) -> None:
+        self._dir.cleanup()

@@ -144,7 +144,8 @@ class Cluster:
                                     peak_rss_bytes=r["peak_rss_bytes"], runs_computed=r["runs_computed"],
                                     runs_cancelled_before=r["runs_cancelled_before"],
                                     runs_cancelled_during=r["runs_cancelled_during"],
-                                    compute_saved_s=r["compute_saved_s"], prefill_tokens=r["prefill_tokens"]))
+                                    compute_saved_s=r["compute_saved_s"], prefill_tokens=r["prefill_tokens"],
+                                    idle_cpu_s=r["idle_cpu_s"], idle_wall_s=r["idle_wall_s"]))
             self._bytes_sent[rank] = r["bytes_sent"]
         return tuple(stats)
 

@@ -291,3 +291,21 @@ class Stage:
 @functools.cache
 def _native_callbacks() -> ctypes.CDLL | None:
     return load_callbacks(Path(llama_cpp.__file__).parent / "lib", default_cache_dir())
+
+
+def plain_greedy_tokens_per_s(path: Path, prompt: list[int], n_tokens: int, n_threads: int) -> float:
+    """Decode speed of a plain llama-cpp-python greedy loop (`Llama.eval` + argmax): the yardstick
+    the `single` mode is compared with in benchmarks."""
+    import time
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_batch=256, n_threads=n_threads,
+                          n_threads_batch=n_threads, logits_all=False, verbose=False)
+    llm.eval(prompt)
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    started = time.perf_counter()
+    for _ in range(n_tokens - 1):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    elapsed = time.perf_counter() - started
+    llm.close()
+    return (n_tokens - 1) / elapsed

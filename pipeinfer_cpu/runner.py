@@ -22,7 +22,7 @@ HEAD_RANK = 0
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    prompt: str
+    prompts: tuple[str, ...]
     max_tokens: int
     sampling: SamplingConfig
     chat_template: bool = False
@@ -76,26 +76,35 @@ def _stop_all(transport: MpiTransport | None, code: int) -> int:
 
 
 def _generate(engine: Engine, request: GenerateRequest) -> None:
+    """Answer each prompt in turn (a fresh context each), streaming text; then write the statistics."""
+    records = []
     with engine:
-        tokens = engine.encode(request.prompt, chat=request.chat_template, system=request.system)
-        stream = TextStream(engine.vocab.piece)
+        for index, prompt in enumerate(request.prompts):
+            if index:
+                engine.decoder.reset()
+            records.append(_answer(engine, request, prompt))
+    if request.stats_json is not None:
+        write_json(records[0] if len(records) == 1 else {"runs": records}, request.stats_json)
 
-        def show(token: int) -> None:
-            if not engine.vocab.is_end(token):
-                sys.stdout.write(stream.push(token))
-                sys.stdout.flush()
 
-        generation, stats = engine.generate(tokens, request.max_tokens, request.sampling, on_token=show,
-                                            keep_first_logits=request.save_logits is not None)
-        sys.stdout.write(stream.flush() + "\n")
-        sys.stdout.flush()
-        print(stats.summary_line(), file=sys.stderr, flush=True)
-        if request.stats_json is not None:
-            write_json({**stats.to_json_dict(), "prompt_tokens": list(generation.prompt_tokens),
-                        "tokens": list(generation.tokens), "stopped_by": generation.stopped_by},
-                       request.stats_json)
-        if request.save_logits is not None and generation.first_logits is not None:
-            _save_npy(request.save_logits, generation.first_logits)
+def _answer(engine: Engine, request: GenerateRequest, prompt: str) -> dict:
+    tokens = engine.encode(prompt, chat=request.chat_template, system=request.system)
+    stream = TextStream(engine.vocab.piece)
+
+    def show(token: int) -> None:
+        if not engine.vocab.is_end(token):
+            sys.stdout.write(stream.push(token))
+            sys.stdout.flush()
+
+    generation, stats = engine.generate(tokens, request.max_tokens, request.sampling, on_token=show,
+                                        keep_first_logits=request.save_logits is not None)
+    sys.stdout.write(stream.flush() + "\n")
+    sys.stdout.flush()
+    print(stats.summary_line(), file=sys.stderr, flush=True)
+    if request.save_logits is not None and generation.first_logits is not None:
+        _save_npy(request.save_logits, generation.first_logits)
+    return {**stats.to_json_dict(), "prompt_tokens": list(generation.prompt_tokens),
+            "tokens": list(generation.tokens), "stopped_by": generation.stopped_by}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -35,6 +35,13 @@ class StageStats:
     runs_cancelled_during: int = 0
     compute_saved_s: float = 0.0
     prefill_tokens: int = 0
+    idle_cpu_s: float = 0.0  # CPU time this rank's process used while waiting for work
+    idle_wall_s: float = 0.0  # wall time it spent waiting
+
+    @property
+    def idle_cpu_fraction(self) -> float | None:
+        """Cores' worth of CPU burnt while idle (0 = asleep, 1 = one core spinning)."""
+        return self.idle_cpu_s / self.idle_wall_s if self.idle_wall_s > 0 else None
 
     @property
     def idle_fraction(self) -> float:
@@ -47,6 +54,7 @@ class StageStats:
         out = dataclasses.asdict(self)
         out["layers"] = list(self.layers)
         out["idle_fraction"] = self.idle_fraction
+        out["idle_cpu_fraction"] = self.idle_cpu_fraction
         return _jsonable(out)
 
     @classmethod

@@ -66,7 +66,8 @@ class StageCounters:
     def __init__(self) -> None:
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, bytes_sent: int = 0) -> None:
+        self.bytes_at_reset = bytes_sent
         self.started = time.perf_counter()
         self.compute_s = 0.0
         self.runs_computed = 0
@@ -75,6 +76,8 @@ class StageCounters:
         self.saved_s = 0.0
         self.tokens_computed = 0
         self.prefill_tokens = 0
+        self.idle_cpu_s = 0.0
+        self.idle_wall_s = 0.0
 
     def per_token_s(self) -> float:
         return self.compute_s / self.tokens_computed if self.tokens_computed else 0.0
@@ -152,7 +155,7 @@ class StageLoop:
     def serve(self) -> None:
         channels = [(HEAD, Tag.CANCEL), (HEAD, Tag.CONTROL), (self.assignment.upstream, Tag.RUN)]
         while not self._stopping:
-            message = wait(self.transport, channels, timeout_s=None)
+            message = self._wait_for_work(channels)
             if message.tag == Tag.CANCEL:
                 self._note_cancelled(P.decode_ids(message.data))
             elif message.tag == Tag.CONTROL:
@@ -162,6 +165,14 @@ class StageLoop:
         self._stopping = True
         self._computing.set()  # release the watcher thread
 
+    def _wait_for_work(self, channels):
+        """Wait for the next message, accounting the CPU the wait itself costs (it should be ~0)."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        message = wait(self.transport, channels, timeout_s=None)
+        self.counters.idle_wall_s += time.perf_counter() - wall
+        self.counters.idle_cpu_s += time.process_time() - cpu
+        return message
+
     # -- control ------------------------------------------------------------------------------
 
     def _on_control(self, command: dict) -> None:
@@ -169,7 +180,7 @@ class StageLoop:
         if kind == "shutdown":
             self._stopping = True
         elif kind == "reset-stats":
-            self.counters.reset()
+            self.counters.reset(self.transport.bytes_sent)
         elif kind == "stats":
             send_json(self.transport, HEAD, Tag.REPLY, self._stats())
         elif kind == "kv-usage":
@@ -185,7 +196,8 @@ class StageLoop:
                 "wall_s": time.perf_counter() - c.started, "peak_rss_bytes": peak_rss_bytes(),
                 "runs_computed": c.runs_computed, "runs_cancelled_before": c.cancelled_before,
                 "runs_cancelled_during": c.cancelled_during, "compute_saved_s": c.saved_s,
-                "prefill_tokens": c.prefill_tokens, "bytes_sent": self.transport.bytes_sent}
+                "prefill_tokens": c.prefill_tokens, "idle_cpu_s": c.idle_cpu_s, "idle_wall_s": c.idle_wall_s,
+                "bytes_sent": self.transport.bytes_sent - c.bytes_at_reset}
 
     # -- runs ---------------------------------------------------------------------------------
 

@@ -93,7 +93,7 @@ def test_missing_mpiexec(cli):
 
 
 def test_no_prompt(cli):
-    assert_clean_failure(cli("run", "--hostfile", "hosts/local.txt"), "give a prompt")
+    assert_clean_failure(cli("run", "--hostfile", "hosts/local.txt"), "give exactly one of --prompt")
 
 
 def test_debug_shows_the_traceback(cli, tmp_path):
