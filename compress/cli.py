@@ -1,0 +1,279 @@
+"""`pipeinfer-cpu compress <verb>`: train, graph, search, finetune, export, bench, reproduce.
+
+Errors the user can fix (bad data, unreachable budget, wrong checkpoint, untraceable model) print
+one line to stderr and exit with status 1; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from compress.errors import CompressError
+
+ARCHS = ("resnet20", "resnet56", "vgg16", "mobilenet_v1", "mobilenet_v2", "shufflenet_v2")
+METHOD_CHOICES = ("gnn", "mlp", "random", "uniform")
+
+
+class _Group(click.Group):
+    """Turns CompressError (and torch-free usage errors) into one line on stderr."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CompressError as err:
+            if ctx.meta.get("compress.debug"):
+                raise
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(1)
+
+
+@click.group(name="compress", cls=_Group)
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def compress_group(ctx: click.Context, debug: bool) -> None:
+    """GNN + RL channel pruning of CIFAR-10 CNNs under a FLOPs budget, exported to ONNX."""
+    ctx.meta["compress.debug"] = debug
+
+
+def _data_option(f):
+    return click.option("--data", "data_root", default=None,
+                        help="CIFAR-10 folder (zips, unzipped, or cifar-10-batches-py); "
+                             "default $PIPEINFER_CIFAR10 or ../shared/datasets/cifar10.")(f)
+
+
+def _limit_option(f):
+    return click.option("--limit-per-class", type=int, default=None,
+                        help="Use only the first N images of each class (quick runs).")(f)
+
+
+@compress_group.command()
+@click.option("--arch", type=click.Choice(ARCHS), required=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True)
+@click.option("--epochs", type=int, default=40, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@_data_option
+@_limit_option
+def train(arch: str, out_path: str, epochs: int, seed: int, device: str, data_root: str | None,
+          limit_per_class: int | None) -> None:
+    """Train an unpruned baseline on the 45,000 non-held-out training images."""
+    from compress.finetune import pick_device
+    from compress.pipeline import PipelineConfig, baseline_model, load_datasets
+
+    cfg = PipelineConfig(arch=arch, target=1.0, out_dir=str(Path(out_path).parent), data_root=data_root,
+                         device=device, seed=seed, train_epochs=epochs, limit_per_class=limit_per_class)
+    dev = pick_device(device)
+    with tempfile.TemporaryDirectory(dir=Path(out_path).parent if Path(out_path).parent.exists() else None) as tmp:
+        _, meta = baseline_model(cfg, load_datasets(cfg, dev), dev, Path(tmp))
+        Path(tmp, "baseline.pt").replace(out_path)
+    click.echo(f"{arch}: test accuracy {meta['test_acc']:.2f}% after {meta['epochs']} epochs -> {out_path}")
+
+
+@compress_group.command()
+@click.option("--arch", type=click.Choice(ARCHS), default=None, help="Architecture (untrained).")
+@click.option("--checkpoint", type=click.Path(), default=None, help="Or a checkpoint.")
+def graph(arch: str | None, checkpoint: str | None) -> None:
+    """Print the pruning-group graph derived from torch-pruning's dependency graph."""
+    from compress.graph import FEATURE_NAMES, build_graph
+    from compress.prune import build_space
+
+    model = _model(arch, checkpoint)
+    space = build_space(model)
+    g = build_graph(model, space)
+    click.echo(f"{g.num_nodes} groups, {g.edge_index.shape[1]} edges, {len(g.blocks)} blocks, "
+               f"{space.base_macs / 1e6:.1f} M MACs; features: {', '.join(FEATURE_NAMES)}")
+    for i, info in enumerate(space.groups):
+        succ = [int(d) for s, d in g.edge_index.t().tolist() if s == i]
+        click.echo(f"  [{i}] {info.root} ch={info.channels} block={g.blocks[int(g.block_of[i])]} "
+                   f"coupled={len(info.out_layers)} -> {succ}")
+
+
+def _model(arch: str | None, checkpoint: str | None):
+    from compress.models import build_model
+    from compress.store import load_checkpoint
+
+    if checkpoint:
+        return load_checkpoint(checkpoint, arch)[0]
+    if arch:
+        return build_model(arch).eval()
+    raise click.UsageError("give --arch or --checkpoint")
+
+
+@compress_group.command()
+@click.option("--checkpoint", type=click.Path(), required=True)
+@click.option("--arch", type=click.Choice(ARCHS), default=None, help="Expected architecture.")
+@click.option("--target", type=float, required=True, help="Fraction of MACs to keep, e.g. 0.5.")
+@click.option("--method", type=click.Choice(METHOD_CHOICES), default="gnn", show_default=True)
+@click.option("--episodes", type=int, default=48, show_default=True)
+@click.option("--channel-multiple", type=int, default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False), required=True)
+@_data_option
+@_limit_option
+def search(checkpoint: str, arch: str | None, target: float, method: str, episodes: int,
+           channel_multiple: int, seed: int, device: str, out_dir: str, data_root: str | None,
+           limit_per_class: int | None) -> None:
+    """Search keep ratios under the FLOPs budget; writes search_<method>.json and .png."""
+    from compress.budget import fit_budget
+    from compress.finetune import pick_device
+    from compress.graph import build_graph
+    from compress.pipeline import PipelineConfig, load_datasets
+    from compress.prune import build_space
+    from compress.search import SearchConfig, pruned_evaluator, run_search, save_search, verify_budget
+    from compress.store import load_checkpoint
+
+    model, info = load_checkpoint(checkpoint, arch)
+    space = build_space(model, channel_multiple=channel_multiple)
+    fit_budget({g.root: 1.0 for g in space.groups}, space.predict_macs, space.base_macs, target)
+    dev = pick_device(device)
+    cfg = PipelineConfig(arch=info["arch"], target=target, out_dir=out_dir, data_root=data_root,
+                         device=device, seed=seed, limit_per_class=limit_per_class)
+    data = load_datasets(cfg, dev)
+    model = model.to(dev)
+    result = run_search(space, build_graph(model, space),
+                        pruned_evaluator(model, space, data.train, data.holdout),
+                        SearchConfig(method=method, target=target, episodes=episodes, seed=seed))
+    checked = verify_budget(model, space, result.best_keep)
+    out = Path(out_dir)
+    save_search(result, out / f"search_{method}.json", out / f"search_{method}.png")
+    click.echo(f"{method}: best held-out accuracy {result.best_reward:.2f}% at {checked:.4f} of the MACs "
+               f"(torch-pruning counter) -> {out / f'search_{method}.json'}")
+
+
+@compress_group.command()
+@click.option("--checkpoint", type=click.Path(), required=True)
+@click.option("--policy", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="search_<method>.json written by `search`.")
+@click.option("--arch", type=click.Choice(ARCHS), default=None)
+@click.option("--epochs", type=int, default=15, show_default=True)
+@click.option("--lr", type=float, default=0.02, show_default=True)
+@click.option("--channel-multiple", type=int, default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True)
+@_data_option
+@_limit_option
+def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: float,
+             channel_multiple: int, seed: int, device: str, out_path: str, data_root: str | None,
+             limit_per_class: int | None) -> None:
+    """Prune a checkpoint to a searched policy, fine-tune it, report test accuracy."""
+    from compress.finetune import pick_device
+    from compress.pipeline import PipelineConfig, finetune_one, load_datasets
+    from compress.prune import build_space
+    from compress.store import load_checkpoint, read_json
+
+    model, info = load_checkpoint(checkpoint, arch)
+    keep = read_json(policy).get("best_keep")
+    if not isinstance(keep, dict) or not keep:
+        raise CompressError(f"{policy} holds no best_keep policy")
+    dev = pick_device(device)
+    cfg = PipelineConfig(arch=info["arch"], target=1.0, out_dir=str(Path(out_path).parent),
+                         data_root=data_root, device=device, seed=seed, finetune_epochs=epochs,
+                         finetune_lr=lr, limit_per_class=limit_per_class, methods=("policy",))
+    model = model.to(dev)
+    space = build_space(model, channel_multiple=channel_multiple)
+    with tempfile.TemporaryDirectory(dir=Path(out_path).parent if Path(out_path).parent.exists() else None) as tmp:
+        row = finetune_one(cfg, model, space, keep, load_datasets(cfg, dev), Path(tmp), "policy")
+        Path(tmp, "pruned_policy.pt").replace(out_path)
+    click.echo(f"test accuracy {row['test_acc_before_ft']:.2f}% -> {row['test_acc']:.2f}% after "
+               f"{row['finetune_epochs']} epochs, {row['macs_ratio']:.4f} of the MACs -> {out_path}")
+
+
+@compress_group.command()
+@click.option("--checkpoint", type=click.Path(), default=None)
+@click.option("--arch", type=click.Choice(ARCHS), default=None,
+              help="With no checkpoint: export the untrained architecture (for latency only).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True)
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--int8", "int8_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write a static int8 (QDQ) model here.")
+@_data_option
+def export(checkpoint: str | None, arch: str | None, out_path: str, opset: int, int8_path: str | None,
+           data_root: str | None) -> None:
+    """Export to ONNX, run onnx.checker and a parity check against torch (< 1e-4)."""
+    import numpy as np
+
+    from compress.export import check_parity, export_onnx, quantize_int8
+
+    model = _model(arch, checkpoint)
+    path = export_onnx(model, out_path, opset=opset)
+    probe = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    err = check_parity(model, path, probe)
+    click.echo(f"{path}: onnx.checker passed, max |torch - onnxruntime| = {err:.2e}")
+    if int8_path:
+        quantize_int8(path, int8_path, _calibration(data_root))
+        click.echo(f"{int8_path}: static int8 (QDQ) model")
+
+
+def _calibration(data_root: str | None, per_class: int = 20):
+    import numpy as np
+
+    from compress.data import load_split
+    from compress.finetune import MEAN, STD
+
+    split = load_split(data_root, "train", per_class)
+    x = split.images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    return ((x - np.array(MEAN, np.float32)[:, None, None]) / np.array(STD, np.float32)[:, None, None])
+
+
+@compress_group.command()
+@click.argument("onnx_files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--runs", type=int, default=500, show_default=True)
+@click.option("--warmup", type=int, default=50, show_default=True)
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None)
+def bench(onnx_files: tuple[str, ...], runs: int, warmup: int, json_out: str | None) -> None:
+    """onnxruntime CPU latency at batch 1 with 1 and 2 threads (median of --runs after warm-up)."""
+    from compress.export import benchmark
+    from compress.store import write_json
+
+    rows = {}
+    for f in onnx_files:
+        rows[f] = {str(t): asdict(benchmark(f, t, runs, warmup)) for t in (1, 2)}
+        click.echo(f"{f}: " + ", ".join(f"{t} thread(s) {rows[f][str(t)]['median_ms']:.3f} ms"
+                                        for t in (1, 2)))
+    if json_out:
+        write_json(json_out, rows)
+
+
+@compress_group.command()
+@click.option("--arch", type=click.Choice(ARCHS), required=True)
+@click.option("--target", type=float, required=True)
+@click.option("--out-dir", type=click.Path(file_okay=False), required=True)
+@click.option("--train-epochs", type=int, default=40, show_default=True)
+@click.option("--finetune-epochs", type=int, default=15, show_default=True)
+@click.option("--episodes", type=int, default=48, show_default=True)
+@click.option("--time-budget", type=float, default=None,
+              help="Seconds for the whole run; epochs and episodes are cut to fit (recorded).")
+@click.option("--baseline", type=click.Path(), default=None, help="Skip training: use this checkpoint.")
+@click.option("--channel-multiple", type=int, default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@_data_option
+@_limit_option
+def reproduce(arch: str, target: float, out_dir: str, train_epochs: int, finetune_epochs: int,
+              episodes: int, time_budget: float | None, baseline: str | None, channel_multiple: int,
+              seed: int, device: str, data_root: str | None, limit_per_class: int | None) -> None:
+    """Train, search (GNN+RL and baselines), prune, fine-tune and test one architecture."""
+    from compress.pipeline import PipelineConfig, run_pipeline
+
+    res = run_pipeline(PipelineConfig(
+        arch=arch, target=target, out_dir=out_dir, data_root=data_root, device=device, seed=seed,
+        train_epochs=train_epochs, finetune_epochs=finetune_epochs, episodes=episodes,
+        baseline=baseline, time_budget_s=time_budget, limit_per_class=limit_per_class,
+        channel_multiple=channel_multiple))
+    rows = ", ".join(f"{m} {r['test_acc']:.2f}%" for m, r in res["finetuned"].items())
+    click.echo(f"{arch}: baseline {res['baseline']['test_acc']:.2f}%; after fine-tuning: {rows}")
+
+
+def main() -> None:
+    compress_group(prog_name="compress")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""ONNX export (opset >= 18), onnx.checker, parity against torch, onnxruntime CPU latency and an
+optional static int8 quantisation. The only module that imports onnx and onnxruntime."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.errors import ExportError
+from compress.store import atomic_write
+
+MIN_OPSET = 18
+
+
+@dataclass(frozen=True)
+class Latency:
+    threads: int
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...] = (1, 3, 32, 32),
+                opset: int = MIN_OPSET) -> Path:
+    """Export with the dynamo exporter (batch dimension dynamic), check, and rename into place."""
+    import onnx
+
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
+    model = model.eval().cpu().to(memory_format=torch.contiguous_format)
+    example = torch.randn(*input_shape)
+
+    def _write(tmp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                        input_names=["input"], output_names=["logits"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch", max=4096)},),
+                                        verbose=False)
+        program.save(tmp, external_data=False)
+        onnx.checker.check_model(onnx.load(tmp), full_check=True)
+
+    try:
+        return atomic_write(path, _write)
+    except ExportError:
+        raise
+    except Exception as err:
+        raise ExportError(f"ONNX export of {type(model).__name__} failed: {type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+
+
+def _session(path: str | Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def parity(model: nn.Module, path: str | Path, inputs: np.ndarray) -> float:
+    """Largest absolute difference between torch (fp32, CPU) and onnxruntime logits."""
+    with torch.no_grad():
+        expected = model.eval().cpu()(torch.from_numpy(inputs)).numpy()
+    got = _session(path, 1).run(None, {"input": inputs})[0]
+    return float(np.abs(expected - got).max())
+
+
+def check_parity(model: nn.Module, path: str | Path, inputs: np.ndarray, tol: float = 1e-4) -> float:
+    err = parity(model, path, inputs)
+    if not err < tol:
+        raise ExportError(f"ONNX output differs from torch by {err:.3g} (tolerance {tol:g})")
+    return err
+
+
+def benchmark(path: str | Path, threads: int, runs: int = 300, warmup: int = 30,
+              input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> Latency:
+    """Median latency of one batch on the CPU with onnxruntime, after warm-up runs."""
+    sess = _session(path, threads)
+    x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+    feed = {sess.get_inputs()[0].name: x}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return Latency(threads, statistics.median(times), times[int(0.9 * (len(times) - 1))], runs)
+
+
+def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: np.ndarray) -> Path:
+    """Static QDQ int8 quantisation (per-channel weights) calibrated on the given batch of inputs."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter([{"input": calibration[i:i + 1]} for i in range(len(calibration))])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    def _write(tmp: str) -> None:
+        pre = tmp + ".pre.onnx"
+        try:
+            quant_pre_process(str(fp32_path), pre, skip_symbolic_shape=True)
+            quantize_static(pre, tmp, _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        finally:
+            Path(pre).unlink(missing_ok=True)
+
+    return atomic_write(int8_path, _write)
+
+
+def onnx_accuracy(path: str | Path, images: np.ndarray, labels: np.ndarray, batch: int = 500) -> float:
+    """Top-1 accuracy (%) of an ONNX model on normalised NCHW float32 images."""
+    sess = _session(path, 2)
+    correct = 0
+    for i in range(0, len(labels), batch):
+        logits = sess.run(None, {"input": images[i:i + batch]})[0]
+        correct += int((logits.argmax(1) == labels[i:i + batch]).sum())
+    return 100.0 * correct / len(labels)

@@ -1,0 +1,188 @@
+"""Training from scratch and fine-tuning after pruning (same loop), evaluation and BatchNorm
+recalibration. Data stay on the device as uint8 and are augmented there (random crop with 4-pixel
+padding, horizontal flip), so a GPU is not starved by a Python data loader."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.data import Split
+
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    max_seconds: float | None = None  # cap: after the warm-up epoch, cut epochs to fit this time
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    epochs: int
+    seconds: float
+    final_loss: float
+
+
+class DeviceData:
+    """A split held on `device` as uint8 NCHW, normalised batch by batch."""
+
+    def __init__(self, split: Split, device: torch.device, channels_last: bool = False) -> None:
+        self.channels_last = channels_last
+        self.x = torch.from_numpy(np.ascontiguousarray(split.images.transpose(0, 3, 1, 2))).to(device)
+        self.y = torch.from_numpy(split.labels).to(device)
+        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        out = (x.float() - self.mean) / self.std
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, augment: bool = False):
+        n = len(self)
+        order = torch.randperm(n, generator=generator, device="cpu").to(self.x.device) if generator else None
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+            x = self.x[idx]
+            if augment:
+                x = augment_batch(x, generator)
+            yield self.normalise(x), self.y[idx]
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Random 32x32 crop of the 4-pixel zero-padded image, then a random horizontal flip."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4))
+    dx = torch.randint(0, 9, (b,), generator=generator).to(x.device)
+    dy = torch.randint(0, 9, (b,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :]
+    out = padded[torch.arange(b, device=x.device)[:, None, None, None],
+                 torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up then cosine decay to zero."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * peak * (1 + math.cos(math.pi * progress))
+
+
+def train(model: nn.Module, data: DeviceData, cfg: TrainConfig,
+          on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
+    """SGD with Nesterov momentum, warm-up + cosine schedule, bf16 autocast on CUDA."""
+    device = data.x.device
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+                          nesterov=True)
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    step, loss_value, start, epochs = 0, float("nan"), time.time(), cfg.epochs
+    model.train()
+    epoch = 0
+    while epoch < epochs:
+        epoch_start = time.time()
+        running = torch.zeros((), device=device)
+        for x, y in data.batches(cfg.batch_size, gen, augment=True):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, warmup, cfg.lr)
+            with _autocast(device):
+                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += loss.detach()
+            step += 1
+        loss_value = float(running) / steps_per_epoch
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {loss_value})")
+        if on_epoch is not None:
+            on_epoch(epoch + 1, loss_value)
+        epoch += 1
+        if cfg.max_seconds is not None and epoch == max(1, int(cfg.warmup_epochs)):
+            epochs = fit_epochs(cfg.epochs, epoch, time.time() - start, time.time() - epoch_start,
+                                cfg.max_seconds)
+            total = epochs * steps_per_epoch
+    model.eval()
+    return TrainResult(epochs, time.time() - start, loss_value)
+
+
+def fit_epochs(planned: int, done: int, elapsed_s: float, epoch_s: float, max_seconds: float) -> int:
+    """Epochs that fit `max_seconds`, decided at the end of the warm-up epochs: the learning rate
+    so far does not depend on the total, so the run equals one planned with that many epochs."""
+    remaining = int(max(0.0, max_seconds - elapsed_s) / max(epoch_s, 1e-6))
+    return max(done, min(planned, done + remaining))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DeviceData, batch_size: int = 1000, amp: bool = True) -> float:
+    """Top-1 accuracy in percent (bf16 autocast on CUDA unless `amp` is off)."""
+    model.eval()
+    correct = torch.zeros((), device=data.x.device, dtype=torch.long)
+    with _autocast(data.x.device) if amp else torch.autocast(data.x.device.type, enabled=False):
+        for x, y in data.batches(batch_size):
+            correct += (model(x).argmax(1) == y).sum()
+    return 100.0 * float(correct) / len(data)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: DeviceData, batches: int, batch_size: int = 256,
+                   seed: int = 0) -> None:
+    """Re-estimate BatchNorm statistics of a pruned model on training batches (no weight update):
+    the cheap stand-in for fine-tuning that the search reward uses."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    gen = torch.Generator().manual_seed(seed)
+    with _autocast(data.x.device):
+        for i, (x, _) in enumerate(data.batches(batch_size, gen)):
+            if i >= batches:
+                break
+            model(x)
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+    model.eval()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

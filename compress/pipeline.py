@@ -1,0 +1,167 @@
+"""The whole experiment for one architecture, from one seeded command: train the baseline (or load
+it), search with GNN+RL and each baseline under the same budget of evaluations, prune, fine-tune,
+test. Every stage rewrites `results.json` atomically, so a run cut short keeps what it finished."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from compress.data import Split, holdout_split, load_split
+from compress.finetune import DeviceData, TrainConfig, evaluate, pick_device, recalibrate_bn, train
+from compress.graph import build_graph
+from compress.models import build_model
+from compress.prune import PruneSpace, apply_policy, build_space, count_macs
+from compress.search import METHODS, SearchConfig, SearchResult, plot_curves, run_search, pruned_evaluator
+from compress.store import load_checkpoint, save_checkpoint, write_json
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    arch: str
+    target: float
+    out_dir: str
+    data_root: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    train_epochs: int = 40
+    finetune_epochs: int = 15
+    finetune_lr: float = 0.02
+    episodes: int = 48
+    methods: tuple[str, ...] = METHODS
+    baseline: str | None = None  # existing checkpoint: skip training
+    time_budget_s: float | None = None  # whole run; train 45%, search 25%, fine-tune 30%
+    limit_per_class: int | None = None  # small runs (tests)
+    holdout: int = 5000
+    channel_multiple: int = 8  # keep channel counts in blocks the CPU kernels use
+
+
+@dataclass(frozen=True)
+class Datasets:
+    train: DeviceData
+    holdout: DeviceData
+    test: DeviceData
+
+
+def load_datasets(cfg: PipelineConfig, device: torch.device) -> Datasets:
+    full = load_split(cfg.data_root, "train", cfg.limit_per_class)
+    test = load_split(cfg.data_root, "test", cfg.limit_per_class)
+    n_hold = min(cfg.holdout, len(full.labels) // 10)
+    train_idx, hold_idx = holdout_split(full.labels, n_hold, cfg.seed)
+    cl = device.type == "cuda"
+    return Datasets(DeviceData(full.subset(train_idx), device, cl), DeviceData(full.subset(hold_idx), device, cl),
+                    DeviceData(test, device, cl))
+
+
+def round_to_half(model: nn.Module) -> None:
+    """Round weights through fp16 in place, so reported accuracy is that of the saved checkpoint."""
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _budget(cfg: PipelineConfig, share: float) -> float | None:
+    return None if cfg.time_budget_s is None else cfg.time_budget_s * share
+
+
+def baseline_model(cfg: PipelineConfig, data: Datasets, device: torch.device, out: Path) -> tuple[nn.Module, dict]:
+    if cfg.baseline:
+        model, info = load_checkpoint(cfg.baseline, cfg.arch)
+        return model.to(device), {"source": cfg.baseline, **info["meta"]}
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    tcfg = TrainConfig(epochs=cfg.train_epochs, seed=cfg.seed, warmup_epochs=2,
+                       max_seconds=_budget(cfg, 0.45))
+    res = train(model, data.train, tcfg, on_epoch=lambda e, l: _log(f"{cfg.arch} epoch {e} loss {l:.3f}"))
+    round_to_half(model)
+    meta = {"epochs": res.epochs, "train_seconds": round(res.seconds, 1), "seed": cfg.seed,
+            "train_config": asdict(replace(tcfg, epochs=res.epochs, max_seconds=None)),
+            "test_acc": evaluate(model, data.test, amp=False),
+            "holdout_acc": evaluate(model, data.holdout, amp=False)}
+    save_checkpoint(out / "baseline.pt", model, cfg.arch, meta=meta)
+    return model, meta
+
+
+def search_all(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, data: Datasets, out: Path,
+               record: Callable[[], None], results: dict[str, Any]) -> dict[str, SearchResult]:
+    graph = build_graph(model, space)
+    evaluate_keep = pruned_evaluator(model, space, data.train, data.holdout)
+    t0 = time.time()
+    evaluate_keep({g.root: 1.0 for g in space.groups})  # warm-up, also times one episode
+    per_eval = time.time() - t0
+    episodes = cfg.episodes
+    learners = [m for m in cfg.methods if m != "uniform"]
+    if cfg.time_budget_s is not None and learners:
+        episodes = max(8, min(episodes, int(_budget(cfg, 0.25) / len(learners) / max(per_eval, 1e-3))))
+    found: dict[str, SearchResult] = {}
+    for method in cfg.methods:
+        scfg = SearchConfig(method=method, target=cfg.target, episodes=episodes, seed=cfg.seed)
+        found[method] = run_search(space, graph, evaluate_keep, scfg)
+        write_json(out / f"search_{method}.json", found[method].to_json())
+        results["search"][method] = {"holdout_best": found[method].best_reward,
+                                     "evaluations": found[method].evaluations,
+                                     "seconds": round(found[method].seconds, 1)}
+        _log(f"{cfg.arch} search {method}: best held-out {found[method].best_reward:.2f}")
+        record()
+    try:
+        plot_curves(found, out / "search_curves.png", f"{cfg.arch} @ {cfg.target:.0%} FLOPs")
+    except ImportError as err:  # matplotlib is optional on a GPU host; the JSON has the curves
+        _log(f"no learning-curve PNG: {err}")
+    return found
+
+
+def finetune_one(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, keep: dict[str, float],
+                 data: Datasets, out: Path, method: str) -> dict[str, Any]:
+    pruned = apply_policy(model, space, keep)
+    macs, params = count_macs(pruned)
+    recalibrate_bn(pruned, data.train, 10)
+    before = evaluate(pruned, data.test, amp=False)
+    n_ft = max(1, len(cfg.methods))
+    fcfg = TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, seed=cfg.seed, warmup_epochs=1,
+                       max_seconds=_budget(cfg, 0.30 / n_ft))
+    res = train(pruned, data.train, fcfg)
+    round_to_half(pruned)
+    kept = space.kept_channels(keep)
+    row = {"macs_ratio": macs / space.base_macs, "params": params, "test_acc_before_ft": before,
+           "test_acc": evaluate(pruned, data.test, amp=False), "finetune_epochs": res.epochs,
+           "finetune_seconds": round(res.seconds, 1)}
+    save_checkpoint(out / f"pruned_{method}.pt", pruned, cfg.arch, kept=kept, meta={**row, "keep": keep})
+    return row
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run every stage for `cfg.arch`; returns (and writes) the results dictionary."""
+    start = time.time()
+    device = pick_device(cfg.device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"arch": cfg.arch, "target": cfg.target, "device": str(device),
+                               "config": asdict(cfg), "search": {}, "finetuned": {}}
+    record = lambda: write_json(out / "results.json", {**results, "seconds": round(time.time() - start, 1)})
+    data = load_datasets(cfg, device)
+    _log(f"{cfg.arch}: data train {len(data.train)} holdout {len(data.holdout)} test {len(data.test)}")
+    model, meta = baseline_model(cfg, data, device, out)
+    macs, params = count_macs(model)
+    results["baseline"] = {**meta, "macs": macs, "params": params}
+    _log(f"{cfg.arch} baseline test acc {meta.get('test_acc')}")
+    record()
+    space = build_space(model, channel_multiple=cfg.channel_multiple)
+    found = search_all(cfg, model, space, data, out, record, results)
+    for method, res in found.items():
+        results["finetuned"][method] = finetune_one(cfg, model, space, res.best_keep, data, out, method)
+        _log(f"{cfg.arch} {method}: {results['finetuned'][method]}")
+        record()
+    record()
+    return results

@@ -1,0 +1,139 @@
+"""The search harness shared by the agent and the baselines: propose keep ratios, fit them to the
+FLOPs budget, prune, recalibrate BatchNorm, score on the held-out split, keep the best."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from torch import nn
+from tqdm import tqdm
+
+from compress.agent import AgentConfig, PPOAgent
+from compress.baselines import RandomProposer, UniformProposer
+from compress.budget import fit_budget, reward
+from compress.finetune import DeviceData, evaluate, recalibrate_bn
+from compress.graph import NetGraph
+from compress.prune import PruneSpace, apply_policy, count_macs
+from compress.store import atomic_write, write_json
+
+METHODS = ("gnn", "mlp", "random", "uniform")
+
+Evaluator = Callable[[dict[str, float]], float]
+
+
+class Proposer(Protocol):
+    def propose(self) -> dict[str, float]: ...
+
+    def feedback(self, reward: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    method: str = "gnn"
+    target: float = 0.5  # fraction of the unpruned MACs to keep
+    episodes: int = 64
+    min_keep: float = 0.05
+    seed: int = 0
+    calib_batches: int = 10
+    agent: AgentConfig = field(default_factory=AgentConfig)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    method: str
+    target: float
+    best_keep: dict[str, float]
+    best_reward: float
+    best_macs_ratio: float
+    rewards: list[float]
+    best_so_far: list[float]
+    evaluations: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def make_proposer(graph: NetGraph, cfg: SearchConfig) -> Proposer:
+    if cfg.method in ("gnn", "mlp"):
+        agent_cfg = AgentConfig(**{**asdict(cfg.agent), "encoder": cfg.method, "min_keep": cfg.min_keep,
+                                   "seed": cfg.seed})
+        return PPOAgent(graph, agent_cfg)
+    if cfg.method == "random":
+        return RandomProposer(graph, cfg.min_keep, cfg.seed)
+    if cfg.method == "uniform":
+        return UniformProposer(graph)
+    raise ValueError(f"unknown search method {cfg.method!r}; expected one of {', '.join(METHODS)}")
+
+
+def pruned_evaluator(model: nn.Module, space: PruneSpace, calib: DeviceData, holdout: DeviceData,
+                     calib_batches: int = 10) -> Evaluator:
+    """Held-out accuracy of the pruned model after BN recalibration, without fine-tuning."""
+
+    def evaluate_keep(keep: dict[str, float]) -> float:
+        pruned = apply_policy(model, space, keep)
+        recalibrate_bn(pruned, calib, calib_batches)
+        return evaluate(pruned, holdout)
+
+    return evaluate_keep
+
+
+def run_search(space: PruneSpace, graph: NetGraph, evaluate_keep: Evaluator, cfg: SearchConfig,
+               progress: bool = True) -> SearchResult:
+    """Run `cfg.episodes` episodes (one for the deterministic uniform baseline)."""
+    proposer = make_proposer(graph, cfg)
+    episodes = 1 if cfg.method == "uniform" else cfg.episodes
+    rewards, best_curve = [], []
+    best: tuple[float, dict[str, float], float] = (float("-inf"), {}, 1.0)
+    start = time.time()
+    bar = tqdm(range(episodes), desc=f"search[{cfg.method}]", disable=not progress, leave=False)
+    for _ in bar:
+        keep = fit_budget(proposer.propose(), space.predict_macs, space.base_macs, cfg.target,
+                          cfg.min_keep, steps=space.steps())
+        macs_ratio = space.predict_macs(keep) / space.base_macs
+        value = reward(evaluate_keep(keep), macs_ratio, cfg.target)
+        proposer.feedback(value)
+        rewards.append(value)
+        if value > best[0]:
+            best = (value, keep, macs_ratio)
+        best_curve.append(best[0])
+        bar.set_postfix(reward=f"{value:.2f}", best=f"{best[0]:.2f}")
+    return SearchResult(cfg.method, cfg.target, best[1], best[0], best[2], rewards, best_curve,
+                        episodes, time.time() - start)
+
+
+def verify_budget(model: nn.Module, space: PruneSpace, keep: dict[str, float]) -> float:
+    """MACs ratio of the physically pruned model by torch-pruning's own counter."""
+    macs, _ = count_macs(apply_policy(model, space, keep), space.input_shape)
+    return macs / space.base_macs
+
+
+def save_search(result: SearchResult, json_path: str | Path, png_path: str | Path | None = None) -> None:
+    """Best policy and learning curve as JSON, and the curve as a PNG (both written atomically)."""
+    write_json(json_path, result.to_json())
+    if png_path is not None:
+        plot_curves({result.method: result}, png_path)
+
+
+def plot_curves(results: dict[str, SearchResult], png_path: str | Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, res in results.items():
+        xs = range(1, len(res.rewards) + 1)
+        line, = ax.plot(xs, res.best_so_far, label=f"{name} (best)")
+        ax.scatter(xs, res.rewards, s=6, alpha=0.4, color=line.get_color())
+    ax.set_xlabel("episode")
+    ax.set_ylabel("held-out accuracy after BN recalibration (%)")
+    ax.set_title(title or "search learning curves")
+    ax.legend()
+    fig.tight_layout()
+    path = atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path

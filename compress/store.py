@@ -1,0 +1,87 @@
+"""Files: atomic writes (temporary name, then os.replace) and checkpoints that know their
+architecture and, when pruned, the channel counts needed to rebuild their shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from compress.errors import CheckpointError, CompressError
+from compress.models import build_model
+from compress.prune import build_space, prune_to_counts
+
+FORMAT = "compress-checkpoint-v1"
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call `write(tmp_path)` then rename onto `path`; on any failure nothing is left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    def _write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+    return atomic_write(path, _write)
+
+
+def read_json(path: str | Path) -> Any:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CompressError(f"cannot read {path}: {err}") from err
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, arch: str, kept: dict[str, int] | None = None,
+                    meta: dict[str, Any] | None = None, half: bool = True) -> Path:
+    """Save weights (fp16 by default, to stay small) with the architecture and pruned counts."""
+    state = {k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu())
+             for k, v in model.state_dict().items()}
+    blob = {"format": FORMAT, "arch": arch, "kept": kept, "meta": meta or {}, "state_dict": state}
+    return atomic_write(path, lambda tmp: torch.save(blob, tmp))
+
+
+def load_checkpoint(path: str | Path, arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the (possibly pruned) model of a checkpoint; `arch`, when given, must match."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"checkpoint not found: {path}") from err
+    except Exception as err:  # torch raises pickle/zip/runtime errors for damaged files
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}") from err
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a compress checkpoint")
+    if arch is not None and blob["arch"] != arch:
+        raise CheckpointError(f"checkpoint {path} is for {blob['arch']}, not {arch}")
+    model = build_model(blob["arch"]).eval()
+    if blob.get("kept"):
+        model = prune_to_counts(model, build_space(model), blob["kept"], use_order=False)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit {blob['arch']}: {first}") from err
+    return model.eval(), {"arch": blob["arch"], "kept": blob.get("kept"), "meta": blob.get("meta", {})}
