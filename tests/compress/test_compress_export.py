@@ -1,0 +1,75 @@
+"""A pruned ResNet with residual groups runs, round-trips through a checkpoint and exports to
+ONNX (opset 18, onnx.checker) with onnxruntime matching torch to < 1e-4."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from compress.errors import ExportError
+from compress.export import benchmark, check_parity, export_onnx, onnx_accuracy, parity, quantize_int8
+from compress.models import build_model
+from compress.prune import apply_policy, count_macs
+from compress.store import load_checkpoint, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def pruned_resnet(resnet20, resnet20_space):
+    keep = {g.root: (0.5 if len(g.out_layers) > 1 else 0.75) for g in resnet20_space.groups}
+    return apply_policy(resnet20, resnet20_space, keep), resnet20_space.kept_channels(keep)
+
+
+def test_pruned_resnet_residual_channels_aligned(pruned_resnet):
+    model, kept = pruned_resnet
+    stage0 = [m for n, m in model.named_modules() if n.startswith("stages.0.") and n.endswith("conv2.0")]
+    assert {m.out_channels for m in stage0} == {kept["stem.0"]} == {8}
+    assert model.stem[0].out_channels == 8
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.isfinite(model(x)).all()
+    assert count_macs(model)[0] < 0.5 * count_macs(build_model("resnet20"))[0]
+
+
+def test_pruned_checkpoint_round_trip(tmp_path, pruned_resnet):
+    model, kept = pruned_resnet
+    path = save_checkpoint(tmp_path / "p.pt", model, "resnet20", kept=kept, half=False)
+    loaded, info = load_checkpoint(path, "resnet20")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert info["kept"] == kept
+
+
+def test_onnx_export_parity_and_latency(tmp_path, pruned_resnet):
+    model, _ = pruned_resnet
+    path = export_onnx(model, tmp_path / "pruned.onnx")
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    x = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    assert check_parity(model, path, x) < 1e-4  # dynamic batch: 5 images through a batch-1 export
+    lat = benchmark(path, threads=1, runs=20, warmup=3)
+    assert lat.median_ms > 0 and lat.p90_ms >= lat.median_ms and lat.runs == 20
+    assert not list(tmp_path.glob(".*tmp"))  # nothing half-written left behind
+
+
+def test_parity_detects_a_different_model(tmp_path, pruned_resnet):
+    model, _ = pruned_resnet
+    path = export_onnx(model, tmp_path / "a.onnx")
+    other = build_model("resnet20").eval()
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with pytest.raises(ExportError, match="differs from torch"):
+        check_parity(other, path, x)  # same input/output shapes, other weights
+    assert parity(model, path, x) < 1e-4
+
+
+def test_int8_quantisation_runs_and_agrees(tmp_path, pruned_resnet):
+    model, _ = pruned_resnet
+    fp32 = export_onnx(model, tmp_path / "m.onnx")
+    calib = np.random.default_rng(2).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    int8 = quantize_int8(fp32, tmp_path / "m.int8.onnx", calib)
+    assert int8.stat().st_size < fp32.stat().st_size
+    labels = model(torch.from_numpy(calib)).argmax(1).numpy()
+    assert onnx_accuracy(fp32, calib, labels) == 100.0
+    assert onnx_accuracy(int8, calib, labels) >= 50.0  # random weights: coarse agreement only
