@@ -72,7 +72,8 @@ def engine_options(command):
     options = [
         click.option("--hostfile", type=click.Path(path_type=Path), help="Machines, one stage per line (MPICH/Open MPI syntax)."),
         click.option("--model", "-m", type=click.Path(path_type=Path), help="GGUF model (default: the embedded SmolLM2-135M-Instruct Q4_1)."),
-        click.option("--mode", type=click.Choice(["single", "pipeline"]), default="pipeline", show_default=True),
+        click.option("--mode", type=click.Choice(["single", "pipeline", "speculative", "pipeinfer"]),
+                     default="pipeline", show_default=True),
         click.option("--stages", type=int, help="Pipeline stages (default: one per hostfile line)."),
         click.option("--weights", help="Comma-separated layer-split weights, one per stage (default: the hostfile's)."),
         click.option("--threads", "-t", type=int, default=0, help="Threads per stage (0: the host's cores shared by its stages)."),
@@ -80,6 +81,17 @@ def engine_options(command):
         click.option("--batch-size", "-b", "n_batch", type=int, default=256, show_default=True),
         click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True, help="Seconds to wait for any rank before giving up."),
         click.option("--shard-dir", type=click.Path(path_type=Path), help="Where to write shards (default: a cache keyed by model hash and split)."),
+        click.option("--draft", type=click.Path(path_type=Path), help="Draft GGUF (same vocabulary) for speculative and pipeinfer."),
+        click.option("--draft-ranks", type=click.Choice(["dedicated", "head"]), default="dedicated", show_default=True,
+                     help="Run the draft on a rank of its own, or inside the head's process."),
+        click.option("--draft-host", help="Host of the dedicated draft rank (default: the first host)."),
+        click.option("--draft-max", type=int, default=8, show_default=True, help="Draft tokens per speculative run, at most."),
+        click.option("--max-inflight", type=int, default=4, show_default=True, help="pipeinfer: runs in flight, at most."),
+        click.option("--p-accept", type=float, default=0.4, show_default=True, help="Stop drafting below this top-1 probability."),
+        click.option("--p-recovery", type=float, default=0.05, show_default=True, help="Raise p-accept by this after a rejection."),
+        click.option("--p-decay", type=float, default=0.02, show_default=True, help="Lower p-accept by this after a confirmed run."),
+        click.option("--adaptive/--fixed-length", default=True, show_default=True,
+                     help="Adapt the draft length to the acceptance observed."),
         click.option("--verbose", "-v", is_flag=True, help="Say what is being set up."),
         click.option("--debug", is_flag=True, help="Tracebacks and mpiexec's own output on errors."),
     ]
@@ -107,13 +119,16 @@ class Topology:
     stage_hosts: tuple[str, ...]
     weights: tuple[float, ...]
 
+    draft_host: str | None = None  # the dedicated draft rank's host, if there is one
+
     @property
     def placement(self) -> tuple[str, ...]:
-        """Host of each MPI rank: the head beside the first stage, then the stages in order."""
-        return (self.stage_hosts[0], *self.stage_hosts)
+        """Host of each MPI rank: the head beside the first stage, the stages in order, then the draft."""
+        draft = (self.draft_host,) if self.draft_host else ()
+        return (self.stage_hosts[0], *self.stage_hosts, *draft)
 
 
-def topology(hostfile: Path | None, stages: int | None, weights: str | None) -> Topology:
+def topology(hostfile: Path | None, stages: int | None, weights: str | None, draft_host: str | None = None) -> Topology:
     from .planning import parse_weights
 
     hosts: tuple[Host, ...] = parse_hostfile(hostfile) if hostfile else (Host("localhost"),)
@@ -122,17 +137,40 @@ def topology(hostfile: Path | None, stages: int | None, weights: str | None) -> 
         raise UserError(f"--stages must be at least 1, got {n_stages}")
     stage_hosts = tuple(hosts[i % len(hosts)].name for i in range(n_stages))
     if weights is not None:
-        return Topology(stage_hosts, parse_weights(weights, n_stages))
-    return Topology(stage_hosts, tuple(hosts[i % len(hosts)].weight for i in range(n_stages)))
+        return Topology(stage_hosts, parse_weights(weights, n_stages), draft_host)
+    return Topology(stage_hosts, tuple(hosts[i % len(hosts)].weight for i in range(n_stages)), draft_host)
 
 
-def engine_settings(model, mode, weights, threads, n_ctx, n_batch, timeout_s, shard_dir, verbose):
+def speculative_topology(hostfile, stages, weights, mode, draft, draft_ranks, draft_host) -> Topology:
+    """The topology, with a dedicated draft rank (on --draft-host or the first host) when one is needed."""
+    topo = topology(hostfile, stages, weights)
+    if mode in ("speculative", "pipeinfer") and draft is not None and draft_ranks == "dedicated":
+        return Topology(topo.stage_hosts, topo.weights, draft_host or topo.stage_hosts[0])
+    return topo
+
+
+def engine_settings(model, mode, weights, threads, n_ctx, n_batch, timeout_s, shard_dir, verbose, draft=None,
+                    draft_ranks="dedicated", draft_max=8, max_inflight=4, p_accept=0.4, p_recovery=0.05,
+                    p_decay=0.02, adaptive=True):
     from .engine import EngineSettings
+    from .specdecode import SpecSettings
 
     if threads < 0:
         raise UserError(f"--threads must be 0 (auto) or more, got {threads}")
+    if draft_max < 1:
+        raise UserError(f"--draft-max must be at least 1, got {draft_max}")
+    if max_inflight < 1:
+        raise UserError(f"--max-inflight must be at least 1, got {max_inflight}")
+    if max_inflight * draft_max >= n_ctx // 2:
+        raise UserError(f"--max-inflight {max_inflight} runs of --draft-max {draft_max} tokens do not fit "
+                        f"beside a prompt in the context (--ctx-size {n_ctx})")
+    for name, value in (("--p-accept", p_accept), ("--p-recovery", p_recovery), ("--p-decay", p_decay)):
+        if not 0 <= value < 1:
+            raise UserError(f"{name} must be in [0, 1), got {value}")
+    spec = SpecSettings(mode, draft_max, max_inflight, p_accept, p_recovery, p_decay, adaptive)
     return EngineSettings(model=model, mode=mode, weights=weights, n_threads=threads, n_ctx=n_ctx,
-                          n_batch=n_batch, timeout_s=timeout_s, shard_dir=shard_dir, verbose=verbose)
+                          n_batch=n_batch, timeout_s=timeout_s, shard_dir=shard_dir, verbose=verbose,
+                          draft=draft, draft_in_head=draft_ranks == "head", spec=spec)
 
 
 def preflight(settings, topo: Topology) -> None:
@@ -140,8 +178,12 @@ def preflight(settings, topo: Topology) -> None:
     from .models import check_supported, read_model_info, resolve_model
     from .planning import split_layers
 
+    from .engine import check_draft
+
     info = read_model_info(resolve_model(settings.model))
     check_supported(info)
+    if settings.draft is not None:
+        check_draft(info, read_model_info(resolve_model(settings.draft)))
     if settings.mode != "single":
         split_layers(info.n_layer, topo.weights)
 
@@ -180,15 +222,16 @@ def read_prompts(prompt: str | None, prompt_file: Path | None, prompts_file: Pat
 @click.option("--stats-json", type=click.Path(path_type=Path), help="Write the statistics (and token ids) as JSON.")
 @click.option("--save-logits", type=click.Path(path_type=Path), help="Save the logits of the last prompt token (.npy).")
 @friendly_errors
-def run(hostfile, model, mode, stages, weights, threads, n_ctx, n_batch, timeout_s, shard_dir, verbose, debug,
-        temperature, top_k, top_p, seed, prompt, prompt_file, prompts_file, max_tokens, chat_template, system, stats_json,
+def run(hostfile, model, mode, stages, weights, threads, n_ctx, n_batch, timeout_s, shard_dir, draft, draft_ranks,
+        draft_host, draft_max, max_inflight, p_accept, p_recovery, p_decay, adaptive, verbose, debug, temperature, top_k, top_p, seed, prompt, prompt_file, prompts_file, max_tokens, chat_template, system, stats_json,
         save_logits):
     """Generate text from a prompt, streaming it to stdout."""
     from .runner import GenerateRequest, run_job
     from .sampling import SamplingConfig
 
-    topo = topology(hostfile, stages, weights)
-    settings = engine_settings(model, mode, topo.weights, threads, n_ctx, n_batch, timeout_s, shard_dir, verbose)
+    topo = speculative_topology(hostfile, stages, weights, mode, draft, draft_ranks, draft_host)
+    settings = engine_settings(model, mode, topo.weights, threads, n_ctx, n_batch, timeout_s, shard_dir, verbose,
+                               draft, draft_ranks, draft_max, max_inflight, p_accept, p_recovery, p_decay, adaptive)
     try:
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     except ValueError as exc:

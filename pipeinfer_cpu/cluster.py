@@ -59,11 +59,15 @@ class Cluster:
             self.hosts[rank] = reply["host"]
             self.cpus[rank] = reply["cpus"]
 
-    def threads_for(self, rank: int, stage_ranks: list[int], requested: int) -> int:
-        """The requested thread count, or (0 = auto) the host's cores shared by its stages."""
+    def threads_for(self, rank: int, requested: int) -> int:
+        """The requested thread count, or (0 = auto) the host's cores shared by the computing ranks on it.
+
+        Two llama.cpp processes whose threads together exceed the cores slow each other down many
+        times over (their thread pools spin between graph nodes), so auto never oversubscribes.
+        """
         if requested:
             return requested
-        sharing = sum(1 for r in stage_ranks if self.hosts[r] == self.hosts[rank])
+        sharing = sum(1 for r in self.workers if self.hosts[r] == self.hosts[rank])
         return max(1, self.cpus[rank] // sharing)
 
     def expect(self, rank: int, kind: str, timeout_s: float | None = None) -> dict:
@@ -95,7 +99,7 @@ class Cluster:
             upstream = HEAD if index == 0 else stage_ranks[index - 1]
             downstream = HEAD if index == len(stage_ranks) - 1 else stage_ranks[index + 1]
             assignment = Assignment(index, shard.start, shard.end, plan.n_layer, shard, settings.n_ctx,
-                                    settings.n_batch, self.threads_for(rank, stage_ranks, settings.n_threads),
+                                    settings.n_batch, self.threads_for(rank, settings.n_threads),
                                     settings.n_seq_max, upstream,
                                     downstream, settings.cancellation)
             self.send_control(rank, {"type": "assign", "assignment": asdict(assignment)})
@@ -105,6 +109,20 @@ class Cluster:
                 self._send_file(rank, Path(plan.shards[index].path))
         for rank in stage_ranks:
             self.expect(rank, "ready", LOAD_TIMEOUT_S)
+
+    def load_draft(self, rank: int, path: Path, settings: StageSettings) -> None:
+        """Start the whole draft model on its own rank."""
+        from .models import file_sha256, read_model_info
+        from .shards import ShardFile
+
+        info = read_model_info(path)
+        shard = ShardFile(-1, 0, info.n_layer, str(path.resolve()), path.stat().st_size, file_sha256(path))
+        assignment = Assignment(-1, 0, info.n_layer, info.n_layer, shard, settings.n_ctx, settings.n_batch,
+                                self.threads_for(rank, settings.n_threads), 1, HEAD, HEAD, False, "draft")
+        self.send_control(rank, {"type": "assign", "assignment": asdict(assignment)})
+        if self._file_reply(rank)["type"] == "need-file":
+            self._send_file(rank, path)
+        self.expect(rank, "ready", LOAD_TIMEOUT_S)
 
     def _file_reply(self, rank: int) -> dict:
         message = wait(self.transport, [(rank, Tag.REPLY)], self.timeout_s)

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import dataclasses
+
 from .cluster import Cluster, StageSettings
+from .drafter import Drafter, LocalDraftClient, RemoteDraftClient
 from .decoding import Decoder, Generation
 from .errors import UserError
 from .executors import Executor, LocalExecutor, PipelineExecutor
@@ -25,11 +28,13 @@ from .models import ModelInfo, check_supported, read_model_info, resolve_model
 from .planning import split_layers
 from .sampling import SamplingConfig
 from .shards import shard_model
+from .specdecode import DraftClient, SpeculativeLoop, SpecSettings
 from .stats import RunStats, StageStats
 from .transport import Transport
 from .worker import peak_rss_bytes
 
-MODES = ("single", "pipeline")
+MODES = ("single", "pipeline", "speculative", "pipeinfer")
+SPECULATIVE_MODES = ("speculative", "pipeinfer")
 
 
 @dataclass(frozen=True)
@@ -45,10 +50,15 @@ class EngineSettings:
     timeout_s: float = 60.0
     shard_dir: Path | None = None
     verbose: bool = False
+    draft: Path | None = None
+    draft_in_head: bool = False  # draft in the head's process instead of a dedicated rank
+    spec: SpecSettings | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise UserError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
+        if self.mode in SPECULATIVE_MODES and self.draft is None:
+            raise UserError(f"mode {self.mode} needs a draft model (--draft FILE.gguf)")
         if self.n_ctx < 16:
             raise UserError(f"--ctx-size must be at least 16, got {self.n_ctx}")
         if self.n_batch < 1:
@@ -59,7 +69,8 @@ class Engine:
     """A loaded model ready to generate; owns the workers' lifetime in pipeline mode."""
 
     def __init__(self, settings: EngineSettings, info: ModelInfo, vocab: Vocab, executor: Executor,
-                 cluster: Cluster | None, stage_ranks: list[int], local_stage: Stage | None) -> None:
+                 cluster: Cluster | None, stage_ranks: list[int], local_stage: Stage | None,
+                 draft: DraftClient | None = None) -> None:
         self.settings = settings
         self.info = info
         self.vocab = vocab
@@ -67,12 +78,15 @@ class Engine:
         self.cluster = cluster
         self.stage_ranks = stage_ranks
         self._local_stage = local_stage
+        self.draft = draft
         self.decoder = Decoder(executor, settings.n_batch, settings.n_ctx)
 
     @staticmethod
     def start(settings: EngineSettings, transport: Transport | None = None) -> "Engine":
         info = read_model_info(resolve_model(settings.model))
         check_supported(info)
+        if settings.draft is not None:
+            check_draft(info, read_model_info(resolve_model(settings.draft)))
         if settings.mode == "single":
             return Engine._start_single(settings, info)
         if transport is None or transport.size < 2:
@@ -89,18 +103,25 @@ class Engine:
     @staticmethod
     def _start_pipeline(settings: EngineSettings, info: ModelInfo, transport: Transport) -> "Engine":
         cluster = Cluster(transport, settings.timeout_s)
-        stage_ranks = list(range(1, transport.size))
+        dedicated_draft = settings.mode in SPECULATIVE_MODES and not settings.draft_in_head
+        stage_ranks = list(range(1, transport.size - (1 if dedicated_draft else 0)))
+        if not stage_ranks:
+            raise UserError("no rank left for the target's stages (the draft takes the last rank)")
         weights = settings.weights or (1.0,) * len(stage_ranks)
         if len(weights) != len(stage_ranks):
             raise UserError(f"{len(weights)} stage weights for {len(stage_ranks)} stages")
         ranges = split_layers(info.n_layer, weights)
         cluster.greet()
         plan = shard_model(info, ranges, out_dir=settings.shard_dir, progress=_progress(settings.verbose))
-        stage_settings = StageSettings(settings.n_ctx, settings.n_batch, settings.n_threads, 1, False)
+        cancellation = settings.mode == "pipeinfer"
+        stage_settings = StageSettings(settings.n_ctx, settings.n_batch, settings.n_threads, 1, cancellation)
         cluster.load_stages(plan, stage_ranks, stage_settings)
+        draft: DraftClient | None = None
+        if settings.mode in SPECULATIVE_MODES:
+            draft = _start_draft(settings, cluster, stage_settings, dedicated_draft)
         vocab = Vocab(info.path)
         executor = PipelineExecutor(cluster, stage_ranks, settings.timeout_s)
-        return Engine(settings, info, vocab, executor, cluster, stage_ranks, None)
+        return Engine(settings, info, vocab, executor, cluster, stage_ranks, None, draft)
 
     # -- text ---------------------------------------------------------------------------------
 
@@ -128,9 +149,19 @@ class Engine:
         if self.cluster is not None:
             self.cluster.reset_stats()
         bytes_before = self._head_bytes()
-        generation = self.decoder.generate(tokens, max_tokens, sampling, self.vocab.is_end, on_token,
-                                           should_stop, keep_first_logits)
-        return generation, self._stats(generation, self._head_bytes() - bytes_before)
+        if self.draft is None:
+            generation = self.decoder.generate(tokens, max_tokens, sampling, self.vocab.is_end, on_token,
+                                               should_stop, keep_first_logits)
+            return generation, self._stats(generation, self._head_bytes() - bytes_before)
+        loop = SpeculativeLoop(self.executor, self.draft, self.settings.spec or SpecSettings(self.settings.mode),
+                               self.settings.n_batch, self.settings.timeout_s, self.decoder.new_run_id)
+        generation, kv_tokens = loop.generate(self.decoder.kv_tokens, tokens, max_tokens, sampling,
+                                              self.vocab.is_end, on_token, should_stop)
+        self.decoder.kv_tokens = kv_tokens
+        stats = self._stats(generation, self._head_bytes() - bytes_before)
+        c = loop.counters
+        return generation, dataclasses.replace(stats, drafted=c.drafted, accepted=c.confirmed,
+                                               runs_launched=c.runs_launched, runs_cancelled=c.runs_cancelled)
 
     def _head_bytes(self) -> int:
         return self.cluster.transport.bytes_sent if self.cluster is not None else 0
@@ -171,6 +202,28 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_draft(target: ModelInfo, draft: ModelInfo) -> None:
+    """Refuse a draft that cannot serve this target."""
+    check_supported(draft)
+    if draft.vocab_sha256 != target.vocab_sha256:
+        raise UserError(f"the draft {draft.path.name} has a different vocabulary from the target {target.path.name}")
+    if draft.size_bytes > target.size_bytes:
+        raise UserError(f"the draft {draft.path.name} ({draft.size_bytes / 1e6:.0f} MB) is larger than the "
+                        f"target {target.path.name} ({target.size_bytes / 1e6:.0f} MB)")
+
+
+def _start_draft(settings: EngineSettings, cluster: Cluster, stage_settings: StageSettings,
+                 dedicated: bool) -> DraftClient:
+    assert settings.draft is not None
+    if dedicated:
+        rank = cluster.transport.size - 1
+        cluster.load_draft(rank, resolve_model(settings.draft), stage_settings)
+        return RemoteDraftClient(cluster.transport, rank)
+    threads = settings.n_threads or 1
+    stage = Stage(StageConfig(resolve_model(settings.draft), True, True, settings.n_ctx, settings.n_batch, threads, 1))
+    return LocalDraftClient(Drafter(stage, settings.n_batch))
 
 
 def _default_threads(stages_here: int) -> int:

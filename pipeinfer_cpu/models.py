@@ -35,10 +35,7 @@ class ModelInfo:
     n_ctx_train: int
     size_bytes: int
     name: str
-
-    @property
-    def layer_prefix(self) -> str:
-        return "blk."
+    vocab_sha256: str  # hash of the token strings: a draft must match its target
 
 
 def default_model_path() -> Path:
@@ -75,17 +72,15 @@ def read_model_info(path: Path) -> ModelInfo:
     """Read a GGUF header; raise `ModelError` for anything that is not a complete GGUF model."""
     reader = open_gguf(path)
     arch = _field_str(reader, "general.architecture", path)
-    try:
-        n_layer = int(_field_scalar(reader, f"{arch}.block_count", path))
-        n_embd = int(_field_scalar(reader, f"{arch}.embedding_length", path))
-        n_ctx = int(_field_scalar(reader, f"{arch}.context_length", path))
-    except ModelError:
-        raise
+    n_layer = int(_field_scalar(reader, f"{arch}.block_count", path))
+    n_embd = int(_field_scalar(reader, f"{arch}.embedding_length", path))
+    n_ctx = int(_field_scalar(reader, f"{arch}.context_length", path))
     vocab_field = reader.fields.get("tokenizer.ggml.tokens")
     n_vocab = len(vocab_field.data) if vocab_field is not None else 0
     name_field = reader.fields.get("general.name")
     name = _decode(name_field) if name_field is not None else path.stem
-    return ModelInfo(path, arch, n_layer, n_embd, n_vocab, n_ctx, path.stat().st_size, name)
+    return ModelInfo(path, arch, n_layer, n_embd, n_vocab, n_ctx, path.stat().st_size, name,
+                     _vocab_hash(vocab_field))
 
 
 def check_supported(info: ModelInfo) -> None:
@@ -145,6 +140,14 @@ def _field_str(reader, key: str, path: Path) -> str:
 
 def _decode(field) -> str:
     return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+
+
+def _vocab_hash(field) -> str:
+    digest = hashlib.sha256()
+    for index in field.data if field is not None else ():
+        digest.update(bytes(field.parts[index]))
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:

@@ -23,6 +23,7 @@ class Tag(IntEnum):
     RUN = 12  # along the pipeline: RunMessage
     FILE = 13  # head -> worker: raw chunks of a shard file
     CANCEL = 14  # head -> every stage, directly: int64 run ids that became stale
+    DRAFT = 15  # head <-> draft rank: draft requests and replies
 
 
 class KvKind(IntEnum):

@@ -36,6 +36,8 @@ class Transport(Protocol):
 
     def poll(self, channels: Iterable[tuple[int, int]]) -> Message | None: ...
 
+    def pending(self, channels: Iterable[tuple[int, int]]) -> bool: ...
+
     def host_of(self, rank: int) -> str: ...
 
 
@@ -128,6 +130,15 @@ class MpiTransport:
             handle.Recv([buffer, self._mpi.BYTE])
             return Message(status.Get_source(), status.Get_tag(), buffer)
         return None
+
+    def pending(self, channels: Iterable[tuple[int, int]]) -> bool:
+        """True when a message waits on one of the channels (it is left there)."""
+        for source, tag in channels:
+            source = self._mpi.ANY_SOURCE if source == ANY else source
+            tag = self._mpi.ANY_TAG if tag == ANY else tag
+            if self._comm.Iprobe(source=source, tag=tag):
+                return True
+        return False
 
     def set_hosts(self, hosts: dict[int, str]) -> None:
         self._hosts = dict(hosts)

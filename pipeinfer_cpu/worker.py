@@ -21,6 +21,7 @@ import psutil
 
 from . import protocol as P
 from .llamacpp import Stage, StageConfig
+from .drafter import Drafter, serve_drafts
 from .kvcache import apply_kv_ops
 from .protocol import HEAD, Output, RunMessage, Tag
 from .shards import ShardFile, atomic_output, check_readable, default_cache_dir, verify_shard
@@ -46,6 +47,7 @@ class Assignment:
     upstream: int
     downstream: int
     cancellation: bool
+    role: str = "stage"  # "stage" (a layer range of the target) or "draft" (the whole draft model)
 
     @staticmethod
     def from_json(data: dict) -> "Assignment":
@@ -104,7 +106,10 @@ def worker_main(transport: Transport) -> int:
                                   assignment.n_ctx, assignment.n_batch, assignment.n_threads,
                                   assignment.n_seq_max))
         send_json(transport, HEAD, Tag.REPLY, {"type": "ready", "rss": peak_rss_bytes()})
-        StageLoop(transport, stage, assignment).serve()
+        if assignment.role == "draft":
+            serve_drafts(transport, Drafter(stage, assignment.n_batch))
+        else:
+            StageLoop(transport, stage, assignment).serve()
         stage.close()
         return 0
     except Exception as exc:  # report any failure to the head, which tells the user and stops the job

@@ -1,0 +1,222 @@
+"""Speculative decoding loops of the head: `speculative` (synchronous) and `pipeinfer` (asynchronous).
+
+Both drive the same `Chain` state machine; they differ only in when runs are launched:
+
+- speculative: draft k tokens, send [last decided token + draft] as one run, wait for its result,
+  verify, repeat. The draft and the target never work at the same time.
+- pipeinfer: continuous asynchronous speculation. Decided tokens are fed at once; while fewer than
+  `max_inflight` runs are in flight and no result is waiting, the draft keeps extending the fed
+  chain and each continuation is launched as a speculative run. Results are verified in order;
+  a wrong guess cancels every later run on every stage at once (early inference cancellation).
+
+Verification is sampled-token matching: the target chooses each token exactly as it would alone
+(argmax, or a sample drawing one uniform per position from the seeded stream), and a draft token
+is accepted iff it equals that choice. The output is therefore the target's own output for the
+seed, whatever the draft, the timing or the cancellations, which makes it lossless and testable.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .decoding import Generation
+from .drafter import DraftReply, DraftRequest
+from .errors import ClusterError
+from .executors import Executor, RunResult
+from .protocol import Output, RunMessage
+from .sampling import SamplingConfig, make_rng, sample
+from .speculation import COMMITTED_SEQ, Chain, DraftPolicy, Launch
+from .transport import Backoff
+
+
+@dataclass(frozen=True)
+class SpecSettings:
+    mode: str  # "speculative" or "pipeinfer"
+    draft_max: int = 8
+    max_inflight: int = 4
+    p_accept: float = 0.4
+    p_recovery: float = 0.05
+    p_decay: float = 0.02
+    adaptive: bool = True
+
+
+@dataclass
+class SpecCounters:
+    drafted: int = 0
+    confirmed: int = 0
+    runs_launched: int = 0
+    runs_cancelled: int = 0
+
+
+class DraftClient:
+    def request(self, request: DraftRequest) -> None: ...
+
+    def poll(self) -> DraftReply | None: ...
+
+
+class SpeculativeLoop:
+    """One speculative request, from prompt to the last token."""
+
+    def __init__(self, executor: Executor, draft: DraftClient, settings: SpecSettings, n_batch: int,
+                 timeout_s: float, new_run_id: Callable[[], int]) -> None:
+        self.executor = executor
+        self.draft = draft
+        self.settings = settings
+        self.n_batch = n_batch
+        self.timeout_s = timeout_s
+        self.new_run_id = new_run_id
+        self.policy = DraftPolicy(settings.draft_max, settings.p_accept, settings.p_recovery, settings.p_decay)
+        self.counters = SpecCounters()
+        self._draft_sent: tuple[int, int, int] | None = None  # (request id, epoch, base)
+        self._draft_ids = 0
+
+    def generate(self, committed: list[int], prompt: list[int], max_tokens: int, sampling: SamplingConfig,
+                 is_end: Callable[[int], bool], on_token: Callable[[int], None],
+                 should_stop: Callable[[], bool]) -> tuple[Generation, list[int]]:
+        """Generate; returns the generation and the tokens left in the stages' KV cache."""
+        chain = Chain.for_prompt(committed, prompt, len(committed) + len(prompt) + max_tokens, self.new_run_id)
+        rng = make_rng(sampling)
+        output = Output.ARGMAX if sampling.greedy else Output.LOGITS
+        record = _Record(time.perf_counter())
+        last_progress = time.perf_counter()
+        while not chain.done and record.stopped_by == "length":
+            progressed = self._launch_what_is_due(chain, output)
+            result = self._next_result(chain)
+            if result is not None:
+                progressed = True
+                verdict = chain.on_result(result.run_id, lambda row: _choose(result, row, sampling, rng))
+                if verdict is not None:
+                    self._account(verdict)
+                    record.emit(verdict.decided, on_token, is_end, should_stop)
+            if progressed:
+                last_progress = time.perf_counter()
+            elif time.perf_counter() - last_progress > self.timeout_s:
+                raise ClusterError(f"no result from the pipeline or the draft within {self.timeout_s:.0f} s")
+            else:
+                time.sleep(0.00005)
+        self._finish(chain)
+        return record.generation(prompt), list(chain.fed)
+
+    def _next_result(self, chain: Chain) -> RunResult | None:
+        if self.settings.mode == "speculative":
+            return self.executor.wait() if chain.inflight else None
+        return self.executor.poll()
+
+    # -- launching ----------------------------------------------------------------------------
+
+    def _launch_what_is_due(self, chain: Chain, output: Output) -> bool:
+        launched = False
+        if self.settings.mode == "speculative":
+            if not chain.inflight:
+                launched = self._speculative_step(chain, output)
+            return launched
+        while chain.needs_feed():
+            self._send(chain.feed_decided(self.n_batch), output)
+            launched = True
+        reply = self.draft.poll()
+        if reply is not None and self._draft_sent and reply.request_id == self._draft_sent[0]:
+            _, epoch, base = self._draft_sent
+            self._draft_sent = None
+            launch = chain.speculate(list(reply.tokens), epoch, base)
+            if launch is not None:
+                self._send(launch, output)
+                launched = True
+        if self._wants_draft(chain):
+            self._ask_draft(chain, list(chain.fed))
+        return launched
+
+    def _wants_draft(self, chain: Chain) -> bool:
+        stale = self._draft_sent is not None and self._draft_sent[1] != chain.epoch
+        idle = self._draft_sent is None or stale
+        return (idle and not chain.needs_feed() and len(chain.inflight) < self.settings.max_inflight
+                and len(chain.fed) < chain.limit and not chain.done)
+
+    def _ask_draft(self, chain: Chain, context: list[int]) -> None:
+        self._draft_ids += 1
+        length = self.policy.run_length() if self.settings.adaptive else self.settings.draft_max
+        self.draft.request(DraftRequest(self._draft_ids, tuple(context), length, self.policy.p_accept))
+        self._draft_sent = (self._draft_ids, chain.epoch, len(chain.fed))
+
+    def _speculative_step(self, chain: Chain, output: Output) -> bool:
+        """Synchronous speculation: feed the prompt, or draft (waiting for it) and send one run."""
+        if len(chain.accepted) - len(chain.fed) > 1:  # the prompt
+            while chain.needs_feed() and not chain.inflight:
+                self._send(chain.feed_decided(self.n_batch), output)
+            return True
+        self._ask_draft(chain, list(chain.accepted))
+        reply = self._wait_draft()
+        self._draft_sent = None
+        self._send(chain.feed_with_draft(list(reply.tokens)), output)
+        return True
+
+    def _send(self, launch: Launch, output: Output) -> None:
+        self.counters.runs_launched += 1
+        self.counters.drafted += launch.n_draft
+        positions = tuple(range(launch.start, launch.start + len(launch.tokens)))
+        self.executor.launch(RunMessage(launch.run_id, positions, ((COMMITTED_SEQ,),) * len(positions),
+                                        launch.tokens, launch.outputs, launch.kv_ops, output))
+
+    def _account(self, verdict) -> None:
+        self.counters.confirmed += verdict.confirmed
+        if verdict.cancelled:
+            self.counters.runs_cancelled += len(verdict.cancelled)
+            self.executor.cancel(list(verdict.cancelled))
+        drafted = verdict.confirmed + (1 if verdict.rejected else 0)
+        self.policy.observe(verdict.confirmed, drafted, verdict.rejected)
+
+    def _finish(self, chain: Chain) -> None:
+        cancelled, ops = chain.finish()
+        if cancelled:
+            self.counters.runs_cancelled += len(cancelled)
+            self.executor.cancel(list(cancelled))
+        if ops:
+            self.executor.launch(RunMessage(self.new_run_id(), kv_ops=ops))
+
+    # -- waiting ------------------------------------------------------------------------------
+
+    def _wait_draft(self) -> DraftReply:
+        deadline = time.perf_counter() + self.timeout_s
+        backoff = Backoff(fast_s=0.00005)
+        while time.perf_counter() < deadline:
+            reply = self.draft.poll()
+            if reply is not None and self._draft_sent and reply.request_id == self._draft_sent[0]:
+                return reply
+            backoff.sleep()
+        raise ClusterError(f"the draft rank did not answer within {self.timeout_s:.0f} s")
+
+
+@dataclass
+class _Record:
+    """Decided tokens and their times, and why generation stopped."""
+
+    started: float
+    tokens: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    stopped_by: str = "length"
+
+    def emit(self, decided, on_token, is_end, should_stop) -> None:
+        for token in decided:
+            self.tokens.append(token)
+            self.times.append(time.perf_counter() - self.started)
+            on_token(token)
+            if is_end(token):
+                self.stopped_by = "eos"
+                return
+        if decided and should_stop():
+            self.stopped_by = "interrupt"
+
+    def generation(self, prompt: list[int]) -> Generation:
+        prefill_s = self.times[0] if self.times else time.perf_counter() - self.started
+        return Generation(tuple(prompt), tuple(self.tokens), prefill_s, tuple(self.times), None, self.stopped_by)
+
+
+def _choose(result: RunResult, row: int, sampling: SamplingConfig, rng: np.random.Generator) -> int:
+    """The target's token for an output row; one uniform per decided position, as in plain decoding."""
+    if result.output_kind == Output.ARGMAX:
+        rng.random()
+        return int(result.payload[row])
+    return sample(result.payload[row], sampling, rng)

@@ -1,0 +1,118 @@
+"""An MPI program for tests: pipeinfer under forced acceptance patterns and cancellations.
+
+Run as `mpiexec -n 4 python spec_stress.py TARGET DRAFT OUT.json` (head, 2 target stages, draft rank).
+The head replaces the real draft with a scripted one that knows the target's own greedy
+continuation and guesses right or wrong at random, so every acceptance pattern can be forced.
+It checks, after every request, that the output equals the target alone and that every stage's
+KV cache holds exactly the committed tokens.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipeinfer_cpu.decoding import Decoder
+from pipeinfer_cpu.drafter import DraftReply, DraftRequest
+from pipeinfer_cpu.engine import Engine, EngineSettings
+from pipeinfer_cpu.executors import LocalExecutor
+from pipeinfer_cpu.llamacpp import Stage, StageConfig
+from pipeinfer_cpu.sampling import SamplingConfig
+from pipeinfer_cpu.specdecode import SpecSettings
+from pipeinfer_cpu.transport import MpiTransport
+from pipeinfer_cpu.worker import worker_main
+
+GREEDY = SamplingConfig()
+
+
+class ScriptedDraft:
+    """Proposes the target's true next tokens with probability p_right, wrong ones otherwise."""
+
+    def __init__(self, truth: list[int], rng: np.random.Generator, p_right: float, length: int) -> None:
+        self.truth, self.rng, self.p_right, self.length = truth, rng, p_right, length
+        self._reply = None
+
+    def request(self, request: DraftRequest) -> None:
+        context = list(request.context)
+        on_track = context == self.truth[:len(context)]
+        tokens = []
+        for i in range(self.length):
+            position = len(context) + i
+            right = on_track and position < len(self.truth) and self.rng.random() < self.p_right
+            tokens.append(self.truth[position] if right else int(self.rng.integers(1000, 2000)))
+        self._reply = DraftReply(request.request_id, tuple(tokens), (1.0,) * len(tokens))
+
+    def poll(self):
+        reply, self._reply = self._reply, None
+        return reply
+
+
+def kv_ok(engine: Engine) -> bool:
+    expected = len(engine.decoder.kv_tokens) - 1
+    return all(engine.cluster.kv_usage(rank, [0])[0][1] == expected for rank in engine.stage_ranks)
+
+
+def main() -> None:
+    target, draft, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    transport = MpiTransport()
+    if transport.rank != 0:
+        sys.exit(worker_main(transport))
+    settings = EngineSettings(model=target, mode="pipeinfer", draft=draft, n_ctx=2048, timeout_s=60,
+                              spec=SpecSettings("pipeinfer", draft_max=8, max_inflight=4, adaptive=False))
+    engine = Engine.start(settings, transport)
+    reference = Decoder(LocalExecutor(Stage(StageConfig(target, True, True, 2048, 256, 1, 1))), 256, 2048)
+    prompt = engine.encode("Write a long story about a lighthouse keeper.", chat=True)
+    truth = list(prompt) + list(reference.generate(prompt, 40, GREEDY, lambda t: False).tokens)
+    results = {"patterns": 0, "pattern_failures": [], "kv_failures": 0, "cancelled_during": 0,
+               "cancelled_before": 0, "continuation_ok": True, "generated": 0}
+    real_draft = engine.draft
+
+    # 200 random acceptance patterns: each request forces a different mix of right and wrong guesses.
+    for pattern in range(200):
+        rng = np.random.default_rng(pattern)
+        engine.draft = ScriptedDraft(truth, rng, p_right=float(rng.uniform(0, 1)), length=int(rng.integers(1, 9)))
+        engine.decoder.reset()
+        generation, _ = engine.generate(list(prompt), 24, GREEDY)
+        results["patterns"] += 1
+        if list(generation.tokens) != truth[len(prompt):len(prompt) + len(generation.tokens)]:
+            results["pattern_failures"].append(pattern)
+        results["kv_failures"] += 0 if kv_ok(engine) else 1
+
+    # Forced cancellations: long runs whose first guess is wrong, so they are cancelled while
+    # the stages are still busy with them.
+    for attempt in range(12):
+        engine.draft = ScriptedDraft(truth, np.random.default_rng(1000 + attempt), p_right=0.0, length=64)
+        engine.decoder.reset()
+        _, stats = engine.generate(list(prompt), 8, GREEDY)
+        results["cancelled_during"] += sum(s.runs_cancelled_during for s in stats.stages)
+        results["cancelled_before"] += sum(s.runs_cancelled_before for s in stats.stages)
+        results["kv_failures"] += 0 if kv_ok(engine) else 1
+
+    # 500 tokens with the real draft, as several continued requests, mirrored on the target alone.
+    engine.draft = real_draft
+    engine.decoder.reset()
+    reference.reset()
+    turns = ["Tell me about the sea.", "Now about mountains.", "And about rivers, at length.",
+             "Summarise everything.", "Write a poem about it.", "Now a longer one.", "Explain it."]
+    pending: list[int] = []
+    turn = 0
+    while results["generated"] < 500:
+        new = pending + engine.encode(turns[turn % len(turns)], chat=True)
+        want = min(128, 500 - results["generated"])
+        generation, _ = engine.generate(new, want, GREEDY)
+        expected = reference.generate(new, want, GREEDY, engine.vocab.is_end)
+        results["continuation_ok"] &= list(generation.tokens) == list(expected.tokens)
+        results["kv_failures"] += 0 if kv_ok(engine) else 1
+        results["generated"] += len(generation.tokens)
+        pending = [generation.tokens[-1]]
+        turn += 1
+    results["kv_tokens"] = len(engine.decoder.kv_tokens)
+    results["kv_usage"] = {rank: engine.cluster.kv_usage(rank, [0])[0] for rank in engine.stage_ranks}
+    engine.close()
+    out.write_text(json.dumps(results))
+    transport.finalize()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""speculative and pipeinfer on real MPI ranks with a real draft: lossless, reproducible, leak-free.
+
+The real pair: target = the default model (Q4_1), draft = its Q4_0 re-quantisation made with
+llama.cpp's quantiser. Layout: head + 2 target stages + 1 dedicated draft rank.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, read_json
+
+PROMPTS = ["Write a Python function that checks whether a number is prime.",
+           "Explain in two sentences why the sky is blue.",
+           "Tell me a short story about a brave mouse."]
+
+
+@pytest.fixture(scope="session")
+def draft(tmp_path_factory, default_model) -> Path:
+    from pipeinfer_cpu.llamacpp import requantize_q4_0
+
+    path = tmp_path_factory.mktemp("pair") / "SmolLM2-135M-Instruct.Q4_0.gguf"
+    requantize_q4_0(default_model, path)
+    return path
+
+
+def generate(cli, tmp_path, prompt, *args, n=128):
+    stats = tmp_path / f"stats-{abs(hash(args))}.json"
+    done = cli("run", "--hostfile", "hosts/local.txt", "--chat-template", "-p", prompt, "-n", str(n),
+               "--stats-json", str(stats), *args)
+    assert done.returncode == 0, done.stderr
+    return read_json(stats)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_speculative_and_pipeinfer_equal_single(cli, tmp_path, draft, prompt):
+    expected = generate(cli, tmp_path, prompt, "--mode", "single", "-t", "1")["tokens"]
+    for mode in ("speculative", "pipeinfer"):
+        stats = generate(cli, tmp_path, prompt, "--mode", mode, "--stages", "2", "--draft", str(draft))
+        assert stats["tokens"] == expected, mode
+        assert stats["drafted"] > 0 and 0 < stats["accepted"] <= stats["drafted"]
+        assert [s["layers"] for s in stats["stages"]] == [[0, 15], [15, 30]]
+
+
+def test_seeded_sampling_is_reproducible_and_is_the_targets_own(cli, tmp_path, draft):
+    sampling = ("--temp", "0.9", "--top-k", "50", "--seed", "11")
+    runs = [generate(cli, tmp_path, PROMPTS[2], "--mode", "pipeinfer", "--stages", "2", "--draft", str(draft),
+                     *sampling, n=64) for _ in range(2)]
+    single = generate(cli, tmp_path, PROMPTS[2], "--mode", "single", *sampling, n=64)
+    speculative = generate(cli, tmp_path, PROMPTS[2], "--mode", "speculative", "--stages", "2", "--draft",
+                           str(draft), *sampling, n=64)
+    assert runs[0]["tokens"] == runs[1]["tokens"] == single["tokens"] == speculative["tokens"]
+
+
+def test_forced_patterns_cancellation_and_no_kv_leaks(tmp_path, default_model, draft, cache_dir):
+    """200 random acceptance patterns, forced mid-compute cancellations, 500 continued tokens."""
+    out = tmp_path / "stress.json"
+    env = dict(os.environ, PIPEINFER_CACHE=str(cache_dir))
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    program = REPO / "tests" / "mpi_programs" / "spec_stress.py"
+    done = subprocess.run([str(mpiexec), "-n", "4", sys.executable, str(program), str(default_model), str(draft),
+                           str(out)], capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["patterns"] == 200 and results["pattern_failures"] == []
+    assert results["cancelled_during"] > 0  # aborted inside llama_decode on some stage
+    assert results["kv_failures"] == 0
+    assert results["continuation_ok"] and results["generated"] >= 500
+    assert all(usage == [0, results["kv_tokens"] - 1] for usage in results["kv_usage"].values())
+
+
+def _tiny_llama_with_other_vocab(path: Path) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_context_length(64)
+    writer.add_token_list([f"tok{i}" for i in range(16)])
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("vocab", "different vocabulary"),
+    ("larger", "is larger than the target"),
+    ("draft-max", "--draft-max must be at least 1"),
+    ("no-draft", "needs a draft model"),
+    ("inflight", "do not fit"),
+])
+def test_bad_speculation_input(cli, tmp_path, draft, default_model, case, fragment):
+    from test_bad_input import assert_clean_failure
+
+    base = ("run", "--hostfile", "hosts/local.txt", "-p", "Hi", "-n", "4", "--mode", "pipeinfer")
+    args = {
+        "vocab": ("--draft", str(_tiny_llama_with_other_vocab(tmp_path / "other.gguf"))),
+        "larger": ("--model", str(draft), "--draft", str(default_model)),
+        "draft-max": ("--draft", str(draft), "--draft-max", "0"),
+        "no-draft": (),
+        "inflight": ("--draft", str(draft), "--max-inflight", "64", "--draft-max", "32", "-c", "512"),
+    }[case]
+    assert_clean_failure(cli(*base, *args), fragment)
