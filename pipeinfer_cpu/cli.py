@@ -7,12 +7,16 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .errors import PipeinferError, UserError
 from .hostfile import Host, parse_hostfile
 from .transport import under_mpi
+
+if TYPE_CHECKING:
+    from .engine import EngineSettings
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -24,7 +28,7 @@ def friendly_errors(command):
     """Show our errors as one line on stderr (a traceback only with --debug)."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        debug = kwargs.get("debug", False) or bool(os.environ.get("PIPEINFER_DEBUG"))
+        debug = kwargs.get("debug", False) or "--debug" in sys.argv or bool(os.environ.get("PIPEINFER_DEBUG"))
         try:
             return command(*args, **kwargs)
         except PipeinferError as exc:
@@ -69,6 +73,7 @@ def main() -> None:
 # -- shared options -----------------------------------------------------------------------------
 
 def engine_options(command):
+    """Add the options that say how the model runs; the command receives them as `setup: Setup`."""
     options = [
         click.option("--hostfile", type=click.Path(path_type=Path), help="Machines, one stage per line (MPICH/Open MPI syntax)."),
         click.option("--model", "-m", type=click.Path(path_type=Path), help="GGUF model (default: the embedded SmolLM2-135M-Instruct Q4_1)."),
@@ -76,7 +81,7 @@ def engine_options(command):
                      default="pipeline", show_default=True),
         click.option("--stages", type=int, help="Pipeline stages (default: one per hostfile line)."),
         click.option("--weights", help="Comma-separated layer-split weights, one per stage (default: the hostfile's)."),
-        click.option("--threads", "-t", type=int, default=0, help="Threads per stage (0: the host's cores shared by its stages)."),
+        click.option("--threads", "-t", type=int, default=0, help="Threads per rank (0: the host's cores shared by its ranks)."),
         click.option("--ctx-size", "-c", "n_ctx", type=int, default=2048, show_default=True),
         click.option("--batch-size", "-b", "n_batch", type=int, default=256, show_default=True),
         click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True, help="Seconds to wait for any rank before giving up."),
@@ -95,21 +100,70 @@ def engine_options(command):
         click.option("--verbose", "-v", is_flag=True, help="Say what is being set up."),
         click.option("--debug", is_flag=True, help="Tracebacks and mpiexec's own output on errors."),
     ]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        keys = ("hostfile", "model", "mode", "stages", "weights", "threads", "n_ctx", "n_batch", "timeout_s",
+                "shard_dir", "draft", "draft_ranks", "draft_host", "draft_max", "max_inflight", "p_accept",
+                "p_recovery", "p_decay", "adaptive", "verbose")
+        engine = {key: kwargs.pop(key) for key in keys}
+        return command(setup=make_setup(debug=kwargs.pop("debug"), **engine), **kwargs)
+
     for option in reversed(options):
-        command = option(command)
-    return command
+        wrapper = option(wrapper)
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything the engine options say: how the model runs and where."""
+
+    settings: "EngineSettings"
+    topology: "Topology"
+    debug: bool
+
+    def start_job(self, argv: list[str], stdin=None) -> int:
+        """Outside MPI: check what can be checked here, then re-run `argv` as the MPI job."""
+        import subprocess
+
+        from .launcher import launch
+
+        preflight(self.settings, self.topology)
+        return launch(self.topology.placement, argv, self.debug, stdin if stdin is not None else subprocess.DEVNULL)
+
+
+def make_setup(hostfile, model, mode, stages, weights, threads, n_ctx, n_batch, timeout_s, shard_dir, draft,
+               draft_ranks, draft_host, draft_max, max_inflight, p_accept, p_recovery, p_decay, adaptive,
+               verbose, debug) -> Setup:
+    topo = speculative_topology(hostfile, stages, weights, mode, draft, draft_ranks, draft_host)
+    settings = engine_settings(model, mode, topo.weights, threads, n_ctx, n_batch, timeout_s, shard_dir, verbose,
+                               draft, draft_ranks, draft_max, max_inflight, p_accept, p_recovery, p_decay, adaptive)
+    return Setup(settings, topo, debug)
 
 
 def sampling_options(command):
+    """Add the sampling options; the command receives them as `sampling: SamplingConfig`."""
     options = [
         click.option("--temp", "temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
         click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
         click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off."),
         click.option("--seed", "-s", type=int, default=0, show_default=True),
     ]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        from .sampling import SamplingConfig
+
+        values = {key: kwargs.pop(key) for key in ("temperature", "top_k", "top_p", "seed")}
+        try:
+            sampling = SamplingConfig(**values)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        return command(sampling=sampling, **kwargs)
+
     for option in reversed(options):
-        command = option(command)
-    return command
+        wrapper = option(wrapper)
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -161,7 +215,7 @@ def engine_settings(model, mode, weights, threads, n_ctx, n_batch, timeout_s, sh
         raise UserError(f"--draft-max must be at least 1, got {draft_max}")
     if max_inflight < 1:
         raise UserError(f"--max-inflight must be at least 1, got {max_inflight}")
-    if max_inflight * draft_max >= n_ctx // 2:
+    if mode in ("speculative", "pipeinfer") and max_inflight * draft_max >= n_ctx // 2:
         raise UserError(f"--max-inflight {max_inflight} runs of --draft-max {draft_max} tokens do not fit "
                         f"beside a prompt in the context (--ctx-size {n_ctx})")
     for name, value in (("--p-accept", p_accept), ("--p-recovery", p_recovery), ("--p-decay", p_decay)):
@@ -211,6 +265,7 @@ def read_prompts(prompt: str | None, prompt_file: Path | None, prompts_file: Pat
 # -- run ------------------------------------------------------------------------------------------
 
 @main.command()
+@friendly_errors
 @engine_options
 @sampling_options
 @click.option("--prompt", "-p", help="Prompt text.")
@@ -221,31 +276,18 @@ def read_prompts(prompt: str | None, prompt_file: Path | None, prompts_file: Pat
 @click.option("--system", help="System message (with --chat-template).")
 @click.option("--stats-json", type=click.Path(path_type=Path), help="Write the statistics (and token ids) as JSON.")
 @click.option("--save-logits", type=click.Path(path_type=Path), help="Save the logits of the last prompt token (.npy).")
-@friendly_errors
-def run(hostfile, model, mode, stages, weights, threads, n_ctx, n_batch, timeout_s, shard_dir, draft, draft_ranks,
-        draft_host, draft_max, max_inflight, p_accept, p_recovery, p_decay, adaptive, verbose, debug, temperature, top_k, top_p, seed, prompt, prompt_file, prompts_file, max_tokens, chat_template, system, stats_json,
+def run(setup: Setup, sampling, prompt, prompt_file, prompts_file, max_tokens, chat_template, system, stats_json,
         save_logits):
     """Generate text from a prompt, streaming it to stdout."""
     from .runner import GenerateRequest, run_job
-    from .sampling import SamplingConfig
 
-    topo = speculative_topology(hostfile, stages, weights, mode, draft, draft_ranks, draft_host)
-    settings = engine_settings(model, mode, topo.weights, threads, n_ctx, n_batch, timeout_s, shard_dir, verbose,
-                               draft, draft_ranks, draft_max, max_inflight, p_accept, p_recovery, p_decay, adaptive)
-    try:
-        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
     if max_tokens < 1:
         raise UserError(f"-n must be at least 1, got {max_tokens}")
-    request = GenerateRequest(read_prompts(prompt, prompt_file, prompts_file), max_tokens, sampling, chat_template, system,
-                              stats_json, save_logits)
-    if under_mpi() or mode == "single":
-        sys.exit(run_job(settings, request, debug))
-    preflight(settings, topo)
-    from .launcher import launch
-
-    sys.exit(launch(topo.placement, sys.argv[1:], debug))
+    prompts = read_prompts(prompt, prompt_file, prompts_file)
+    request = GenerateRequest(prompts, max_tokens, sampling, chat_template, system, stats_json, save_logits)
+    if under_mpi() or setup.settings.mode == "single":
+        sys.exit(run_job(setup.settings, request, setup.debug))
+    sys.exit(setup.start_job(sys.argv[1:]))
 
 
 # -- shard ----------------------------------------------------------------------------------------
