@@ -406,3 +406,22 @@ class _prompts_path:
 
     def __exit__(self, *exc) -> None:
         self._dir.cleanup()
+
+
+# -- chat -----------------------------------------------------------------------------------------
+
+@main.command()
+@friendly_errors
+@engine_options
+@sampling_options
+@click.option("--system", help="System message for the conversation.")
+@click.option("--transcript", type=click.Path(path_type=Path), help="Append every completed turn to this file (JSON lines).")
+@click.option("--n-predict", "-n", "max_tokens", type=int, default=512, show_default=True, help="Longest answer, in tokens.")
+@click.option("--serve", is_flag=True, hidden=True, help="Internal: the MPI job's head speaks JSON lines on stdio.")
+def chat(setup: Setup, sampling, system, transcript, max_tokens, serve):
+    """Talk to the model in the terminal; the cluster stays up between turns."""
+    from .chatui import ChatOptions, run_chat
+
+    if max_tokens < 1:
+        raise UserError(f"-n must be at least 1, got {max_tokens}")
+    sys.exit(run_chat(setup, ChatOptions(system, transcript, max_tokens, sampling), sys.argv[1:]))

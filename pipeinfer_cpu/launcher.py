@@ -97,17 +97,32 @@ def mpiexec_command(mpi: MpiExec, placement: tuple[str, ...], machinefile: Path,
 
 def launch(placement: tuple[str, ...], argv: list[str], debug: bool, stdin=subprocess.DEVNULL) -> int:
     """Run `pipeinfer-cpu <argv>` as an MPI job with rank i on placement[i]; return its exit code."""
+    with tempfile.TemporaryDirectory(prefix="pipeinfer-") as tmp:
+        process = start(placement, argv, Path(tmp), stdin=stdin)
+        return _supervise(process, debug)
+
+
+def start(placement: tuple[str, ...], argv: list[str], tmp: Path, stdin=subprocess.DEVNULL,
+          stdout=None) -> subprocess.Popen:
+    """Start the MPI job and return at once (stderr is a text pipe: filter it with `stderr_lines`).
+
+    The job runs in its own session, so a Ctrl-C at the terminal reaches only this process, which
+    decides what to do with it. `tmp` must outlive the job (it holds the machinefile).
+    """
     mpi = find_mpiexec()
     check_hosts(placement)
-    with tempfile.TemporaryDirectory(prefix="pipeinfer-") as tmp:
-        machinefile = Path(tmp) / "machinefile"
-        lines = placement if mpi.flavour == "openmpi" else machinefile_lines(placement)
-        machinefile.write_text("\n".join(lines) + "\n")
-        command = mpiexec_command(mpi, placement, machinefile, argv)
-        env = dict(os.environ, **{LAUNCHED_ENV: "1"})
-        process = subprocess.Popen(command, env=env, stdin=stdin, stderr=subprocess.PIPE, text=True,
-                                   start_new_session=True)
-        return _supervise(process, debug)
+    machinefile = tmp / "machinefile"
+    lines = placement if mpi.flavour == "openmpi" else machinefile_lines(placement)
+    machinefile.write_text("\n".join(lines) + "\n")
+    command = mpiexec_command(mpi, placement, machinefile, argv)
+    env = dict(os.environ, **{LAUNCHED_ENV: "1"})
+    return subprocess.Popen(command, env=env, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def is_mpi_noise(line: str) -> bool:
+    """mpiexec's own banners and abort notices (shown only with --debug)."""
+    return line.startswith(_MPI_NOISE)
 
 
 def _supervise(process: subprocess.Popen, debug: bool) -> int:
@@ -123,7 +138,7 @@ def _supervise(process: subprocess.Popen, debug: bool) -> int:
     try:
         assert process.stderr is not None
         for line in process.stderr:
-            if debug or not line.startswith(_MPI_NOISE):
+            if debug or not is_mpi_noise(line):
                 sys.stderr.write(line)
                 sys.stderr.flush()
             elif "EXIT STRING" in line or "signal" in line.lower():
