@@ -271,6 +271,29 @@ def reproduce(arch: str, target: float, out_dir: str, train_epochs: int, finetun
     click.echo(f"{arch}: baseline {res['baseline']['test_acc']:.2f}%; after fine-tuning: {rows}")
 
 
+@compress_group.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--onnx-dir", type=click.Path(file_okay=False), required=True)
+@click.option("--json-out", type=click.Path(dir_okay=False), required=True)
+@click.option("--md-out", type=click.Path(dir_okay=False), required=True)
+@click.option("--rounds", type=int, default=5, show_default=True,
+              help="Interleaved rounds over all models; the median of the rounds is reported.")
+@click.option("--runs", type=int, default=200, show_default=True, help="Timed runs per round.")
+@click.option("--no-int8", is_flag=True, help="Skip the int8 quantisation of the GNN+RL model.")
+@_data_option
+def report(run_dirs: tuple[str, ...], onnx_dir: str, json_out: str, md_out: str, rounds: int, runs: int,
+           no_int8: bool, data_root: str | None) -> None:
+    """Measure finished runs on this machine (ONNX parity, accuracy, latency) and write the table."""
+    from compress.report import measure_run, write_report
+
+    measured = []
+    for run_dir in run_dirs:
+        measured.append(measure_run(run_dir, onnx_dir, data_root, rounds, runs, int8=not no_int8))
+        click.echo(f"measured {run_dir}")
+    write_report(measured, json_out, md_out)
+    click.echo(Path(md_out).read_text())
+
+
 def main() -> None:
     compress_group(prog_name="compress")
 

@@ -126,8 +126,11 @@ def plot_curves(results: dict[str, SearchResult], png_path: str | Path, title: s
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, res in results.items():
+        if len(res.rewards) == 1:  # deterministic baseline: one evaluation, drawn as a level
+            ax.axhline(res.rewards[0], linestyle="--", color="gray", label=f"{name} (single policy)")
+            continue
         xs = range(1, len(res.rewards) + 1)
-        line, = ax.plot(xs, res.best_so_far, label=f"{name} (best)")
+        line, = ax.plot(xs, res.best_so_far, label=f"{name} (best so far)")
         ax.scatter(xs, res.rewards, s=6, alpha=0.4, color=line.get_color())
     ax.set_xlabel("episode")
     ax.set_ylabel("held-out accuracy after BN recalibration (%)")
