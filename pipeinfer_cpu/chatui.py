@@ -1,0 +1,536 @@
+"""`pipeinfer-cpu chat`: the terminal front end, and how it reaches the model.
+
+Three ways it runs:
+- inside the MPI job: workers serve their stage; the head (rank 0, `--serve`) answers JSON-line
+  requests on stdin with JSON-line events on stdout (chat.serve_json_lines);
+- `--mode single` (or a job started with your own mpiexec, without `--serve`): the ChatServer in
+  this process, no JSON at all;
+- otherwise: this process starts the MPI job (in its own session, so Ctrl-C at the terminal
+  reaches only us), talks JSON lines to its head and forwards its stderr minus mpiexec's noise.
+
+The front end reads one turn per line: with prompt_toolkit's line editing and history on a
+terminal, plainly otherwise (answers on stdout, messages on stderr: scriptable).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+from .chat import (ChatServer, Conversation, LineReader, ServerSettings, conversation_from_json,
+                   conversation_to_json, json_line_writer, serve_json_lines)
+from .errors import UserError
+from .sampling import SamplingConfig
+from .stats import RunStats
+from .transport import under_mpi
+
+HELP = """commands:
+  /help          this list
+  /stats         speed of the last answer: tokens/s, ITL, acceptance, prefill and load per stage
+  /reset         forget the conversation (the system message stays)
+  /save FILE     write the conversation as JSON
+  /load FILE     continue a conversation saved with /save
+  /system TEXT   set the system message (no TEXT: show it)
+  /quit          leave (also Ctrl-D, or Ctrl-C at an empty prompt)
+Ctrl-C during an answer stops it; what was shown stays in the conversation."""
+NEEDS_ARGUMENT = {"save": "FILE", "load": "FILE"}
+QUIT_WAIT_S = 15.0
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    system: str | None
+    transcript: Path | None
+    max_tokens: int
+    sampling: SamplingConfig
+
+
+class JobEnded(Exception):
+    """The model's process is gone or stopped answering: the session cannot go on."""
+
+
+class Client(Protocol):
+    def start(self, wait_s: float) -> dict: ...
+
+    def ask(self, request: dict, on_token: Callable[[str], None], wait_s: float) -> dict: ...
+
+    def close(self) -> int: ...
+
+
+def run_chat(setup, options: ChatOptions, argv: list[str]) -> int:
+    """Entry point of `pipeinfer-cpu chat` in every process; returns the exit code."""
+    from .runner import _as_head
+
+    settings = setup.settings
+    if under_mpi():
+        from .transport import MpiTransport
+
+        transport = MpiTransport()
+        if transport.rank != 0:
+            from .worker import worker_main
+
+            code = worker_main(transport)
+            transport.finalize()
+            return code
+        body = _serve_stdio if "--serve" in argv else _chat_here
+        return _as_head(lambda: body(settings, options, transport), transport, setup.debug)
+    if settings.mode == "single":
+        return _as_head(lambda: _chat_here(settings, options, None), None, setup.debug)
+    return _chat_with_job(setup, options, argv)
+
+
+def _server(settings, options: ChatOptions, transport) -> ChatServer:
+    from .engine import Engine
+
+    engine = Engine.start(settings, transport)
+    return ChatServer(engine, ServerSettings(options.max_tokens, options.sampling, options.system))
+
+
+def _serve_stdio(settings, options: ChatOptions, transport) -> None:
+    """The job's head: JSON lines on stdio. Stray prints (ours or a library's) go to stderr."""
+    events = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    server = _server(settings, options, transport)
+    with server.engine:
+        serve_json_lines(server, LineReader(sys.stdin.fileno()), json_line_writer(events))
+
+
+def _chat_here(settings, options: ChatOptions, transport) -> int:
+    client = LocalClient(_server(settings, options, transport))
+    return chat_session(client, options, settings.timeout_s)
+
+
+def _chat_with_job(setup, options: ChatOptions, argv: list[str]) -> int:
+    from . import launcher
+    from .cli import preflight
+
+    preflight(setup.settings, setup.topology)
+    tmp = tempfile.TemporaryDirectory(prefix="pipeinfer-chat-")
+    job_argv = argv if "--serve" in argv else [*argv, "--serve"]
+    process = launcher.start(setup.topology.placement, job_argv, Path(tmp.name), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)
+    return chat_session(JobClient(process, setup.debug, tmp), options, setup.settings.timeout_s)
+
+
+def chat_session(client: Client, options: ChatOptions, timeout_s: float) -> int:
+    """Start, converse until the user leaves, stop: 0, or non-zero when the model's job died."""
+    try:
+        ready = client.start(300 + 2 * timeout_s)
+    except (JobEnded, KeyboardInterrupt) as exc:
+        say(f"error: {exc}" if isinstance(exc, JobEnded) else "interrupted")
+        client.close()
+        return 1 if isinstance(exc, JobEnded) else 130
+    interactive = sys.stdin.isatty()
+    say(f"{ready['model']}: {ready['mode']}, {ready['stages']} stage(s), context {ready['n_ctx']} tokens. "
+        "/help for commands, Ctrl-D to leave.")
+    if ready.get("notice"):
+        say(f"note: {ready['notice']}")
+    session = ChatSession(client, options, timeout_s * 2 + 30, interactive)
+    try:
+        code = session.run(terminal_lines() if interactive else piped_lines())
+    except JobEnded as exc:
+        say(f"error: {exc}; the conversation so far is kept"
+            + (f" in {options.transcript}" if options.transcript else " (nothing was lost from the transcript)"))
+        code = 1
+    client.close()
+    return code
+
+
+def say(message: str) -> None:
+    """A message for the user (not part of an answer): stderr, so stdout holds only answers."""
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- the conversation loop ------------------------------------------------------------------------
+
+class ChatSession:
+    """Turns lines into requests, shows answers, mirrors the conversation for /save and --transcript."""
+
+    def __init__(self, client: Client, options: ChatOptions, answer_wait_s: float, interactive: bool) -> None:
+        self.client = client
+        self.options = options
+        self.answer_wait_s = answer_wait_s
+        self.interactive = interactive
+        self.conversation = Conversation(options.system or None)
+        self.transcript = Transcript(options.transcript) if options.transcript else None
+        if self.transcript and options.system:
+            self.transcript.append({"role": "system", "content": options.system})
+        self.commands: dict[str, Callable[[str], bool]] = {
+            "help": self._help, "stats": self._stats, "reset": self._reset, "save": self._save,
+            "load": self._load, "system": self._system, "quit": lambda arg: False, "exit": lambda arg: False}
+
+    def run(self, lines: Iterator[str]) -> int:
+        for line in lines:
+            if not self.handle(line):
+                break
+        return 0
+
+    def handle(self, line: str) -> bool:
+        """One line of input; False when the user asked to leave."""
+        text = line.strip()
+        if not text:
+            say("(empty message: type something, or /help)")
+            return True
+        if text.startswith("/"):
+            name, _, arg = text[1:].partition(" ")
+            command = self.commands.get(name.lower())
+            if command is None:
+                say(f"unknown command /{name} (try /help)")
+                return True
+            if name.lower() in NEEDS_ARGUMENT and not arg.strip():
+                say(f"usage: /{name.lower()} {NEEDS_ARGUMENT[name.lower()]}")
+                return True
+            return command(arg.strip())
+        self._turn(line)
+        return True
+
+    def _turn(self, text: str) -> None:
+        shown: list[str] = []
+
+        def show(piece: str) -> None:
+            shown.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        try:
+            final = self.client.ask({"type": "turn", "text": text}, show, self.answer_wait_s)
+        except JobEnded:
+            self._record(text, "".join(shown), "error")
+            sys.stdout.write("\n")
+            raise
+        sys.stdout.write("\n" + ("\n" if self.interactive else ""))
+        sys.stdout.flush()
+        if final["event"] == "error":
+            say(f"error: {final['message']}")
+            return
+        self._record(text, final["answer"], final["stopped_by"])
+        dropped = final.get("dropped_turns", 0)
+        if final["stopped_by"] == "interrupt":
+            say("[interrupted]")
+        elif final["stopped_by"] in ("length", "context"):
+            say(f"[stopped at the answer limit ({final['stopped_by']})]")
+        if dropped:
+            say(f"[the {dropped} oldest turns no longer fit the context: the model does not see them]")
+
+    def _record(self, user: str, answer: str, stopped_by: str) -> None:
+        self.conversation = self.conversation.with_turn("user", user).with_turn("assistant", answer)
+        if self.transcript:
+            self.transcript.append({"role": "user", "content": user})
+            self.transcript.append({"role": "assistant", "content": answer, "stopped_by": stopped_by})
+
+    def _request(self, request: dict) -> dict | None:
+        final = self.client.ask(request, lambda piece: None, self.answer_wait_s)
+        if final["event"] == "error":
+            say(f"error: {final['message']}")
+            return None
+        return final
+
+    # -- commands: each returns False to end the session --
+
+    def _help(self, arg: str) -> bool:
+        say(HELP)
+        return True
+
+    def _stats(self, arg: str) -> bool:
+        final = self._request({"type": "stats"})
+        if final is not None:
+            say("\n".join(format_stats(final.get("stats"))))
+        return True
+
+    def _reset(self, arg: str) -> bool:
+        if self._request({"type": "reset"}) is not None:
+            self.conversation = self.conversation.cleared()
+            self._note({"reset": True})
+            say("(conversation cleared)")
+        return True
+
+    def _system(self, arg: str) -> bool:
+        if not arg:
+            say(f"system message: {self.conversation.system!r}")
+        elif self._request({"type": "system", "text": arg}) is not None:
+            self.conversation = self.conversation.with_system(arg)
+            self._note({"role": "system", "content": arg})
+            say("(system message set)")
+        return True
+
+    def _save(self, arg: str) -> bool:
+        from .shards import atomic_write_text
+
+        try:
+            atomic_write_text(Path(arg).expanduser(), json.dumps(conversation_to_json(self.conversation),
+                                                                 indent=2, ensure_ascii=False) + "\n")
+        except OSError as exc:
+            say(f"error: cannot write {arg}: {exc.strerror or exc}")
+            return True
+        say(f"(saved {len(self.conversation.turns)} turns to {arg})")
+        return True
+
+    def _load(self, arg: str) -> bool:
+        try:
+            conversation = read_transcript(Path(arg).expanduser())
+        except UserError as exc:
+            say(f"error: {exc}")
+            return True
+        if self._request({"type": "load", **conversation_to_json(conversation)}) is not None:
+            self.conversation = conversation
+            self._note({"loaded": arg})
+            say(f"(loaded {len(conversation.turns)} turns from {arg})")
+        return True
+
+    def _note(self, record: dict) -> None:
+        if self.transcript:
+            self.transcript.append(record)
+
+
+def read_transcript(path: Path) -> Conversation:
+    """A conversation saved by /save; any problem is a one-line UserError."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})") from None
+    return conversation_from_json(data)
+
+
+class Transcript:
+    """--transcript: one JSON line per completed turn, on disk before the next prompt."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.failed = False
+
+    def append(self, record: dict) -> None:
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            if not self.failed:
+                say(f"error: cannot write the transcript {self.path}: {exc.strerror or exc}")
+            self.failed = True
+
+
+def format_stats(stats: dict | None) -> list[str]:
+    """/stats: the last answer's speed, what its prompt cost, and each stage's share of the work."""
+    if not stats:
+        return ["no answer yet"]
+    run = RunStats.from_json_dict(stats)
+    tps = f"{run.decode_tokens_per_s:.1f} tok/s" if run.decode_tokens_per_s else "tok/s n/a"
+    itl = (f"ITL mean {run.itl_mean_s * 1e3:.1f} ms, p95 {run.itl_p95_s * 1e3:.1f} ms"
+           if run.itl_mean_s is not None and run.itl_p95_s is not None else "ITL n/a")
+    lines = [(f"last answer: {run.n_generated} tokens ({stats.get('stopped_by')}), {tps}, {itl}, "
+              f"TTFT {run.ttft_s * 1e3:.0f} ms"),
+             (f"prompt: {run.n_prompt} new tokens prefilled, {stats.get('reused_tokens', 0)} reused from the KV "
+              f"cache, conversation {stats.get('context_tokens', run.n_prompt)} tokens")]
+    if run.acceptance_rate is not None:
+        lines.append(f"acceptance: {run.acceptance_rate:.0%} ({run.accepted}/{run.drafted} drafted tokens), "
+                     f"runs {run.runs_launched} (cancelled {run.runs_cancelled})")
+    for index, stage in enumerate(run.stages):
+        lines.append(f"stage {index + 1} (rank {stage.rank}, {stage.host}, layers [{stage.layers[0]}, "
+                     f"{stage.layers[1]})): prefill {stage.prefill_tokens} tokens, busy "
+                     f"{1 - stage.idle_fraction:.0%}")
+    return lines
+
+
+# -- reading the user's lines ---------------------------------------------------------------------
+
+def terminal_lines() -> Iterator[str]:
+    """Lines typed at a terminal, with editing and history; ends on Ctrl-D, or Ctrl-C at an empty prompt."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import InMemoryHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    bindings = KeyBindings()
+
+    @bindings.add("c-c")
+    def _(event) -> None:  # Ctrl-C clears a line being typed; at an empty prompt it ends the session
+        if event.current_buffer.text:
+            event.current_buffer.reset()
+        else:
+            event.app.exit(exception=KeyboardInterrupt())
+
+    session: PromptSession = PromptSession(history=InMemoryHistory(), key_bindings=bindings)
+    while True:
+        try:
+            yield session.prompt("> ")
+        except (EOFError, KeyboardInterrupt):
+            return
+
+
+def piped_lines() -> Iterator[str]:
+    """One turn per line of a non-terminal stdin, until its end."""
+    for line in sys.stdin:
+        yield line.rstrip("\n")
+
+
+# -- clients --------------------------------------------------------------------------------------
+
+class _SigintFlag:
+    """While active, Ctrl-C sets a flag instead of raising, so no event or state is half handled."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __enter__(self) -> threading.Event:
+        self._previous = signal.signal(signal.SIGINT, lambda signum, frame: self.event.set())
+        return self.event
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+class LocalClient:
+    """The ChatServer in this process."""
+
+    def __init__(self, server: ChatServer) -> None:
+        self.server = server
+
+    def start(self, wait_s: float) -> dict:
+        return self.server.ready_event()
+
+    def ask(self, request: dict, on_token: Callable[[str], None], wait_s: float) -> dict:
+        final: dict = {}
+
+        def emit(event: dict) -> None:
+            if event["event"] == "token":
+                on_token(event["text"])
+            else:
+                final.update(event)
+
+        with _SigintFlag() as interrupted:
+            self.server.handle(request, emit, interrupted.is_set)
+        return final
+
+    def close(self) -> int:
+        self.server.engine.close()
+        return 0
+
+
+class JobClient:
+    """The MPI job's head, over JSON lines; a thread reads its events, another forwards its stderr."""
+
+    def __init__(self, process: subprocess.Popen, debug: bool, tmp: tempfile.TemporaryDirectory) -> None:
+        self.process = process
+        self.debug = debug
+        self.tmp = tmp
+        self.events: queue.Queue[dict] = queue.Queue()
+        self._threads = [threading.Thread(target=target, daemon=True)
+                         for target in (self._read_events, self._forward_stderr)]
+        for thread in self._threads:
+            thread.start()
+
+    def _read_events(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                event = None
+            if isinstance(event, dict) and "event" in event:
+                self.events.put(event)
+            elif line.strip():  # a worker's stray output: show it, it is not ours to parse
+                sys.stderr.write(line)
+        self.events.put({"event": "eof"})
+
+    def _forward_stderr(self) -> None:
+        from .launcher import is_mpi_noise
+
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            if self.debug or not is_mpi_noise(line):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    def _send(self, request: dict) -> None:
+        try:
+            assert self.process.stdin is not None
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            raise JobEnded("the MPI job has ended") from None
+
+    def start(self, wait_s: float) -> dict:
+        deadline = time.monotonic() + wait_s
+        event = None
+        while event is None:
+            event = self._poll(deadline, "the cluster to start")
+        if event["event"] != "ready":
+            raise JobEnded(event.get("message", "the MPI job did not start"))
+        return event
+
+    def ask(self, request: dict, on_token: Callable[[str], None], wait_s: float) -> dict:
+        """Send a request; stream its tokens; return its final event. Ctrl-C sends an interrupt."""
+        self._send(request)
+        sent_interrupt = False
+        deadline = time.monotonic() + wait_s
+        with _SigintFlag() as interrupted:
+            while True:
+                if interrupted.is_set() and not sent_interrupt:
+                    self._send({"type": "interrupt"})
+                    sent_interrupt = True
+                event = self._poll(deadline, "an answer")
+                if event is None:
+                    continue
+                deadline = time.monotonic() + wait_s
+                if event["event"] != "token":
+                    return event
+                on_token(event["text"])
+
+    def _poll(self, deadline: float, what: str) -> dict | None:
+        """The next event, or None after a short tick; JobEnded past the deadline or when the job is gone."""
+        try:
+            event = self.events.get(timeout=0.05)
+        except queue.Empty:
+            if time.monotonic() > deadline:
+                raise JobEnded(f"no reply from the MPI job in time while waiting for {what}") from None
+            return None
+        if event["event"] == "eof":
+            self._drain_stderr()
+            raise JobEnded(f"the MPI job ended ({self._exit_text()})")
+        return event
+
+    def _exit_text(self) -> str:
+        try:
+            return f"exit code {self.process.wait(5)}"
+        except subprocess.TimeoutExpired:
+            return "it closed its output"
+
+    def _drain_stderr(self) -> None:
+        self._threads[1].join(timeout=5)
+
+    def close(self) -> int:
+        """Ask the job to quit, wait (bounded), and kill its process group if it lingers."""
+        try:
+            self._send({"type": "quit"})
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+        except (JobEnded, OSError):
+            pass
+        try:
+            code = self.process.wait(QUIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            _kill_group(self.process.pid)
+            code = self.process.wait(5)
+        self._drain_stderr()
+        self.tmp.cleanup()
+        return code
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
