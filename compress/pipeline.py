@@ -98,8 +98,9 @@ def search_all(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, data: D
                record: Callable[[], None], results: dict[str, Any]) -> dict[str, SearchResult]:
     graph = build_graph(model, space)
     evaluate_keep = pruned_evaluator(model, space, data.train, data.holdout)
+    evaluate_keep({g.root: 1.0 for g in space.groups})  # warm-up (kernel selection, allocator)
     t0 = time.time()
-    evaluate_keep({g.root: 1.0 for g in space.groups})  # warm-up, also times one episode
+    evaluate_keep({g.root: 0.5 for g in space.groups})  # times one episode
     per_eval = time.time() - t0
     episodes = cfg.episodes
     learners = [m for m in cfg.methods if m != "uniform"]
@@ -123,14 +124,16 @@ def search_all(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, data: D
 
 
 def finetune_one(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, keep: dict[str, float],
-                 data: Datasets, out: Path, method: str) -> dict[str, Any]:
+                 data: Datasets, out: Path, method: str, epochs: int | None = None) -> dict[str, Any]:
+    """Prune to `keep`, fine-tune, test. With `epochs` the schedule is fixed; without, the time
+    budget may cut `cfg.finetune_epochs` (the pipeline then reuses that count for every method)."""
     pruned = apply_policy(model, space, keep)
     macs, params = count_macs(pruned)
     recalibrate_bn(pruned, data.train, 10)
     before = evaluate(pruned, data.test, amp=False)
     n_ft = max(1, len(cfg.methods))
-    fcfg = TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, seed=cfg.seed, warmup_epochs=1,
-                       max_seconds=_budget(cfg, 0.30 / n_ft))
+    fcfg = TrainConfig(epochs=epochs or cfg.finetune_epochs, lr=cfg.finetune_lr, seed=cfg.seed,
+                       warmup_epochs=1, max_seconds=None if epochs else _budget(cfg, 0.30 / n_ft))
     res = train(pruned, data.train, fcfg)
     round_to_half(pruned)
     kept = space.kept_channels(keep)
@@ -159,8 +162,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     record()
     space = build_space(model, channel_multiple=cfg.channel_multiple)
     found = search_all(cfg, model, space, data, out, record, results)
+    epochs = None  # the first fine-tune fixes the epoch count for all, so methods compare fairly
     for method, res in found.items():
-        results["finetuned"][method] = finetune_one(cfg, model, space, res.best_keep, data, out, method)
+        results["finetuned"][method] = finetune_one(cfg, model, space, res.best_keep, data, out, method, epochs)
+        epochs = results["finetuned"][method]["finetune_epochs"]
         _log(f"{cfg.arch} {method}: {results['finetuned'][method]}")
         record()
     record()

@@ -62,7 +62,7 @@ def measure_run(run_dir: str | Path, onnx_dir: str | Path, data_root: str | None
                 runs: int = 200, int8: bool = True) -> dict[str, Any]:
     run_dir, onnx_dir = Path(run_dir), Path(onnx_dir)
     res = read_json(run_dir / "results.json")
-    test = load_split(data_root, "test")
+    test = load_split(data_root, "test", res["config"].get("limit_per_class"))  # the run's test set
     x_test = normalised(test.images)
     models = _export_all(run_dir, onnx_dir, x_test[:16])
     if int8 and "gnn" in models:

@@ -53,14 +53,28 @@ def test_zip_and_unzipped_folder_agree(cifar_root, tmp_path):
     assert from_zip.images.std() > 20  # real pictures, not blank decodes
 
 
-def test_reproduce_end_to_end_small(cifar_root, cli, tmp_path):
-    out = tmp_path / "run"
-    result = cli("reproduce", "--arch", "resnet20", "--target", 0.5, "--out-dir", out, "--data", cifar_root,
-                 "--limit-per-class", 30, "--train-epochs", 1, "--finetune-epochs", 1, "--episodes", 3,
-                 "--device", "cpu")
+@pytest.fixture(scope="module")
+def small_run(cifar_root, tmp_path_factory):
+    """One tiny reproduce run (ResNet-20, 30 images a class, 1 epoch, 3 episodes) on the CPU."""
+    from click.testing import CliRunner
+
+    from compress.cli import compress_group
+
+    out = tmp_path_factory.mktemp("run")
+    args = ["reproduce", "--arch", "resnet20", "--target", "0.5", "--out-dir", str(out), "--data",
+            str(cifar_root), "--limit-per-class", "30", "--train-epochs", "1", "--finetune-epochs", "1",
+            "--episodes", "3", "--device", "cpu"]
+    result = CliRunner().invoke(compress_group, args)
     assert result.exit_code == 0, result.output + str(result.exception)
+    return out
+
+
+def test_reproduce_end_to_end_small(small_run):
+    out = small_run
     res = json.loads((out / "results.json").read_text())
     assert set(res["finetuned"]) == {"gnn", "mlp", "random", "uniform"}
+    epochs = {row["finetune_epochs"] for row in res["finetuned"].values()}
+    assert epochs == {1}  # every method gets the same fine-tuning schedule
     for method, row in res["finetuned"].items():
         assert 0.49 <= row["macs_ratio"] <= 0.5 + 1e-6, (method, row)
         assert 0.0 <= row["test_acc"] <= 100.0 and (out / f"pruned_{method}.pt").exists()
@@ -69,3 +83,21 @@ def test_reproduce_end_to_end_small(cifar_root, cli, tmp_path):
         assert search["best_so_far"] == list(np.maximum.accumulate(search["rewards"]))
     assert (out / "search_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert res["baseline"]["macs"] > 4e7 and (out / "baseline.pt").exists()
+
+
+def test_report_measures_a_finished_run(small_run, cifar_root, cli, tmp_path):
+    result = cli("report", small_run, "--onnx-dir", tmp_path / "onnx", "--json-out", tmp_path / "r.json",
+                 "--md-out", tmp_path / "r.md", "--rounds", 1, "--runs", 5, "--data", cifar_root)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    [measured] = json.loads((tmp_path / "r.json").read_text())
+    gpu_run, cpu = measured["gpu_run"], measured["cpu"]
+    assert set(cpu) == {"baseline", "gnn", "mlp", "random", "uniform", "gnn_int8"}
+    for name, row in cpu.items():
+        assert row["1_thread_ms"] > 0 and row["2_thread_ms"] > 0
+        if name == "gnn_int8":
+            continue
+        assert row["parity_max_abs"] < 1e-4
+        torch_row = gpu_run["baseline"] if name == "baseline" else gpu_run["finetuned"][name]
+        assert abs(row["onnx_test_acc"] - torch_row["test_acc"]) <= 1.0  # same weights, fp32 both
+    table = (tmp_path / "r.md").read_text()
+    assert table.count("| resnet20 |") == 6 and "GNN+RL" in table
