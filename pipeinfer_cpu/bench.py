@@ -17,7 +17,7 @@ from pathlib import Path
 from statistics import mean
 
 from .errors import UserError
-from .shards import atomic_write_text
+from .files import atomic_write_text
 from .stats import markdown_table, write_json
 
 DEFAULT_PROMPTS = (
@@ -26,6 +26,18 @@ DEFAULT_PROMPTS = (
     "Once upon a time, in a small village by the sea,",
     "Explain in two sentences why the sky is blue.",
 )
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What every benchmark row shares: hosts, modes, split, threads, prompts."""
+
+    hostfile: Path
+    modes: tuple[str, ...]
+    stages: int
+    threads: int
+    n_tokens: int
+    prompts: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,100 @@ def run_mode(spec: ModeSpec, prompts_file: Path, n_tokens: int, common: tuple[st
     runs = data["runs"] if "runs" in data else [data]
     shown = ["pipeinfer-cpu", "run", *common, *spec.args, "--prompts-file", "PROMPTS", "-n", str(n_tokens)]
     return {"label": spec.label, "command": " ".join(shown), "runs": runs, "summary": summarize(runs)}
+
+
+def mode_spec(mode: str, config: BenchConfig) -> ModeSpec:
+    threads = ("-t", str(config.threads))
+    if mode == "single":
+        return ModeSpec(f"single ({config.threads} thread)", ("--mode", "single", *threads))
+    stages = ("--stages", str(config.stages))
+    label = f"{mode} ({config.stages} target stage{'s' if config.stages > 1 else ''}"
+    if mode == "pipeline":
+        return ModeSpec(label + ")", ("--mode", "pipeline", *stages, *threads))
+    return ModeSpec(label + " + 1 draft rank)", ("--mode", mode, *stages, *threads))
+
+
+def run_modes(config: BenchConfig, model: Path | None, draft: Path | None, label: str) -> list[dict]:
+    """One row per mode, each its own job, on the same prompts, split and seed."""
+    common = ("--hostfile", str(config.hostfile)) + (("--model", str(model)) if model else ())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts_file = Path(tmp) / "prompts.txt"
+        prompts_file.write_text("\n".join(config.prompts) + "\n")
+        for mode in config.modes:
+            print(f"bench: {label}{mode} ...", file=sys.stderr, flush=True)
+            if mode == "plain":
+                rows.append(plain_row(model, config))
+                continue
+            extra = ("--draft", str(draft)) if mode in ("speculative", "pipeinfer") else ()
+            spec = mode_spec(mode, config)
+            rows.append(run_mode(ModeSpec(label + spec.label, spec.args + extra), prompts_file, config.n_tokens,
+                                 common, timeout_s=1800))
+    return rows
+
+
+def plain_row(model: Path | None, config: BenchConfig) -> dict:
+    """A bare llama-cpp-python greedy loop on the same model and threads: the yardstick for `single`."""
+    from .llamacpp import Vocab, plain_greedy_tokens_per_s
+    from .models import resolve_model
+
+    path = resolve_model(model)
+    vocab = Vocab(path)
+    speeds = [plain_greedy_tokens_per_s(path, vocab.tokenize(p), config.n_tokens, config.threads)
+              for p in config.prompts]
+    vocab.close()
+    command = f"llama_cpp.Llama(n_threads={config.threads}).eval() + argmax loop (llamacpp.plain_greedy_tokens_per_s)"
+    return {"label": f"plain llama-cpp-python ({config.threads} thread)", "command": command, "runs": [],
+            "summary": {"decode_tok_s": mean(speeds), "tokens": config.n_tokens * len(config.prompts)}}
+
+
+def agreement_sweep(config: BenchConfig, levels: list[float], cost_ratio: float, out_dir: Path) -> str:
+    """Build a SYNTHETIC bench pair per agreement level and benchmark every mode on it."""
+    from .benchpair import batched_source, build_bench_pair
+
+    rows, pairs = [], []
+    (out_dir / "pairs").mkdir(parents=True, exist_ok=True)
+    source = batched_source(out_dir / "pairs")
+    for level in levels:
+        pair = build_bench_pair(cost_ratio, level, out_dir / "pairs" / f"a{level:.2f}-r{cost_ratio:.2f}",
+                                source=source, progress=lambda text: print(text, file=sys.stderr, flush=True))
+        pairs.append({"agreement_requested": level, "agreement_measured": pair.agreement_measured,
+                      "sigma": pair.sigma, "n_extra_layers": pair.n_extra_layers, "target": str(pair.target),
+                      "draft": str(pair.draft)})
+        label = f"[synthetic pair, agreement {pair.agreement_measured:.2f}] "
+        for row in run_modes(config, pair.target, pair.draft, label):
+            rows.append({**row, "agreement": pair.agreement_measured})
+    title = (f"pipeinfer-cpu bench, SYNTHETIC bench pairs (cost ratio {cost_ratio}), "
+             f"{config.n_tokens} tokens x {len(config.prompts)} prompts")
+    extra = {"machine": machine_description(), "n_tokens": config.n_tokens, "pairs": pairs}
+    markdown = write_report(out_dir, title, rows, extra)
+    plot_sweep(rows, out_dir / "bench.png", title)
+    return markdown
+
+
+def plot_sweep(rows: list[dict], path: Path, title: str) -> None:
+    """Tokens/s and mean ITL per mode against the measured agreement of each synthetic pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (speed, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode in sorted({r["label"].split("] ", 1)[-1] for r in rows}):
+        points = sorted(((r["agreement"], r["summary"]) for r in rows if r["label"].endswith("] " + mode)),
+                        key=lambda point: point[0])
+        xs = [a for a, _ in points]
+        speed.plot(xs, [s["decode_tok_s"] for _, s in points], marker="o", label=mode)
+        latency.plot(xs, [s.get("itl_mean_ms") for _, s in points], marker="o", label=mode)
+    speed.set(xlabel="draft top-1 agreement (synthetic pair)", ylabel="decode tokens/s")
+    latency.set(xlabel="draft top-1 agreement (synthetic pair)", ylabel="mean inter-token latency (ms)")
+    speed.legend(fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        figure.savefig(Path(tmp) / path.name, dpi=110)
+        os.replace(Path(tmp) / path.name, path)
+    plt.close(figure)
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -93,4 +199,18 @@ def write_report(out_dir: Path, title: str, rows: list[dict], extra: dict) -> st
     markdown = f"## {title}\n\n{extra.get('machine', '')}\n\n{table}\n\nCommands:\n{commands}\n"
     write_json({"title": title, **extra, "modes": rows}, out_dir / "bench.json")
     atomic_write_text(out_dir / "bench.md", markdown)
+    return markdown
+
+
+def merge_reports(paths: list[Path], out_dir: Path) -> str:
+    """One report (and plot) from several sweep reports of the same machine, e.g. split runs."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    rows = sorted((row for report in reports for row in report["modes"]), key=lambda r: r.get("agreement", 0))
+    extra = {key: reports[0][key] for key in ("machine", "n_tokens") if key in reports[0]}
+    extra["pairs"] = [pair for report in reports for pair in report.get("pairs", [])]
+    extra["merged_from"] = [str(p) for p in paths]
+    title = reports[0]["title"]
+    markdown = write_report(out_dir, title, rows, extra)
+    if all("agreement" in row for row in rows):
+        plot_sweep(rows, out_dir / "bench.png", title)
     return markdown

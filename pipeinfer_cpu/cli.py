@@ -337,75 +337,75 @@ def models_list(dirs):
                    f"{verified:15s} {info.path}")
 
 
+@models.command("bench-pair")
+@friendly_errors
+@click.option("--cost-ratio", type=float, default=3.4, show_default=True, help="Target cost / draft cost.")
+@click.option("--agreement", type=float, required=True, help="Wanted top-1 agreement of draft and target (0-1).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quant", type=click.Choice(["q4_0", "source"]), default="q4_0", show_default=True,
+              help="q4_0: build on a pure Q4_0 copy of the model (llama.cpp has a batched CPU kernel for it); "
+                   "source: on the model as shipped (Q4_1).")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--debug", is_flag=True)
+def models_bench_pair(cost_ratio, agreement, seed, quant, out_dir, debug):
+    """Build a SYNTHETIC target/draft pair of known cost ratio and agreement (for benchmarks only)."""
+    from .benchpair import batched_source, build_bench_pair
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = batched_source(out_dir) if quant == "q4_0" else None
+    pair = build_bench_pair(cost_ratio, agreement, out_dir, seed, source=source,
+                            progress=lambda text: click.echo(text, err=True))
+    click.echo(f"SYNTHETIC bench pair (not a real draft model):\n  target {pair.target} "
+               f"({pair.n_extra_layers} extra zero-norm layers)\n  draft  {pair.draft} (norm noise sigma "
+               f"{pair.sigma:.4f}, seed {pair.seed})\n  agreement measured {pair.agreement_measured:.3f} "
+               f"(asked {pair.agreement_requested})")
+
+
 # -- bench ----------------------------------------------------------------------------------------
 
+BENCH_MODES = ("plain", "single", "pipeline", "speculative", "pipeinfer")
+
+
 @main.command()
+@friendly_errors
 @click.option("--hostfile", type=click.Path(path_type=Path), default=Path("hosts/local.txt"), show_default=True)
-@click.option("--model", "-m", type=click.Path(path_type=Path))
-@click.option("--modes", default="plain,single,pipeline", show_default=True,
-              help="Comma-separated: plain (a bare llama-cpp-python loop), single, pipeline.")
-@click.option("--stages", type=int, default=2, show_default=True, help="Stages of the pipeline modes.")
-@click.option("--threads", "-t", type=int, default=1, show_default=True, help="Threads of plain and single.")
+@click.option("--model", "-m", type=click.Path(path_type=Path), help="Target (default: the embedded model).")
+@click.option("--draft", type=click.Path(path_type=Path), help="Draft for speculative and pipeinfer.")
+@click.option("--agreements", help="Sweep SYNTHETIC bench pairs of these top-1 agreements (e.g. 0.2,0.4,0.6,0.8) "
+              "instead of --model/--draft.")
+@click.option("--cost-ratio", type=float, default=3.4, show_default=True, help="Target/draft cost of the synthetic pairs.")
+@click.option("--modes", default="plain,single,pipeline", show_default=True, help=f"Comma-separated from {', '.join(BENCH_MODES)}.")
+@click.option("--stages", type=int, default=2, show_default=True, help="Target stages of the pipelined modes.")
+@click.option("--threads", "-t", type=int, default=1, show_default=True, help="Threads per rank.")
 @click.option("--n-predict", "-n", "n_tokens", type=int, default=64, show_default=True)
 @click.option("--prompts-file", type=click.Path(path_type=Path), help="One prompt per line (default: four built-in).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True)
+@click.option("--merge", "merge", multiple=True, type=click.Path(path_type=Path, exists=True),
+              help="Instead of running: merge these bench.json reports (e.g. a sweep split over several runs).")
 @click.option("--debug", is_flag=True)
-@friendly_errors
-def bench(hostfile, model, modes, stages, threads, n_tokens, prompts_file, out_dir, debug):
-    """Run the same prompts through several modes; write bench.json and bench.md."""
+def bench(hostfile, model, draft, agreements, cost_ratio, modes, stages, threads, n_tokens, prompts_file, out_dir,
+          merge, debug):
+    """Run the same prompts through several modes; write bench.json, bench.md (and bench.png for sweeps)."""
     from . import bench as B
 
+    if merge:
+        click.echo(B.merge_reports(list(merge), out_dir))
+        return
     wanted = [m.strip() for m in modes.split(",") if m.strip()]
-    unknown = set(wanted) - {"plain", "single", "pipeline"}
+    unknown = set(wanted) - set(BENCH_MODES)
     if unknown:
         raise UserError(f"unknown benchmark modes: {', '.join(sorted(unknown))}")
+    if {"speculative", "pipeinfer"} & set(wanted) and draft is None and agreements is None:
+        raise UserError("speculative and pipeinfer need --draft or --agreements")
     prompts = read_prompts(None, None, prompts_file) if prompts_file else B.DEFAULT_PROMPTS
-    common = ("--hostfile", str(hostfile)) + (("--model", str(model)) if model else ())
-    specs = {"single": B.ModeSpec(f"single ({threads} thread)", ("--mode", "single", "-t", str(threads))),
-             "pipeline": B.ModeSpec(f"pipeline ({stages} stages)", ("--mode", "pipeline", "--stages", str(stages)))}
-    with _prompts_path(prompts) as path:
-        rows = []
-        for mode in wanted:
-            click.echo(f"bench: {mode} ...", err=True)
-            if mode == "plain":
-                rows.append(_plain_row(model, prompts, n_tokens, threads))
-            else:
-                rows.append(B.run_mode(specs[mode], path, n_tokens, common, timeout_s=1800))
-    title = f"pipeinfer-cpu bench, {n_tokens} tokens x {len(prompts)} prompts"
-    click.echo(B.write_report(out_dir, title, rows, {"machine": B.machine_description(), "n_tokens": n_tokens}))
-
-
-def _plain_row(model, prompts, n_tokens, threads) -> dict:
-    from statistics import mean
-
-    from .llamacpp import Vocab, plain_greedy_tokens_per_s
-    from .models import resolve_model
-
-    path = resolve_model(model)
-    vocab = Vocab(path)
-    speeds = [plain_greedy_tokens_per_s(path, vocab.tokenize(p), n_tokens, threads) for p in prompts]
-    vocab.close()
-    command = f"llama_cpp.Llama(n_threads={threads}).eval() + argmax loop (pipeinfer_cpu.llamacpp.plain_greedy_tokens_per_s)"
-    return {"label": f"plain llama-cpp-python ({threads} thread)", "command": command, "runs": [],
-            "summary": {"decode_tok_s": mean(speeds), "tokens": n_tokens * len(prompts)}}
-
-
-class _prompts_path:
-    """The prompts as a temporary one-per-line file."""
-
-    def __init__(self, prompts) -> None:
-        self.prompts = prompts
-
-    def __enter__(self) -> Path:
-        import tempfile
-
-        self._dir = tempfile.TemporaryDirectory()
-        path = Path(self._dir.name) / "prompts.txt"
-        path.write_text("\n".join(self.prompts) + "\n")
-        return path
-
-    def __exit__(self, *exc) -> None:
-        self._dir.cleanup()
+    config = B.BenchConfig(hostfile, tuple(wanted), stages, threads, n_tokens, prompts)
+    if agreements is None:
+        rows = B.run_modes(config, model, draft, label="")
+        title = f"pipeinfer-cpu bench, {n_tokens} tokens x {len(prompts)} prompts"
+        click.echo(B.write_report(out_dir, title, rows, {"machine": B.machine_description(), "n_tokens": n_tokens}))
+        return
+    levels = [float(a) for a in agreements.split(",")]
+    click.echo(B.agreement_sweep(config, levels, cost_ratio, out_dir))
 
 
 # -- chat -----------------------------------------------------------------------------------------

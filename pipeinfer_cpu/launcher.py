@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -89,10 +90,12 @@ def _ssh_problem(host: str) -> str | None:
 def mpiexec_command(mpi: MpiExec, placement: tuple[str, ...], machinefile: Path, argv: list[str]) -> list[str]:
     """The mpiexec command line that starts rank i on placement[i] and runs `argv` in each rank."""
     program = [sys.executable, "-m", "pipeinfer_cpu", *argv]
+    extra_args = shlex.split(os.environ.get("PIPEINFER_MPIEXEC_ARGS", ""))  # e.g. "-bind-to core"
     if mpi.flavour == "openmpi":
         extra = ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
-        return [mpi.path, *extra, "--hostfile", str(machinefile), "--map-by", "seq", "-n", str(len(placement)), *program]
-    return [mpi.path, "-f", str(machinefile), "-n", str(len(placement)), *program]
+        return [mpi.path, *extra, *extra_args, "--hostfile", str(machinefile), "--map-by", "slot", "-n",
+                str(len(placement)), *program]
+    return [mpi.path, *extra_args, "-f", str(machinefile), "-n", str(len(placement)), *program]
 
 
 def launch(placement: tuple[str, ...], argv: list[str], debug: bool, stdin=subprocess.DEVNULL) -> int:
@@ -112,7 +115,9 @@ def start(placement: tuple[str, ...], argv: list[str], tmp: Path, stdin=subproce
     mpi = find_mpiexec()
     check_hosts(placement)
     machinefile = tmp / "machinefile"
-    lines = placement if mpi.flavour == "openmpi" else machinefile_lines(placement)
+    lines = machinefile_lines(placement)
+    if mpi.flavour == "openmpi":  # host:n is MPICH's syntax; Open MPI fills `host slots=n` in order the same way
+        lines = [line.replace(":", " slots=") for line in lines]
     machinefile.write_text("\n".join(lines) + "\n")
     command = mpiexec_command(mpi, placement, machinefile, argv)
     env = dict(os.environ, **{LAUNCHED_ENV: "1"})

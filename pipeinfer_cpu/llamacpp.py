@@ -311,12 +311,16 @@ def plain_greedy_tokens_per_s(path: Path, prompt: list[int], n_tokens: int, n_th
     return (n_tokens - 1) / elapsed
 
 
-def requantize_q4_0(source: Path, target: Path, n_threads: int = 0) -> None:
-    """Re-quantise a GGUF to Q4_0 with llama.cpp's own quantiser (used to make a real draft model)."""
+def requantize_q4_0(source: Path, target: Path, n_threads: int = 0, pure: bool = False) -> None:
+    """Re-quantise a GGUF to Q4_0 with llama.cpp's own quantiser (a real draft, or a bench source).
+
+    `pure` makes every matrix Q4_0, the embedding/output included (llama.cpp otherwise keeps it Q8_0).
+    """
     _init_backend()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
     params.allow_requantize = True
+    params.pure = pure
     params.nthread = n_threads
     rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     if rc != 0:

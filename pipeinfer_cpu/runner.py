@@ -108,7 +108,7 @@ def _answer(engine: Engine, request: GenerateRequest, prompt: str) -> dict:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    from .shards import atomic_output
+    from .files import atomic_output
 
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as handle:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import UserError
+from .files import atomic_output, atomic_write_text
 from .models import ModelInfo, file_sha256, open_gguf
 from .planning import LayerRange
 
@@ -166,40 +166,6 @@ def write_gguf(reader, arch: str, path: Path, tensors: list, overrides: dict) ->
     for _, tensor in tensors:
         writer.write_tensor_data(tensor.data)
     writer.close()
-
-
-class atomic_output:
-    """Context manager giving a temporary path that is renamed to `path` only on success."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        assert self.tmp is not None
-        if exc_type is None:
-            os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)
 
 
 def check_readable(shard: ShardFile) -> bool:

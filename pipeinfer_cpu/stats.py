@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .files import atomic_write_text
 
 import numpy as np
 
@@ -226,18 +226,8 @@ def write_json(stats: RunStats | Sequence[Any] | Mapping[str, Any], path: Path) 
     The text is built before any file is opened, so an unserialisable value (or
     NaN, which strict JSON has no spelling for) leaves ``path`` untouched.
     """
-    path = Path(path)
     text = json.dumps(_jsonable(stats), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(Path(path), text)
 
 
 def _is_number(value: object) -> bool:

@@ -24,7 +24,8 @@ from .llamacpp import Stage, StageConfig
 from .drafter import Drafter, serve_drafts
 from .kvcache import apply_kv_ops
 from .protocol import HEAD, Output, RunMessage, Tag
-from .shards import ShardFile, atomic_output, check_readable, default_cache_dir, verify_shard
+from .files import atomic_output
+from .shards import ShardFile, check_readable, default_cache_dir, verify_shard
 from .transport import Transport, wait
 
 ASSIGN_TIMEOUT_S = 3600.0  # the head may be writing shards of a large model meanwhile
