@@ -22,7 +22,7 @@ from compress.graph import NetGraph
 
 @dataclass(frozen=True)
 class AgentConfig:
-    encoder: str = "gnn"  # "gnn" (two-stage graph embedding) or "mlp" (no graph encoder)
+    encoder: str = "gnn"  # one of compress.encoder.ENCODERS; "mlp" has no graph encoder
     hidden: int = 64
     lr: float = 3e-3
     batch_episodes: int = 8
@@ -36,9 +36,9 @@ class AgentConfig:
 
 
 class PolicyNet(nn.Module):
-    def __init__(self, in_dim: int, cfg: AgentConfig) -> None:
+    def __init__(self, in_dim: int, cfg: AgentConfig, layer_dim: int = 0) -> None:
         super().__init__()
-        self.encoder = make_encoder(cfg.encoder, in_dim, cfg.hidden)
+        self.encoder = make_encoder(cfg.encoder, in_dim, cfg.hidden, layer_dim)
         self.head = nn.Sequential(nn.Linear(self.encoder.out_dim, cfg.hidden), nn.Tanh(),
                                   nn.Linear(cfg.hidden, 1))
         self.log_std = nn.Parameter(torch.tensor(float(cfg.init_std)).log())
@@ -54,7 +54,8 @@ class PPOAgent:
     def __init__(self, graph: NetGraph, cfg: AgentConfig) -> None:
         self.graph, self.cfg = graph, cfg
         torch.manual_seed(cfg.seed)
-        self.net = PolicyNet(graph.x.shape[1], cfg)
+        layer_dim = graph.layers.x.shape[1] if graph.layers is not None else 0
+        self.net = PolicyNet(graph.x.shape[1], cfg, layer_dim)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self._buffer: list[tuple[torch.Tensor, float, float]] = []

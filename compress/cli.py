@@ -16,7 +16,7 @@ import click
 from compress.errors import CompressError
 
 ARCHS = ("resnet20", "resnet56", "vgg16", "mobilenet_v1", "mobilenet_v2", "shufflenet_v2")
-METHOD_CHOICES = ("gnn", "mlp", "random", "uniform")
+METHOD_CHOICES = ("gnn", "gnn-skip", "gnn-layers", "mlp", "random", "uniform")
 
 
 class _Group(click.Group):
@@ -111,14 +111,18 @@ def _model(arch: str | None, checkpoint: str | None):
 @click.option("--method", type=click.Choice(METHOD_CHOICES), default="gnn", show_default=True)
 @click.option("--episodes", type=int, default=48, show_default=True)
 @click.option("--channel-multiple", type=int, default=8, show_default=True)
+@click.option("--holdout", type=int, default=5000, show_default=True,
+              help="Held-out training images scored per episode (a seeded subset of the 5,000).")
+@click.option("--calib-batches", type=int, default=10, show_default=True,
+              help="Training batches of 256 for BatchNorm recalibration per episode.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out-dir", type=click.Path(file_okay=False), required=True)
 @_data_option
 @_limit_option
 def search(checkpoint: str, arch: str | None, target: float, method: str, episodes: int,
-           channel_multiple: int, seed: int, device: str, out_dir: str, data_root: str | None,
-           limit_per_class: int | None) -> None:
+           channel_multiple: int, holdout: int, calib_batches: int, seed: int, device: str, out_dir: str,
+           data_root: str | None, limit_per_class: int | None) -> None:
     """Search keep ratios under the FLOPs budget; writes search_<method>.json and .png."""
     from compress.budget import fit_budget
     from compress.finetune import pick_device
@@ -133,11 +137,11 @@ def search(checkpoint: str, arch: str | None, target: float, method: str, episod
     fit_budget({g.root: 1.0 for g in space.groups}, space.predict_macs, space.base_macs, target)
     dev = pick_device(device)
     cfg = PipelineConfig(arch=info["arch"], target=target, out_dir=out_dir, data_root=data_root,
-                         device=device, seed=seed, limit_per_class=limit_per_class)
+                         device=device, seed=seed, limit_per_class=limit_per_class, holdout=holdout)
     data = load_datasets(cfg, dev)
     model = model.to(dev)
     result = run_search(space, build_graph(model, space),
-                        pruned_evaluator(model, space, data.train, data.holdout),
+                        pruned_evaluator(model, space, data.train, data.holdout, calib_batches),
                         SearchConfig(method=method, target=target, episodes=episodes, seed=seed))
     checked = verify_budget(model, space, result.best_keep)
     out = Path(out_dir)

@@ -34,6 +34,7 @@ class NetGraph:
     block_of: torch.Tensor  # (N,) long, block id of each group
     blocks: tuple[str, ...]
     block_edge_index: torch.Tensor  # (2, E_b) long, block -> block
+    layers: "LayerGraph | None" = None  # the layer-level view used by the 'gnn-layers' encoder
 
     @property
     def num_nodes(self) -> int:
@@ -44,7 +45,26 @@ class NetGraph:
         x = self.x.clone()
         col = FEATURE_NAMES.index("keep_ratio")
         x[:, col] = torch.tensor([keep.get(r, 1.0) for r in self.roots], dtype=x.dtype)
-        return NetGraph(self.roots, x, self.edge_index, self.block_of, self.blocks, self.block_edge_index)
+        return NetGraph(self.roots, x, self.edge_index, self.block_of, self.blocks, self.block_edge_index,
+                        self.layers)
+
+
+@dataclass(frozen=True)
+class LayerGraph:
+    """Conv/linear layers as nodes (GNN-RL's stage-1 view): edges along the traced data flow,
+    blocks over all layers, and which layers each pruning group touches."""
+
+    x: torch.Tensor  # (L, len(LAYER_FEATURES))
+    edge_index: torch.Tensor  # (2, E_l) layer -> layer
+    block_of: torch.Tensor  # (L,)
+    blocks: tuple[str, ...]
+    block_edge_index: torch.Tensor  # (2, E_lb)
+    group_layer: torch.Tensor  # (2, K): (group index, layer index) pairs
+
+
+LAYER_FEATURES = ("is_conv", "is_depthwise", "is_linear", "log_in", "log_out", "kernel", "stride",
+                  "macs_share", "params_share", "log_norm_mean", "norm_cv", "norm_min", "norm_max",
+                  "depth", "log_spatial")
 
 
 def _owners(space: PruneSpace, model: nn.Module) -> dict[nn.Module, int]:
@@ -55,11 +75,8 @@ def _owners(space: PruneSpace, model: nn.Module) -> dict[nn.Module, int]:
     return owner
 
 
-def group_edges(model: nn.Module, space: PruneSpace) -> list[tuple[int, int]]:
-    """Edges between groups from the traced module graph (breadth-first through unowned nodes)."""
-    device = next(model.parameters()).device
-    dg = build_dependency_graph(model, torch.randn(*space.input_shape, device=device))
-    owner = _owners(space, model)
+def flow_edges(dg, owner: dict[nn.Module, int]) -> list[tuple[int, int]]:
+    """Edges between owned modules of a traced graph, breadth-first through unowned nodes."""
     edges: set[tuple[int, int]] = set()
     for module, node in dg.module2node.items():
         src = owner.get(module)
@@ -77,6 +94,13 @@ def group_edges(model: nn.Module, space: PruneSpace) -> list[tuple[int, int]]:
             else:
                 queue.extend(nxt.outputs)
     return sorted(edges)
+
+
+def group_edges(model: nn.Module, space: PruneSpace) -> list[tuple[int, int]]:
+    """Edges between groups from the traced module graph."""
+    device = next(model.parameters()).device
+    dg = build_dependency_graph(model, torch.randn(*space.input_shape, device=device))
+    return flow_edges(dg, _owners(space, model))
 
 
 def _layer_info(layer: nn.Module) -> tuple[list[float], int, int, int]:
@@ -141,6 +165,40 @@ def block_name(root: str, layer_names: list[str]) -> str:
     return "top"
 
 
+def _as_index(pairs: list[tuple[int, int]]) -> torch.Tensor:
+    if not pairs:
+        return torch.zeros(2, 0, dtype=torch.long)
+    return torch.tensor(pairs, dtype=torch.long).t().contiguous()
+
+
+def build_layer_graph(model: nn.Module, space: PruneSpace) -> LayerGraph:
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    modules = [model.get_submodule(n) for n in names]
+    device = next(model.parameters()).device
+    dg = build_dependency_graph(model, torch.randn(*space.input_shape, device=device))
+    edges = flow_edges(dg, {m: i for i, m in enumerate(modules)})
+    spatial = _spatial_sizes(model, modules, space.input_shape)
+    total_params = sum(p.numel() for p in model.parameters())
+    rows = []
+    for i, (name, layer) in enumerate(zip(names, modules)):
+        onehot, kernel, stride, _ = _layer_info(layer)
+        cin = getattr(layer, "in_channels", getattr(layer, "in_features", 1))
+        cout = getattr(layer, "out_channels", getattr(layer, "out_features", 1))
+        rows.append(onehot[:3] + [
+            math.log2(cin) / 10, math.log2(cout) / 10, kernel / 7, stride / 2,
+            space.layer_macs.get(name, 0.0) / space.base_macs, layer.weight.numel() / total_params,
+            *_norm_stats(layer.weight), i / max(1, len(names) - 1), math.log2(spatial[i]) / 10])
+    block_names = [block_name(n, names) for n in names]
+    blocks = tuple(dict.fromkeys(block_names))
+    block_of = torch.tensor([blocks.index(b) for b in block_names], dtype=torch.long)
+    block_edges = sorted({(int(block_of[a]), int(block_of[b])) for a, b in edges if block_of[a] != block_of[b]})
+    index = {n: i for i, n in enumerate(names)}
+    membership = sorted({(gi, index[n]) for gi, g in enumerate(space.groups)
+                         for n in (*g.out_layers, *g.in_layers) if n in index})
+    return LayerGraph(torch.tensor(rows, dtype=torch.float32), _as_index(edges), block_of, blocks,
+                      _as_index(block_edges), _as_index(membership))
+
+
 def build_graph(model: nn.Module, space: PruneSpace) -> NetGraph:
     """Nodes, features, edges and blocks of `model`, all derived from the traced graph."""
     edges = group_edges(model, space)
@@ -150,7 +208,5 @@ def build_graph(model: nn.Module, space: PruneSpace) -> NetGraph:
     block_of = torch.tensor([blocks.index(b) for b in names], dtype=torch.long)
     block_edges = sorted({(int(block_of[s]), int(block_of[d])) for s, d in edges
                           if block_of[s] != block_of[d]})
-    as_index = lambda pairs: (torch.tensor(pairs, dtype=torch.long).t().contiguous() if pairs
-                              else torch.zeros(2, 0, dtype=torch.long))
-    return NetGraph(tuple(g.root for g in space.groups), node_features(model, space), as_index(edges),
-                    block_of, blocks, as_index(block_edges))
+    return NetGraph(tuple(g.root for g in space.groups), node_features(model, space), _as_index(edges),
+                    block_of, blocks, _as_index(block_edges), build_layer_graph(model, space))

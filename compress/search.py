@@ -14,12 +14,13 @@ from tqdm import tqdm
 from compress.agent import AgentConfig, PPOAgent
 from compress.baselines import RandomProposer, UniformProposer
 from compress.budget import fit_budget, reward
+from compress.encoder import ENCODERS
 from compress.finetune import DeviceData, evaluate, recalibrate_bn
 from compress.graph import NetGraph
 from compress.prune import PruneSpace, apply_policy, count_macs
 from compress.store import atomic_write, write_json
 
-METHODS = ("gnn", "mlp", "random", "uniform")
+METHODS = ("gnn", "mlp", "random", "uniform")  # a full run; the other encoders on request
 
 Evaluator = Callable[[dict[str, float]], float]
 
@@ -58,7 +59,7 @@ class SearchResult:
 
 
 def make_proposer(graph: NetGraph, cfg: SearchConfig) -> Proposer:
-    if cfg.method in ("gnn", "mlp"):
+    if cfg.method in ENCODERS:
         agent_cfg = AgentConfig(**{**asdict(cfg.agent), "encoder": cfg.method, "min_keep": cfg.min_keep,
                                    "seed": cfg.seed})
         return PPOAgent(graph, agent_cfg)

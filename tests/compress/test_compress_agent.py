@@ -17,7 +17,7 @@ def toy_reward(graph):
     return lambda keep: float(np.dot([keep[r] for r in graph.roots], depth - depth.mean()) * 10)
 
 
-@pytest.mark.parametrize("encoder", ["gnn", "mlp"])
+@pytest.mark.parametrize("encoder", ["gnn", "gnn-skip", "gnn-layers", "mlp"])
 def test_agent_improves_over_random_policies(resnet20, resnet20_space, encoder):
     graph = build_graph(resnet20, resnet20_space)
     score = toy_reward(graph)

@@ -24,8 +24,14 @@ def test_graph_built_automatically(arch):
     assert len(graph.blocks) >= 3 and int(graph.block_of.max()) == len(graph.blocks) - 1
     flops = graph.x[:, FEATURE_NAMES.index("flops_share")]
     assert (flops > 0).all() and (flops <= 1).all()
+    layers = graph.layers  # the layer-level view: every conv/linear, each group mapped to its layers
+    n_layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    assert layers.x.shape[0] == n_layers and torch.isfinite(layers.x).all()
+    assert layers.edge_index.shape[1] >= n_layers - 1
+    assert set(layers.group_layer[0].tolist()) == set(range(n))
     again = build_graph(model, build_space(model))  # deterministic features and edges
     assert torch.equal(again.x, graph.x) and torch.equal(again.edge_index, graph.edge_index)
+    assert torch.equal(again.layers.x, layers.x) and torch.equal(again.layers.edge_index, layers.edge_index)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
