@@ -22,6 +22,7 @@ from .worker import Assignment
 FILE_CHUNK_BYTES = 4 << 20
 HELLO_TIMEOUT_S = 60.0
 LOAD_TIMEOUT_S = 600.0
+SHUTDOWN_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,21 @@ class Cluster:
         return {int(k): (v[0], v[1]) for k, v in reply["seqs"].items()}
 
     def shutdown(self) -> None:
+        """Stop every worker and wait (bounded) until each says goodbye: a stuck rank is an error,
+        so the job is aborted rather than left waiting for it."""
         self.broadcast({"type": "shutdown"})
+        for rank in self.workers:
+            self._await_bye(rank)
         self.transport.flush(5.0)
+
+    def _await_bye(self, rank: int) -> None:
+        deadline = SHUTDOWN_TIMEOUT_S
+        while True:
+            message = wait(self.transport, [(rank, Tag.REPLY)], deadline)
+            if message is None:
+                raise ClusterError(f"rank {rank} ({self.host(rank)}) did not stop within {SHUTDOWN_TIMEOUT_S:.0f} s")
+            if P.decode_json(message.data)["type"] == "bye":
+                return
 
 
 def _bytes_array(chunk: bytes) -> np.ndarray:

@@ -154,6 +154,7 @@ def serve_drafts(transport: Transport, drafter: Drafter) -> None:
         if message.tag == Tag.CONTROL:
             command = P.decode_json(message.data)
             if command["type"] == "shutdown":
+                transport.send(HEAD, int(Tag.REPLY), P.encode_json({"type": "bye"}))
                 return
             if command["type"] == "reset-stats":
                 continue

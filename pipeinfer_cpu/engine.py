@@ -200,8 +200,10 @@ class Engine:
     def __enter__(self) -> "Engine":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        # on an error the caller stops every rank at once (runner._stop_all): no goodbyes to wait for
 
 
 def check_draft(target: ModelInfo, draft: ModelInfo) -> None:

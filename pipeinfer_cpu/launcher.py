@@ -139,20 +139,19 @@ def _supervise(process: subprocess.Popen, debug: bool) -> int:
             pass
 
     previous = signal.signal(signal.SIGINT, forward)
-    signal_line = None
+    reported = False  # did a rank already explain the failure in one line?
     try:
         assert process.stderr is not None
         for line in process.stderr:
             if debug or not is_mpi_noise(line):
+                reported |= line.startswith("error: ")
                 sys.stderr.write(line)
                 sys.stderr.flush()
-            elif "EXIT STRING" in line or "signal" in line.lower():
-                signal_line = line.strip()
         code = process.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
-    if code < 0 or (signal_line and code not in (0, 1, 2)):
-        why = signal_line or f"signal {-code}"
-        print(f"error: a rank of the MPI job died ({why}); run with --debug for mpiexec's report",
+    if code != 0 and not reported:
+        why = f"signal {-code}" if code < 0 else f"mpiexec exit code {code}"
+        print(f"error: a rank of the MPI job stopped unexpectedly ({why}); run with --debug for mpiexec's report",
               file=sys.stderr)
     return code if code >= 0 else 128 - code

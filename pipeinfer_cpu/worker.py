@@ -185,6 +185,7 @@ class StageLoop:
         kind = command["type"]
         if kind == "shutdown":
             self._stopping = True
+            send_json(self.transport, HEAD, Tag.REPLY, {"type": "bye"})
         elif kind == "reset-stats":
             self.counters.reset(self.transport.bytes_sent)
         elif kind == "stats":
