@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,28 @@ def cache_dir(tmp_path_factory) -> Path:
 def cli(cache_dir):
     """Run `pipeinfer-cpu ARGS` in a subprocess (real MPI when asked), returning CompletedProcess."""
     def run(*args: str, timeout: float = 300, env: dict | None = None, input: str | None = None):
-        full_env = dict(os.environ, PIPEINFER_CACHE=str(cache_dir), **(env or {}))
+        tag = uuid.uuid4().hex  # marks every process of this job, to find leftovers later
+        full_env = dict(os.environ, PIPEINFER_CACHE=str(cache_dir), PIPEINFER_TEST_TAG=tag, **(env or {}))
         full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
-        return subprocess.run([sys.executable, "-m", "pipeinfer_cpu", *args], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-m", "pipeinfer_cpu", *args], capture_output=True, text=True,
                               timeout=timeout, env=full_env, cwd=REPO, input=input)
+        done.tag = tag
+        return done
     return run
+
+
+def processes_tagged(tag: str) -> list:
+    """Live processes started with PIPEINFER_TEST_TAG=tag (the job's ranks, mpiexec, ...)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("PIPEINFER_TEST_TAG") == tag and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
 
 
 def read_json(path: Path) -> dict:

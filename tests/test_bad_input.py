@@ -1,8 +1,7 @@
 """Each bad input: one readable line on stderr, a non-zero exit, no traceback, no rank left running."""
 
-import os
 
-import psutil
+from conftest import processes_tagged
 
 
 def assert_clean_failure(done, fragment):
@@ -11,16 +10,7 @@ def assert_clean_failure(done, fragment):
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
     assert "Traceback" not in done.stderr
-    assert not _our_ranks(), "a rank was left running"
-
-
-def _our_ranks():
-    ranks = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if "pipeinfer_cpu" in cmdline and process.pid != os.getpid():
-            ranks.append(process)
-    return ranks
+    assert not processes_tagged(done.tag), "a rank was left running"
 
 
 RUN = ("run", "--hostfile", "hosts/local.txt", "-p", "Hello", "-n", "4")
