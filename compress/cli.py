@@ -68,7 +68,8 @@ def train(arch: str, out_path: str, epochs: int, seed: int, device: str, data_ro
     cfg = PipelineConfig(arch=arch, target=1.0, out_dir=str(Path(out_path).parent), data_root=data_root,
                          device=device, seed=seed, train_epochs=epochs, limit_per_class=limit_per_class)
     dev = pick_device(device)
-    with tempfile.TemporaryDirectory(dir=Path(out_path).parent if Path(out_path).parent.exists() else None) as tmp:
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=Path(out_path).parent) as tmp:
         _, meta = baseline_model(cfg, load_datasets(cfg, dev), dev, Path(tmp))
         Path(tmp, "baseline.pt").replace(out_path)
     click.echo(f"{arch}: test accuracy {meta['test_acc']:.2f}% after {meta['epochs']} epochs -> {out_path}")
@@ -182,7 +183,8 @@ def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: fl
                          finetune_lr=lr, limit_per_class=limit_per_class, methods=("policy",))
     model = model.to(dev)
     space = build_space(model, channel_multiple=channel_multiple)
-    with tempfile.TemporaryDirectory(dir=Path(out_path).parent if Path(out_path).parent.exists() else None) as tmp:
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=Path(out_path).parent) as tmp:
         row = finetune_one(cfg, model, space, keep, load_datasets(cfg, dev), Path(tmp), "policy")
         Path(tmp, "pruned_policy.pt").replace(out_path)
     click.echo(f"test accuracy {row['test_acc_before_ft']:.2f}% -> {row['test_acc']:.2f}% after "
@@ -206,9 +208,11 @@ def export(checkpoint: str | None, arch: str | None, out_path: str, opset: int, 
     from compress.export import check_parity, export_onnx, quantize_int8
 
     model = _model(arch, checkpoint)
-    path = export_onnx(model, out_path, opset=opset)
     probe = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
-    err = check_parity(model, path, probe)
+    errors: list[float] = []
+    path = export_onnx(model, out_path, opset=opset,
+                       verify=lambda tmp: errors.append(check_parity(model, tmp, probe)))
+    err = errors[0]
     click.echo(f"{path}: onnx.checker passed, max |torch - onnxruntime| = {err:.2e}")
     if int8_path:
         quantize_int8(path, int8_path, _calibration(data_root))

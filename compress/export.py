@@ -8,6 +8,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,8 +29,9 @@ class Latency:
 
 
 def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...] = (1, 3, 32, 32),
-                opset: int = MIN_OPSET) -> Path:
-    """Export with the dynamo exporter (batch dimension dynamic), check, and rename into place."""
+                opset: int = MIN_OPSET, verify: Callable[[str], object] | None = None) -> Path:
+    """Export with the dynamo exporter (batch dimension dynamic), run onnx.checker and `verify`
+    (e.g. a parity check) on the temporary file, and only then rename it into place."""
     import onnx
 
     if opset < MIN_OPSET:
@@ -46,6 +48,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
                                         verbose=False)
         program.save(tmp, external_data=False)
         onnx.checker.check_model(onnx.load(tmp), full_check=True)
+        if verify is not None:
+            verify(tmp)
 
     try:
         return atomic_write(path, _write)

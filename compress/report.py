@@ -43,9 +43,10 @@ def _export_all(run_dir: Path, onnx_dir: Path, probe: np.ndarray) -> dict[str, d
             model = build_model(arch).eval()
         else:
             continue
-        path = export_onnx(model, onnx_dir / f"{arch}_{name}.onnx")
-        models[name] = {"onnx": path, "checkpoint": ckpt if ckpt.exists() else None,
-                        "parity": check_parity(model, path, probe)}
+        errors: list[float] = []
+        path = export_onnx(model, onnx_dir / f"{arch}_{name}.onnx",
+                           verify=lambda tmp, m=model: errors.append(check_parity(m, tmp, probe)))
+        models[name] = {"onnx": path, "checkpoint": ckpt if ckpt.exists() else None, "parity": errors[0]}
     return models
 
 

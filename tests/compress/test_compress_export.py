@@ -73,3 +73,12 @@ def test_int8_quantisation_runs_and_agrees(tmp_path, pruned_resnet):
     labels = model(torch.from_numpy(calib)).argmax(1).numpy()
     assert onnx_accuracy(fp32, calib, labels) == 100.0
     assert onnx_accuracy(int8, calib, labels) >= 50.0  # random weights: coarse agreement only
+
+
+def test_failed_verification_leaves_no_file(tmp_path, pruned_resnet):
+    model, _ = pruned_resnet
+    other = build_model("resnet20").eval()
+    x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with pytest.raises(ExportError, match="differs from torch"):
+        export_onnx(model, tmp_path / "m.onnx", verify=lambda tmp: check_parity(other, tmp, x))
+    assert list(tmp_path.iterdir()) == []
