@@ -83,6 +83,7 @@ class SpeculativeLoop:
         output = Output.ARGMAX if sampling.greedy else Output.LOGITS
         record = _Record(time.perf_counter())
         last_progress = time.perf_counter()
+        backoff = Backoff()
         while not chain.done and record.stopped_by == "length":
             progressed = self._launch_what_is_due(chain, output)
             result = self._next_result(chain)
@@ -94,10 +95,11 @@ class SpeculativeLoop:
                     record.emit(verdict.decided, on_token, is_end, should_stop)
             if progressed:
                 last_progress = time.perf_counter()
+                backoff = Backoff()
             elif time.perf_counter() - last_progress > self.timeout_s:
                 raise ClusterError(f"no result from the pipeline or the draft within {self.timeout_s:.0f} s")
             else:
-                time.sleep(0.00005)
+                backoff.sleep()
         self._finish(chain)
         return record.generation(prompt), list(chain.fed)
 
@@ -180,7 +182,7 @@ class SpeculativeLoop:
 
     def _wait_draft(self) -> DraftReply:
         deadline = time.perf_counter() + self.timeout_s
-        backoff = Backoff(fast_s=0.00005)
+        backoff = Backoff()
         while time.perf_counter() < deadline:
             reply = self.draft.poll()
             if reply is not None and self._draft_sent and reply.request_id == self._draft_sent[0]:

@@ -153,6 +153,17 @@ class MpiTransport:
         """Kill every rank of the job (used after an error the head has already reported)."""
         self._comm.Abort(code)
 
+    def drain(self) -> int:
+        """Receive and drop whatever is still queued (stale results, cancels, draft replies).
+
+        MPICH refuses to finalize a communicator holding unmatched messages.
+        """
+        dropped = 0
+        while self.poll([(ANY, ANY)]) is not None:
+            dropped += 1
+        return dropped
+
     def finalize(self) -> None:
         self.flush(5.0)
+        self.drain()
         self._mpi.Finalize()
