@@ -11,7 +11,7 @@ longer sees them, and they stay dropped, so the rendered prefix is stable from t
 single message too long for the context is refused with a clear error and the session goes on.
 
 Requests and events are plain dicts (JSON objects on the wire):
-requests: turn {text}, interrupt, reset, system {text}, load {system, turns}, stats, quit;
+requests: turn {text, interrupt: already interrupted (Ctrl-C typed with the Enter)}, interrupt, reset, system {text}, load {system, turns}, stats, quit;
 events: ready, token {text}, done {stopped_by, answer, stats}, ok, stats, error {message}, bye.
 Every request but interrupt gets exactly one final event (token events come before `done`).
 """
@@ -197,7 +197,7 @@ class ChatServer:
         kind = request.get("type")
         try:
             if kind == "turn":
-                self._turn(_text(request), emit, should_stop)
+                self._turn(_text(request), emit, lambda: bool(request.get("interrupt")) or should_stop())
             elif kind == "reset":
                 self._set(self.conversation.cleared(), emit)
             elif kind == "system":

@@ -139,8 +139,8 @@ def chat_session(client: Client, options: ChatOptions, timeout_s: float) -> int:
     try:
         code = session.run(terminal_lines() if interactive else piped_lines())
     except JobEnded as exc:
-        say(f"error: {exc}; the conversation so far is kept"
-            + (f" in {options.transcript}" if options.transcript else " (nothing was lost from the transcript)"))
+        kept = f"; every turn shown is in {options.transcript}" if options.transcript else ""
+        say(f"error: {exc}{kept}")
         code = 1
     client.close()
     return code
@@ -203,8 +203,9 @@ class ChatSession:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
+        request = {"type": "turn", "text": text, "interrupt": self.interactive and typed_ctrl_c()}
         try:
-            final = self.client.ask({"type": "turn", "text": text}, show, self.answer_wait_s)
+            final = self.client.ask(request, show, self.answer_wait_s)
         except JobEnded:
             self._record(text, "".join(shown), "error")
             sys.stdout.write("\n")
@@ -351,23 +352,34 @@ def terminal_lines() -> Iterator[str]:
     """Lines typed at a terminal, with editing and history; ends on Ctrl-D, or Ctrl-C at an empty prompt."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import InMemoryHistory
-    from prompt_toolkit.key_binding import KeyBindings
 
-    bindings = KeyBindings()
-
-    @bindings.add("c-c")
-    def _(event) -> None:  # Ctrl-C clears a line being typed; at an empty prompt it ends the session
-        if event.current_buffer.text:
-            event.current_buffer.reset()
-        else:
-            event.app.exit(exception=KeyboardInterrupt())
-
-    session: PromptSession = PromptSession(history=InMemoryHistory(), key_bindings=bindings)
+    session: PromptSession = PromptSession(history=InMemoryHistory())
     while True:
         try:
             yield session.prompt("> ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             return
+        except KeyboardInterrupt:
+            if not session.default_buffer.text:
+                return
+            # Ctrl-C on a line being typed drops that line, as in a shell
+
+
+def typed_ctrl_c() -> bool:
+    """Whether Ctrl-C was typed while the line editor still held the terminal in raw mode.
+
+    Such a Ctrl-C (pressed right after Enter) is a character waiting in the input, not a signal;
+    left there it would end the session at the next prompt. Other waiting keys are dropped too.
+    """
+    import select
+
+    pending = b""
+    while select.select([sys.stdin.fileno()], [], [], 0)[0]:
+        data = os.read(sys.stdin.fileno(), 1024)
+        if not data:
+            break
+        pending += data
+    return b"\x03" in pending
 
 
 def piped_lines() -> Iterator[str]:
@@ -427,6 +439,7 @@ class JobClient:
         self.debug = debug
         self.tmp = tmp
         self.events: queue.Queue[dict] = queue.Queue()
+        self.death: str | None = None  # mpiexec's word on a rank that died
         self._threads = [threading.Thread(target=target, daemon=True)
                          for target in (self._read_events, self._forward_stderr)]
         for thread in self._threads:
@@ -441,18 +454,24 @@ class JobClient:
                 event = None
             if isinstance(event, dict) and "event" in event:
                 self.events.put(event)
-            elif line.strip():  # a worker's stray output: show it, it is not ours to parse
-                sys.stderr.write(line)
+            elif line.strip():  # mpiexec's banners, or a worker's stray output: not ours to parse
+                self._show(line)
         self.events.put({"event": "eof"})
 
     def _forward_stderr(self) -> None:
-        from .launcher import is_mpi_noise
-
         assert self.process.stderr is not None
         for line in self.process.stderr:
-            if self.debug or not is_mpi_noise(line):
-                sys.stderr.write(line)
-                sys.stderr.flush()
+            self._show(line)
+
+    def _show(self, line: str) -> None:
+        """Pass a line of the job's output on, minus mpiexec's noise (kept: why a rank died)."""
+        from .launcher import is_mpi_noise
+
+        if self.debug or not is_mpi_noise(line):
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        elif "EXIT STRING" in line or "exited on signal" in line:
+            self.death = line.split(":", 1)[-1].strip()
 
     def _send(self, request: dict) -> None:
         try:
@@ -460,7 +479,7 @@ class JobClient:
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
         except (BrokenPipeError, OSError, ValueError):
-            raise JobEnded("the MPI job has ended") from None
+            raise JobEnded(f"the MPI job ended ({self._exit_text()})") from None
 
     def start(self, wait_s: float) -> dict:
         deadline = time.monotonic() + wait_s
@@ -498,15 +517,16 @@ class JobClient:
                 raise JobEnded(f"no reply from the MPI job in time while waiting for {what}") from None
             return None
         if event["event"] == "eof":
-            self._drain_stderr()
             raise JobEnded(f"the MPI job ended ({self._exit_text()})")
         return event
 
     def _exit_text(self) -> str:
         try:
-            return f"exit code {self.process.wait(5)}"
+            code = self.process.wait(5)
         except subprocess.TimeoutExpired:
             return "it closed its output"
+        self._drain_stderr()
+        return f"a rank died: {self.death}" if self.death else f"exit code {code}"
 
     def _drain_stderr(self) -> None:
         self._threads[1].join(timeout=5)
