@@ -134,8 +134,8 @@ def fit_window(render: Render, conversation: Conversation, first: int, n_ctx: in
         tokens = render(conversation.messages(start))
         if len(tokens) + reserve <= n_ctx:
             return start, tokens
-    raise UserError(f"this message is too long: with the system message it takes {len(tokens)} tokens and "
-                    f"{reserve} are kept for the answer, but the context holds {n_ctx} (--ctx-size)")
+    raise UserError(f"this message is too long: it takes {len(tokens)} tokens (with the template and any system "
+                    f"message) and {reserve} are kept for the answer, but the context holds {n_ctx} (--ctx-size)")
 
 
 def plain_template(messages: Sequence[Message], add_assistant: bool = True) -> str:

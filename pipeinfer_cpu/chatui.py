@@ -164,6 +164,7 @@ class ChatSession:
         self.interactive = interactive
         self.conversation = Conversation(options.system or None)
         self.transcript = Transcript(options.transcript) if options.transcript else None
+        self.dropped = 0  # turns the model no longer sees (the context limit)
         if self.transcript and options.system:
             self.transcript.append({"role": "system", "content": options.system})
         self.commands: dict[str, Callable[[str], bool]] = {
@@ -210,19 +211,21 @@ class ChatSession:
             self._record(text, "".join(shown), "error")
             sys.stdout.write("\n")
             raise
-        sys.stdout.write("\n" + ("\n" if self.interactive else ""))
-        sys.stdout.flush()
         if final["event"] == "error":
             say(f"error: {final['message']}")
             return
+        sys.stdout.write("\n")
         self._record(text, final["answer"], final["stopped_by"])
-        dropped = final.get("dropped_turns", 0)
         if final["stopped_by"] == "interrupt":
             say("[interrupted]")
         elif final["stopped_by"] in ("length", "context"):
             say(f"[stopped at the answer limit ({final['stopped_by']})]")
-        if dropped:
+        dropped = final.get("dropped_turns", 0)
+        if dropped > self.dropped:
             say(f"[the {dropped} oldest turns no longer fit the context: the model does not see them]")
+        self.dropped = dropped
+        sys.stdout.write("\n" if self.interactive else "")  # a blank line before the next prompt
+        sys.stdout.flush()
 
     def _record(self, user: str, answer: str, stopped_by: str) -> None:
         self.conversation = self.conversation.with_turn("user", user).with_turn("assistant", answer)
@@ -252,6 +255,7 @@ class ChatSession:
     def _reset(self, arg: str) -> bool:
         if self._request({"type": "reset"}) is not None:
             self.conversation = self.conversation.cleared()
+            self.dropped = 0
             self._note({"reset": True})
             say("(conversation cleared)")
         return True
@@ -285,6 +289,7 @@ class ChatSession:
             return True
         if self._request({"type": "load", **conversation_to_json(conversation)}) is not None:
             self.conversation = conversation
+            self.dropped = 0
             self._note({"loaded": arg})
             say(f"(loaded {len(conversation.turns)} turns from {arg})")
         return True
@@ -336,8 +341,9 @@ def format_stats(stats: dict | None) -> list[str]:
               f"TTFT {run.ttft_s * 1e3:.0f} ms"),
              (f"prompt: {run.n_prompt} new tokens prefilled, {stats.get('reused_tokens', 0)} reused from the KV "
               f"cache, conversation {stats.get('context_tokens', run.n_prompt)} tokens")]
-    if run.acceptance_rate is not None:
-        lines.append(f"acceptance: {run.acceptance_rate:.0%} ({run.accepted}/{run.drafted} drafted tokens), "
+    if run.acceptance_rate is not None or run.mode in ("speculative", "pipeinfer"):
+        rate = f"{run.acceptance_rate:.0%}" if run.acceptance_rate is not None else "n/a"
+        lines.append(f"acceptance: {rate} ({run.accepted}/{run.drafted} drafted tokens), "
                      f"runs {run.runs_launched} (cancelled {run.runs_cancelled})")
     for index, stage in enumerate(run.stages):
         lines.append(f"stage {index + 1} (rank {stage.rank}, {stage.host}, layers [{stage.layers[0]}, "
