@@ -128,6 +128,8 @@ def holdout_split(labels: np.ndarray, n_holdout: int = 5000, seed: int = 0) -> t
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     per_class = n_holdout // len(classes)
+    if per_class == 0:
+        raise DataError(f"cannot hold out {n_holdout} images across {len(classes)} classes")
     held = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes]
     held_idx = np.sort(np.concatenate(held))
     mask = np.ones(len(labels), dtype=bool)
