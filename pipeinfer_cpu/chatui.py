@@ -69,7 +69,7 @@ class Client(Protocol):
 
 def run_chat(setup, options: ChatOptions, argv: list[str]) -> int:
     """Entry point of `pipeinfer-cpu chat` in every process; returns the exit code."""
-    from .runner import _as_head
+    from .runner import as_head
 
     settings = setup.settings
     if under_mpi():
@@ -83,9 +83,9 @@ def run_chat(setup, options: ChatOptions, argv: list[str]) -> int:
             transport.finalize()
             return code
         body = _serve_stdio if "--serve" in argv else _chat_here
-        return _as_head(lambda: body(settings, options, transport), transport, setup.debug)
+        return as_head(lambda: body(settings, options, transport), transport, setup.debug)
     if settings.mode == "single":
-        return _as_head(lambda: _chat_here(settings, options, None), None, setup.debug)
+        return as_head(lambda: _chat_here(settings, options, None), None, setup.debug)
     return _chat_with_job(setup, options, argv)
 
 

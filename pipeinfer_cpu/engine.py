@@ -133,11 +133,13 @@ class Engine:
             return self.vocab.tokenize(text, add_special=False, parse_special=True)
         return self.vocab.tokenize(text, add_special=True, parse_special=False)
 
-    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
+    def check_fits(self, n_prompt: int) -> int:
+        """Raise if the prompt does not fit; return how many tokens may follow it in the context."""
         room = self.settings.n_ctx - len(self.decoder.kv_tokens)
         if n_prompt >= room:
             raise UserError(f"the prompt has {n_prompt} tokens but the context has room for {room - 1} "
                             f"(--ctx-size {self.settings.n_ctx})")
+        return room - n_prompt - 1
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -145,7 +147,7 @@ class Engine:
                  on_token: Callable[[int], None] = lambda token: None,
                  should_stop: Callable[[], bool] = lambda: False,
                  keep_first_logits: bool = False) -> tuple[Generation, RunStats]:
-        self.check_fits(len(tokens), max_tokens)
+        max_tokens = min(max_tokens, self.check_fits(len(tokens)))  # generation never overruns the context
         if self.cluster is not None:
             self.cluster.reset_stats()
         bytes_before = self._head_bytes()

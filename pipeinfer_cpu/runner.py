@@ -34,7 +34,7 @@ class GenerateRequest:
 def run_job(settings: EngineSettings, request: GenerateRequest, debug: bool) -> int:
     """Entry point of every process of a run: returns its exit code."""
     if not under_mpi():
-        return _as_head(lambda: _generate(Engine.start(settings), request), None, debug)
+        return as_head(lambda: _generate(Engine.start(settings), request), None, debug)
     transport = MpiTransport()
     if transport.rank != HEAD_RANK:
         from .worker import worker_main
@@ -42,13 +42,16 @@ def run_job(settings: EngineSettings, request: GenerateRequest, debug: bool) -> 
         code = worker_main(transport)
         transport.finalize()
         return code
-    return _as_head(lambda: _generate(Engine.start(settings, transport), request), transport, debug)
+    return as_head(lambda: _generate(Engine.start(settings, transport), request), transport, debug)
 
 
-def _as_head(body, transport: MpiTransport | None, debug: bool) -> int:
-    """Run the head's work; on failure print one line, stop every rank, and return non-zero."""
+def as_head(body, transport: MpiTransport | None, debug: bool) -> int:
+    """Run the head's work; on failure print one line, stop every rank, and return non-zero.
+
+    Returns the body's own exit code when it gives one (an int), else 0.
+    """
     try:
-        body()
+        result = body()
     except (PipeinferError, KeyboardInterrupt) as exc:
         if debug or os.environ.get("PIPEINFER_DEBUG"):
             traceback.print_exc()
@@ -60,7 +63,7 @@ def _as_head(body, transport: MpiTransport | None, debug: bool) -> int:
         return _stop_all(transport, 1)
     if transport is not None:
         transport.finalize()
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 def _stop_all(transport: MpiTransport | None, code: int) -> int:
