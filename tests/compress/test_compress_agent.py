@@ -8,6 +8,7 @@ import pytest
 from compress.agent import AgentConfig, PPOAgent
 from compress.graph import FEATURE_NAMES, build_graph
 from compress.search import SearchConfig, run_search
+from compress_fixtures import resnet20, resnet20_space  # noqa: F401  (pytest fixtures)
 
 
 def toy_reward(graph):

@@ -15,6 +15,7 @@ from compress.errors import CheckpointError, DataError, TraceError
 from compress.models import build_model
 from compress.prune import build_space
 from compress.store import load_checkpoint, save_checkpoint
+from compress_fixtures import cli  # noqa: F401  (pytest fixtures)
 
 
 def assert_one_line_error(result, *fragments):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from compress.data import CLASSES, holdout_split, load_split
+from compress_fixtures import cifar_root, cli  # noqa: F401  (pytest fixtures)
 
 
 def test_holdout_split_is_seeded_stratified_and_disjoint():

@@ -13,6 +13,7 @@ from compress.export import benchmark, check_parity, export_onnx, onnx_accuracy,
 from compress.models import build_model
 from compress.prune import apply_policy, count_macs
 from compress.store import load_checkpoint, save_checkpoint
+from compress_fixtures import resnet20, resnet20_space  # noqa: F401  (pytest fixtures)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import torch
 from compress.graph import FEATURE_NAMES, build_graph
 from compress.models import ARCHITECTURES, build_model
 from compress.prune import apply_policy, build_space, count_macs
+from compress_fixtures import resnet20, resnet20_space  # noqa: F401  (pytest fixtures)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

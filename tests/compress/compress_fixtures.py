@@ -1,4 +1,7 @@
-"""Fixtures for the compress tests: the CIFAR-10 copy (skipped when absent) and small models."""
+"""Fixtures for the compress tests: the CIFAR-10 copy (skipped when absent) and small models.
+
+Not a conftest.py: the project's tests import helpers with `from conftest import ...`, and a second
+conftest module on sys.path would shadow theirs. Test modules import these fixtures by name."""
 
 from __future__ import annotations
 
