@@ -11,11 +11,15 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from compress.prune import PruneSpace, build_dependency_graph
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
 
 FEATURE_NAMES = (
     "is_conv", "is_depthwise", "is_linear", "is_other", "log_channels", "log_in_channels", "kernel",
@@ -75,7 +79,7 @@ def _owners(space: PruneSpace, model: nn.Module) -> dict[nn.Module, int]:
     return owner
 
 
-def flow_edges(dg, owner: dict[nn.Module, int]) -> list[tuple[int, int]]:
+def flow_edges(dg: "tp.DependencyGraph", owner: dict[nn.Module, int]) -> list[tuple[int, int]]:
     """Edges between owned modules of a traced graph, breadth-first through unowned nodes."""
     edges: set[tuple[int, int]] = set()
     for module, node in dg.module2node.items():

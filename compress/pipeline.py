@@ -77,7 +77,10 @@ def _budget(cfg: PipelineConfig, share: float) -> float | None:
 def baseline_model(cfg: PipelineConfig, data: Datasets, device: torch.device, out: Path) -> tuple[nn.Module, dict]:
     if cfg.baseline:
         model, info = load_checkpoint(cfg.baseline, cfg.arch)
-        return model.to(device), {"source": cfg.baseline, **info["meta"]}
+        model = model.to(device)
+        return model, {**info["meta"], "source": cfg.baseline,  # re-measured on this run's splits
+                       "test_acc": evaluate(model, data.test, amp=False),
+                       "holdout_acc": evaluate(model, data.holdout, amp=False)}
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch).to(device)
     if device.type == "cuda":

@@ -102,3 +102,16 @@ def test_report_measures_a_finished_run(small_run, cifar_root, cli, tmp_path):
         assert abs(row["onnx_test_acc"] - torch_row["test_acc"]) <= 1.0  # same weights, fp32 both
     table = (tmp_path / "r.md").read_text()
     assert table.count("| resnet20 |") == 6 and "GNN+RL" in table
+
+
+def test_reproduce_from_an_existing_baseline(small_run, cifar_root, cli, tmp_path):
+    out = tmp_path / "again"
+    result = cli("reproduce", "--arch", "resnet20", "--target", 0.7, "--out-dir", out, "--data", cifar_root,
+                 "--limit-per-class", 30, "--finetune-epochs", 1, "--episodes", 2, "--device", "cpu",
+                 "--baseline", small_run / "baseline.pt")
+    assert result.exit_code == 0, result.output + str(result.exception)
+    res = json.loads((out / "results.json").read_text())
+    first = json.loads((small_run / "results.json").read_text())
+    assert res["baseline"]["test_acc"] == first["baseline"]["test_acc"]  # same weights, same test set
+    assert not (out / "baseline.pt").exists()  # nothing trained
+    assert all(0.69 <= r["macs_ratio"] <= 0.7 + 1e-6 for r in res["finetuned"].values())
