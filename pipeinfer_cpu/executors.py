@@ -20,7 +20,7 @@ from .errors import ClusterError
 from .llamacpp import Stage
 from .kvcache import apply_kv_ops
 from .protocol import Output, RunMessage, Tag
-from .transport import wait
+from .transport import Waiter
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ class PipelineExecutor:
         self.transport = cluster.transport
         self.stage_ranks = stage_ranks
         self.timeout_s = timeout_s
+        self._waiter = Waiter(cluster.transport)
 
     def launch(self, run: RunMessage) -> None:
         self.transport.send(self.stage_ranks[0], int(Tag.RUN), P.encode_run(run))
@@ -90,7 +91,7 @@ class PipelineExecutor:
 
     def wait(self) -> RunResult:
         last = self.stage_ranks[-1]
-        message = wait(self.transport, [(last, Tag.RUN), (-1, Tag.REPLY)], self.timeout_s)
+        message = self._waiter.wait([(last, Tag.RUN), (-1, Tag.REPLY)], self.timeout_s)
         if message is None:
             raise ClusterError(
                 f"no result from the pipeline within {self.timeout_s:.0f} s; last stage is rank "

@@ -26,7 +26,7 @@ from .kvcache import apply_kv_ops
 from .protocol import HEAD, Output, RunMessage, Tag
 from .files import atomic_output
 from .shards import ShardFile, check_readable, default_cache_dir, verify_shard
-from .transport import Transport, wait
+from .transport import Transport, Waiter, wait
 
 ASSIGN_TIMEOUT_S = 3600.0  # the head may be writing shards of a large model meanwhile
 FILE_CHUNK_TIMEOUT_S = 120.0
@@ -155,6 +155,7 @@ class StageLoop:
         self._current_run = -1
         self._computing = threading.Event()
         self._stopping = False
+        self._waiter = Waiter(transport)
         if assignment.cancellation:
             threading.Thread(target=self._watch_cancels, daemon=True).start()
 
@@ -174,7 +175,7 @@ class StageLoop:
     def _wait_for_work(self, channels):
         """Wait for the next message, accounting the CPU the wait itself costs (it should be ~0)."""
         wall, cpu = time.perf_counter(), time.process_time()
-        message = wait(self.transport, channels, timeout_s=None)
+        message = self._waiter.wait(channels, timeout_s=None)
         self.counters.idle_wall_s += time.perf_counter() - wall
         self.counters.idle_cpu_s += time.process_time() - cpu
         return message

@@ -1,0 +1,197 @@
+"""How the chat front end reaches the model: a ChatServer in this process, or the MPI job's head
+over JSON lines (one thread reads its events, another forwards its stderr minus mpiexec's noise)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable, Protocol
+
+from .chat import ChatServer
+
+QUIT_WAIT_S = 15.0
+
+
+class JobEnded(Exception):
+    """The model's process is gone or stopped answering: the session cannot go on."""
+
+
+class Client(Protocol):
+    def start(self, wait_s: float) -> dict: ...
+
+    def ask(self, request: dict, on_token: Callable[[str], None], wait_s: float) -> dict: ...
+
+    def close(self) -> int: ...
+
+
+class _SigintFlag:
+    """While active, Ctrl-C sets a flag instead of raising, so no event or state is half handled."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __enter__(self) -> threading.Event:
+        self._previous = signal.signal(signal.SIGINT, lambda signum, frame: self.event.set())
+        return self.event
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+class LocalClient:
+    """The ChatServer in this process."""
+
+    def __init__(self, server: ChatServer) -> None:
+        self.server = server
+
+    def start(self, wait_s: float) -> dict:
+        return self.server.ready_event()
+
+    def ask(self, request: dict, on_token: Callable[[str], None], wait_s: float) -> dict:
+        final: dict = {}
+
+        def emit(event: dict) -> None:
+            if event["event"] == "token":
+                on_token(event["text"])
+            else:
+                final.update(event)
+
+        with _SigintFlag() as interrupted:
+            self.server.handle(request, emit, interrupted.is_set)
+        return final
+
+    def close(self) -> int:
+        self.server.engine.close()
+        return 0
+
+
+class JobClient:
+    """The MPI job's head, over JSON lines; a thread reads its events, another forwards its stderr."""
+
+    def __init__(self, process: subprocess.Popen, debug: bool, tmp: tempfile.TemporaryDirectory) -> None:
+        self.process = process
+        self.debug = debug
+        self.tmp = tmp
+        self.events: queue.Queue[dict] = queue.Queue()
+        self.death: str | None = None  # mpiexec's word on a rank that died
+        self._threads = [threading.Thread(target=target, daemon=True)
+                         for target in (self._read_events, self._forward_stderr)]
+        for thread in self._threads:
+            thread.start()
+
+    def _read_events(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                event = None
+            if isinstance(event, dict) and "event" in event:
+                self.events.put(event)
+            elif line.strip():  # mpiexec's banners, or a worker's stray output: not ours to parse
+                self._show(line)
+        self.events.put({"event": "eof"})
+
+    def _forward_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._show(line)
+
+    def _show(self, line: str) -> None:
+        """Pass a line of the job's output on, minus mpiexec's noise (kept: why a rank died)."""
+        from .launcher import is_mpi_noise
+
+        if self.debug or not is_mpi_noise(line):
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        elif "EXIT STRING" in line or "exited on signal" in line:
+            self.death = line.split(":", 1)[-1].strip()
+
+    def _send(self, request: dict) -> None:
+        try:
+            assert self.process.stdin is not None
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            raise JobEnded(f"the MPI job ended ({self._exit_text()})") from None
+
+    def start(self, wait_s: float) -> dict:
+        deadline = time.monotonic() + wait_s
+        event = None
+        while event is None:
+            event = self._poll(deadline, "the cluster to start")
+        if event["event"] != "ready":
+            raise JobEnded(event.get("message", "the MPI job did not start"))
+        return event
+
+    def ask(self, request: dict, on_token: Callable[[str], None], wait_s: float) -> dict:
+        """Send a request; stream its tokens; return its final event. Ctrl-C sends an interrupt."""
+        self._send(request)
+        sent_interrupt = False
+        deadline = time.monotonic() + wait_s
+        with _SigintFlag() as interrupted:
+            while True:
+                if interrupted.is_set() and not sent_interrupt:
+                    self._send({"type": "interrupt"})
+                    sent_interrupt = True
+                event = self._poll(deadline, "an answer")
+                if event is None:
+                    continue
+                deadline = time.monotonic() + wait_s
+                if event["event"] != "token":
+                    return event
+                on_token(event["text"])
+
+    def _poll(self, deadline: float, what: str) -> dict | None:
+        """The next event, or None after a short tick; JobEnded past the deadline or when the job is gone."""
+        try:
+            event = self.events.get(timeout=0.05)
+        except queue.Empty:
+            if time.monotonic() > deadline:
+                raise JobEnded(f"no reply from the MPI job in time while waiting for {what}") from None
+            return None
+        if event["event"] == "eof":
+            raise JobEnded(f"the MPI job ended ({self._exit_text()})")
+        return event
+
+    def _exit_text(self) -> str:
+        try:
+            code = self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            return "it closed its output"
+        self._drain_stderr()
+        return f"a rank died: {self.death}" if self.death else f"exit code {code}"
+
+    def _drain_stderr(self) -> None:
+        self._threads[1].join(timeout=5)
+
+    def close(self) -> int:
+        """Ask the job to quit, wait (bounded), and kill its process group if it lingers."""
+        try:
+            self._send({"type": "quit"})
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+        except (JobEnded, OSError):
+            pass
+        try:
+            code = self.process.wait(QUIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            _kill_group(self.process.pid)
+            code = self.process.wait(5)
+        self._drain_stderr()
+        self.tmp.cleanup()
+        return code
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
