@@ -29,6 +29,7 @@ from .planning import split_layers
 from .sampling import SamplingConfig
 from .shards import shard_model
 from .specdecode import DraftClient, SpeculativeLoop, SpecSettings
+from .speculation import SpeculationSwitch
 from .stats import RunStats, StageStats
 from .transport import Transport
 from .worker import peak_rss_bytes
@@ -80,6 +81,7 @@ class Engine:
         self._local_stage = local_stage
         self.draft = draft
         self.decoder = Decoder(executor, settings.n_batch, settings.n_ctx)
+        self.switch = SpeculationSwitch()  # what pipeinfer learnt about speculating here, across requests
 
     @staticmethod
     def start(settings: EngineSettings, transport: Transport | None = None) -> "Engine":
@@ -156,7 +158,7 @@ class Engine:
                                                should_stop, keep_first_logits)
             return generation, self._stats(generation, self._head_bytes() - bytes_before)
         loop = SpeculativeLoop(self.executor, self.draft, self.settings.spec or SpecSettings(self.settings.mode),
-                               self.settings.n_batch, self.settings.timeout_s, self.decoder.new_run_id)
+                               self.settings.n_batch, self.settings.timeout_s, self.decoder.new_run_id, self.switch)
         generation, kv_tokens = loop.generate(self.decoder.kv_tokens, tokens, max_tokens, sampling,
                                               self.vocab.is_end, on_token, should_stop)
         self.decoder.kv_tokens = kv_tokens

@@ -29,7 +29,7 @@ from .errors import ClusterError
 from .executors import Executor, RunResult
 from .protocol import Output, RunMessage
 from .sampling import SamplingConfig, make_rng, sample
-from .speculation import COMMITTED_SEQ, Chain, DraftPolicy, Launch
+from .speculation import COMMITTED_SEQ, Chain, DraftPolicy, Launch, SpeculationSwitch
 from .transport import Backoff
 
 
@@ -62,7 +62,7 @@ class SpeculativeLoop:
     """One speculative request, from prompt to the last token."""
 
     def __init__(self, executor: Executor, draft: DraftClient, settings: SpecSettings, n_batch: int,
-                 timeout_s: float, new_run_id: Callable[[], int]) -> None:
+                 timeout_s: float, new_run_id: Callable[[], int], switch: SpeculationSwitch | None = None) -> None:
         self.executor = executor
         self.draft = draft
         self.settings = settings
@@ -71,6 +71,7 @@ class SpeculativeLoop:
         self.new_run_id = new_run_id
         self.policy = DraftPolicy(settings.draft_max, settings.p_accept, settings.p_recovery, settings.p_decay)
         self.counters = SpecCounters()
+        self.switch = switch or SpeculationSwitch()  # kept by the caller across requests
         self._draft_sent: tuple[int, int, int] | None = None  # (request id, epoch, base)
         self._draft_ids = 0
 
@@ -93,6 +94,7 @@ class SpeculativeLoop:
                 if verdict is not None:
                     self._account(verdict)
                     record.emit(verdict.decided, on_token, is_end, should_stop)
+                    self._maybe_switch(record)
             if progressed:
                 last_progress = time.perf_counter()
                 backoff = Backoff()
@@ -102,6 +104,16 @@ class SpeculativeLoop:
                 backoff.sleep()
         self._finish(chain)
         return record.generation(prompt), list(chain.fed)
+
+    def _maybe_switch(self, record: "_Record") -> None:
+        """pipeinfer with --adaptive: close a measurement window and let the switch choose."""
+        if self.settings.mode != "pipeinfer" or not self.settings.adaptive:
+            return
+        tokens = len(record.tokens) - record.window_start_tokens
+        if tokens >= self.switch.window:
+            now = time.perf_counter()
+            self.switch.observe(tokens, now - record.window_start)
+            record.window_start, record.window_start_tokens = now, len(record.tokens)
 
     def _next_result(self, chain: Chain) -> RunResult | None:
         if self.settings.mode == "speculative":
@@ -134,7 +146,7 @@ class SpeculativeLoop:
     def _wants_draft(self, chain: Chain) -> bool:
         stale = self._draft_sent is not None and self._draft_sent[1] != chain.epoch
         idle = self._draft_sent is None or stale
-        return (idle and not chain.needs_feed() and len(chain.inflight) < self.settings.max_inflight
+        return (idle and self.switch.speculating and not chain.needs_feed() and len(chain.inflight) < self.settings.max_inflight
                 and len(chain.fed) < chain.limit and not chain.done)
 
     def _ask_draft(self, chain: Chain, context: list[int]) -> None:
@@ -196,6 +208,8 @@ class _Record:
     """Decided tokens and their times, and why generation stopped."""
 
     started: float
+    window_start: float = 0.0
+    window_start_tokens: int = 1  # windows start after the first token (prefill is not decode)
     tokens: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     stopped_by: str = "length"
@@ -204,6 +218,8 @@ class _Record:
         for token in decided:
             self.tokens.append(token)
             self.times.append(time.perf_counter() - self.started)
+            if len(self.tokens) == 1:
+                self.window_start = time.perf_counter()
             on_token(token)
             if is_end(token):
                 self.stopped_by = "eos"

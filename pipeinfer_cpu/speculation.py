@@ -230,3 +230,39 @@ class DraftPolicy:
             self.p_accept = min(0.95, self.p_accept + self.p_recovery)
         else:
             self.p_accept = max(0.0, self.p_accept - self.p_decay)
+
+
+@dataclass
+class SpeculationSwitch:
+    """Whether to speculate at all, chosen online from the decode speed each choice has shown.
+
+    Speculation pays when the pipeline has idle stages to fill or verifying k tokens costs much
+    less than k single-token runs; with one target stage and a weak draft it can cost more than
+    it saves. So pipeinfer measures: it decodes in windows of `window` tokens, keeps a smoothed
+    tokens/s for "speculate" and "don't", runs the faster choice, and tries the other one every
+    `explore_every` windows so its estimate stays current. Deterministic (no random draws), so
+    a run is reproducible; the output never depends on it (verification is lossless).
+    """
+
+    window: int = 16
+    explore_every: int = 4
+    smoothing: float = 0.5
+    speculating: bool = True
+    rates: dict = field(default_factory=dict)  # choice -> smoothed tokens/s
+    windows: int = 0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """Record one finished window of the current choice, then pick the next choice."""
+        if tokens <= 0 or seconds <= 0:
+            return
+        rate = tokens / seconds
+        old = self.rates.get(self.speculating)
+        self.rates[self.speculating] = rate if old is None else old + self.smoothing * (rate - old)
+        self.windows += 1
+        self.speculating = self._next_choice()
+
+    def _next_choice(self) -> bool:
+        if len(self.rates) < 2:
+            return not self.speculating  # try each choice once
+        best = self.rates[True] >= self.rates[False]
+        return (not best) if self.windows % self.explore_every == 0 else best

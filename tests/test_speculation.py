@@ -144,3 +144,20 @@ def test_policy_adapts_run_length_and_cutoff():
     assert policy.run_length() == 1 and policy.p_accept > 0.4
     with pytest.raises(ValueError, match="draft-max"):
         DraftPolicy(draft_max=0)
+
+
+def test_switch_tries_both_choices_then_keeps_the_faster_and_still_explores():
+    from pipeinfer_cpu.speculation import SpeculationSwitch
+
+    switch = SpeculationSwitch(window=16, explore_every=4)
+    assert switch.speculating
+    switch.observe(16, 0.4)  # speculating: 40 tok/s
+    assert not switch.speculating  # tries the other choice once
+    switch.observe(16, 0.2)  # not speculating: 80 tok/s
+    choices = []
+    for _ in range(8):
+        choices.append(switch.speculating)
+        switch.observe(16, 0.2 if not switch.speculating else 0.4)
+    assert choices.count(False) > choices.count(True) >= 1  # mostly the faster, sometimes the other
+    switch.observe(0, 0.0)  # an empty window changes nothing
+    assert switch.windows == 10
