@@ -85,14 +85,6 @@ class Cluster:
             raise ClusterError(f"rank {rank} ({self.host(rank)}): expected {kind!r}, got {reply['type']!r}")
         return reply
 
-    def check_errors(self) -> None:
-        """Raise if any worker has reported an error (polled without waiting)."""
-        message = self.transport.poll([(-1, Tag.REPLY)])
-        if message is not None:
-            reply = P.decode_json(message.data)
-            rank = message.source
-            raise ClusterError(f"rank {rank} ({self.host(rank)}): {reply.get('message', reply['type'])}")
-
     def load_stages(self, plan: ShardPlan, stage_ranks: list[int], settings: StageSettings) -> None:
         """Assign shard i to stage_ranks[i], send files to hosts that cannot read them, wait for loads."""
         for index, rank in enumerate(stage_ranks):

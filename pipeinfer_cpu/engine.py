@@ -22,7 +22,6 @@ from .drafter import Drafter, LocalDraftClient, RemoteDraftClient
 from .decoding import Decoder, Generation
 from .errors import UserError
 from .executors import Executor, LocalExecutor, PipelineExecutor
-from .hostfile import Host
 from .llamacpp import Stage, StageConfig, Vocab
 from .models import ModelInfo, check_supported, read_model_info, resolve_model
 from .planning import split_layers
@@ -242,8 +241,3 @@ def _progress(verbose: bool) -> Callable[[str], None] | None:
     if not verbose:
         return None
     return lambda text: print(text, file=sys.stderr, flush=True)
-
-
-def stage_hosts(hosts: tuple[Host, ...], n_stages: int) -> tuple[str, ...]:
-    """Host of each stage: the hostfile's lines in order, wrapping around when stages outnumber them."""
-    return tuple(hosts[i % len(hosts)].name for i in range(n_stages))

@@ -38,8 +38,6 @@ class Transport(Protocol):
 
     def pending(self, channels: Iterable[tuple[int, int]]) -> bool: ...
 
-    def host_of(self, rank: int) -> str: ...
-
 
 class Backoff:
     """Sleep intervals for an idle poll loop: short while a message is likely soon, longer later.
@@ -130,7 +128,6 @@ class MpiTransport:
         self.size = self._comm.Get_size()
         self.bytes_sent = 0
         self._pending: list[tuple[object, np.ndarray]] = []
-        self._hosts: dict[int, str] = {}
 
     def send(self, dest: int, tag: int, data: np.ndarray) -> None:
         buffer = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
@@ -176,15 +173,6 @@ class MpiTransport:
             if self._comm.Iprobe(source=source, tag=tag):
                 return True
         return False
-
-    def set_hosts(self, hosts: dict[int, str]) -> None:
-        self._hosts = dict(hosts)
-
-    def host_of(self, rank: int) -> str:
-        return self._hosts.get(rank, "?")
-
-    def processor_name(self) -> str:
-        return self._mpi.Get_processor_name()
 
     def abort(self, code: int) -> None:
         """Kill every rank of the job (used after an error the head has already reported)."""
