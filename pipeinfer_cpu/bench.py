@@ -111,8 +111,10 @@ def plain_row(model: Path | None, config: BenchConfig) -> dict:
 
 def agreement_sweep(config: BenchConfig, levels: list[float], cost_ratio: float, out_dir: Path) -> str:
     """Build a SYNTHETIC bench pair per agreement level and benchmark every mode on it."""
-    from .benchpair import batched_source, build_bench_pair
+    from .benchpair import batched_source, build_bench_pair, check_request
 
+    for level in levels:
+        check_request(cost_ratio, level)
     rows, pairs = [], []
     (out_dir / "pairs").mkdir(parents=True, exist_ok=True)
     source = batched_source(out_dir / "pairs")

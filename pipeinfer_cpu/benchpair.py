@@ -331,8 +331,7 @@ def build_bench_pair(
     progress: Callable[[str], None] | None = None,
 ) -> BenchPair:
     """Build (or reuse from out_dir) the SYNTHETIC pair for `cost_ratio` and `agreement`."""
-    if not 0.0 < agreement < 1.0:
-        raise UserError(f"--agreement must be a fraction strictly between 0 and 1 (e.g. 0.6), got {agreement}")
+    check_request(cost_ratio, agreement)
     source = Path(source or default_model_path())
     info = read_model_info(source)
     n_extra = extra_layers_for(cost_ratio, info.n_layer)
@@ -348,6 +347,13 @@ def build_bench_pair(
     pair = BenchPair(target, out_dir / DRAFT_NAME, cost_ratio, n_extra, sigma, agreement, measured, seed)
     write_pair(out_dir, pair, source, request)
     return pair
+
+
+def check_request(cost_ratio: float, agreement: float) -> None:
+    """Refuse a pair that cannot be built, before anything is written."""
+    if not 0.0 < agreement < 1.0:
+        raise UserError(f"--agreement must be a fraction strictly between 0 and 1 (e.g. 0.6), got {agreement}")
+    extra_layers_for(cost_ratio, 1)  # raises for a ratio below 1
 
 
 def pair_request(source: Path, cost_ratio: float, agreement: float, seed: int) -> dict:

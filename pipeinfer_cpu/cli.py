@@ -349,8 +349,9 @@ def models_list(dirs):
 @click.option("--debug", is_flag=True)
 def models_bench_pair(cost_ratio, agreement, seed, quant, out_dir, debug):
     """Build a SYNTHETIC target/draft pair of known cost ratio and agreement (for benchmarks only)."""
-    from .benchpair import batched_source, build_bench_pair
+    from .benchpair import batched_source, build_bench_pair, check_request
 
+    check_request(cost_ratio, agreement)
     out_dir.mkdir(parents=True, exist_ok=True)
     source = batched_source(out_dir) if quant == "q4_0" else None
     pair = build_bench_pair(cost_ratio, agreement, out_dir, seed, source=source,

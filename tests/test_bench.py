@@ -1,0 +1,29 @@
+"""The benchmark command runs real jobs and writes its report (speed is reported, never asserted)."""
+
+import json
+
+
+def test_bench_writes_json_and_markdown(cli, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\nOnce upon a time\n")
+    out = tmp_path / "bench"
+    done = cli("bench", "--modes", "single,pipeline", "--stages", "2", "-n", "8", "--prompts-file", str(prompts),
+               "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "bench.json").read_text())
+    labels = [mode["label"] for mode in report["modes"]]
+    assert labels == ["single (1 thread)", "pipeline (2 target stages)"]
+    for mode in report["modes"]:
+        assert len(mode["runs"]) == 2 and mode["summary"]["decode_tok_s"] > 0
+        assert mode["command"].startswith("pipeinfer-cpu run")
+    markdown = (out / "bench.md").read_text()
+    assert "| pipeline (2 target stages) |" in markdown and "Commands:" in markdown
+
+
+def test_bench_and_bench_pair_refuse_bad_input(cli, tmp_path):
+    from test_bad_input import assert_clean_failure
+
+    assert_clean_failure(cli("bench", "--modes", "single,warp", "--out", str(tmp_path)), "unknown benchmark modes: warp")
+    assert_clean_failure(cli("bench", "--modes", "pipeinfer", "--out", str(tmp_path)), "need --draft or --agreements")
+    done = cli("models", "bench-pair", "--agreement", "1.5", "-o", str(tmp_path / "pair"))
+    assert_clean_failure(done, "--agreement must be a fraction strictly between 0 and 1")
