@@ -71,8 +71,9 @@ class Cluster:
         sharing = sum(1 for r in self.workers if self.hosts[r] == self.hosts[rank])
         return max(1, self.cpus[rank] // sharing)
 
-    def expect(self, rank: int, kind: str, timeout_s: float | None = None) -> dict:
-        """Wait for a reply of `kind` from `rank`; raise ClusterError on an error, a timeout or junk."""
+    def expect(self, rank: int, kind: str | tuple[str, ...], timeout_s: float | None = None) -> dict:
+        """Wait for a reply of `kind` (or one of several) from `rank`; raise ClusterError on an
+        error, a timeout or junk."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         message = wait(self.transport, [(rank, Tag.REPLY)], timeout_s)
         if message is None:
@@ -81,7 +82,7 @@ class Cluster:
         if reply["type"] == "error":
             detail = f"\n{reply['detail']}" if reply.get("detail") else ""
             raise ClusterError(f"rank {rank} ({self.host(rank)}): {reply['message']}{detail}")
-        if reply["type"] != kind:
+        if reply["type"] not in ((kind,) if isinstance(kind, str) else kind):
             raise ClusterError(f"rank {rank} ({self.host(rank)}): expected {kind!r}, got {reply['type']!r}")
         return reply
 
@@ -97,7 +98,7 @@ class Cluster:
                                     downstream, settings.cancellation)
             self.send_control(rank, {"type": "assign", "assignment": asdict(assignment)})
         for index, rank in enumerate(stage_ranks):
-            reply = self._file_reply(rank)
+            reply = self.expect(rank, ("have-file", "need-file"))
             if reply["type"] == "need-file":
                 self._send_file(rank, Path(plan.shards[index].path))
         for rank in stage_ranks:
@@ -113,18 +114,9 @@ class Cluster:
         assignment = Assignment(-1, 0, info.n_layer, info.n_layer, shard, settings.n_ctx, settings.n_batch,
                                 self.threads_for(rank, settings.n_threads), 1, HEAD, HEAD, False, "draft")
         self.send_control(rank, {"type": "assign", "assignment": asdict(assignment)})
-        if self._file_reply(rank)["type"] == "need-file":
+        if self.expect(rank, ("have-file", "need-file"))["type"] == "need-file":
             self._send_file(rank, path)
         self.expect(rank, "ready", LOAD_TIMEOUT_S)
-
-    def _file_reply(self, rank: int) -> dict:
-        message = wait(self.transport, [(rank, Tag.REPLY)], self.timeout_s)
-        if message is None:
-            raise ClusterError(f"rank {rank} ({self.host(rank)}) did not answer within {self.timeout_s:.0f} s")
-        reply = P.decode_json(message.data)
-        if reply["type"] not in ("have-file", "need-file"):
-            raise ClusterError(f"rank {rank} ({self.host(rank)}): {reply.get('message', reply['type'])}")
-        return reply
 
     def _send_file(self, rank: int, path: Path) -> None:
         size = path.stat().st_size

@@ -14,10 +14,10 @@ from typing import Callable
 import numpy as np
 
 from .executors import Executor, RunResult
+from .kvcache import COMMITTED_SEQ
 from .protocol import KvKind, KvOp, Output, RunMessage
 from .sampling import SamplingConfig, make_rng, sample
 
-COMMITTED_SEQ = 0
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ from typing import Iterable, Protocol
 
 from .protocol import KvKind, KvOp
 
+COMMITTED_SEQ = 0  # the KV sequence that holds the fed tokens on every stage
+
 
 class KvCache(Protocol):
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool: ...

@@ -29,7 +29,8 @@ from .errors import ClusterError
 from .executors import Executor, RunResult
 from .protocol import Output, RunMessage
 from .sampling import SamplingConfig, make_rng, sample
-from .speculation import COMMITTED_SEQ, Chain, DraftPolicy, Launch, SpeculationSwitch
+from .kvcache import COMMITTED_SEQ
+from .speculation import Chain, DraftPolicy, Launch, SpeculationSwitch
 from .transport import Backoff
 
 

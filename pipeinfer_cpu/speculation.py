@@ -24,9 +24,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .kvcache import COMMITTED_SEQ
 from .protocol import KvKind, KvOp
 
-COMMITTED_SEQ = 0
 
 
 @dataclass(frozen=True)
