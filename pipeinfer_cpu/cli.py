@@ -95,6 +95,10 @@ def engine_options(command):
         click.option("--p-accept", type=float, default=0.4, show_default=True, help="Stop drafting below this top-1 probability."),
         click.option("--p-recovery", type=float, default=0.05, show_default=True, help="Raise p-accept by this after a rejection."),
         click.option("--p-decay", type=float, default=0.02, show_default=True, help="Lower p-accept by this after a confirmed run."),
+        click.option("--p-split", type=float, default=1.0, show_default=True,
+                     help="pipeinfer, EXPERIMENTAL: branch the draft token tree where the draft's second choice is "
+                          "at least this likely (1: no trees). Not yet lossless: branches reorder llama.cpp's KV "
+                          "cells, which changes its CPU attention results slightly (see README)."),
         click.option("--adaptive/--fixed-length", default=True, show_default=True,
                      help="Adapt the draft length to the acceptance observed."),
         click.option("--verbose", "-v", is_flag=True, help="Say what is being set up."),
@@ -105,7 +109,7 @@ def engine_options(command):
     def wrapper(**kwargs):
         keys = ("hostfile", "model", "mode", "stages", "weights", "threads", "n_ctx", "n_batch", "timeout_s",
                 "shard_dir", "draft", "draft_ranks", "draft_host", "draft_max", "max_inflight", "p_accept",
-                "p_recovery", "p_decay", "adaptive", "verbose")
+                "p_recovery", "p_decay", "p_split", "adaptive", "verbose")
         engine = {key: kwargs.pop(key) for key in keys}
         return command(setup=make_setup(debug=kwargs.pop("debug"), **engine), **kwargs)
 
@@ -133,11 +137,12 @@ class Setup:
 
 
 def make_setup(hostfile, model, mode, stages, weights, threads, n_ctx, n_batch, timeout_s, shard_dir, draft,
-               draft_ranks, draft_host, draft_max, max_inflight, p_accept, p_recovery, p_decay, adaptive,
+               draft_ranks, draft_host, draft_max, max_inflight, p_accept, p_recovery, p_decay, p_split, adaptive,
                verbose, debug) -> Setup:
     topo = speculative_topology(hostfile, stages, weights, mode, draft, draft_ranks, draft_host)
     settings = engine_settings(model, mode, topo.weights, threads, n_ctx, n_batch, timeout_s, shard_dir, verbose,
-                               draft, draft_ranks, draft_max, max_inflight, p_accept, p_recovery, p_decay, adaptive)
+                               draft, draft_ranks, draft_max, max_inflight, p_accept, p_recovery, p_decay, adaptive,
+                               p_split)
     return Setup(settings, topo, debug)
 
 
@@ -205,8 +210,9 @@ def speculative_topology(hostfile, stages, weights, mode, draft, draft_ranks, dr
 
 def engine_settings(model, mode, weights, threads, n_ctx, n_batch, timeout_s, shard_dir, verbose, draft=None,
                     draft_ranks="dedicated", draft_max=8, max_inflight=4, p_accept=0.4, p_recovery=0.05,
-                    p_decay=0.02, adaptive=True):
+                    p_decay=0.02, adaptive=True, p_split=1.0):
     from .engine import EngineSettings
+    from .llamacpp import MAX_SEQUENCES
     from .specdecode import SpecSettings
 
     if threads < 0:
@@ -221,7 +227,14 @@ def engine_settings(model, mode, weights, threads, n_ctx, n_batch, timeout_s, sh
     for name, value in (("--p-accept", p_accept), ("--p-recovery", p_recovery), ("--p-decay", p_decay)):
         if not 0 <= value < 1:
             raise UserError(f"{name} must be in [0, 1), got {value}")
-    spec = SpecSettings(mode, draft_max, max_inflight, p_accept, p_recovery, p_decay, adaptive)
+    if not 0 < p_split <= 1:
+        raise UserError(f"--p-split must be in (0, 1] (1 turns draft token trees off), got {p_split}")
+    spec = SpecSettings(mode, draft_max, max_inflight, p_accept, p_recovery, p_decay, adaptive, p_split)
+    most = min(MAX_SEQUENCES, n_batch)
+    if spec.kv_sequences > most:
+        raise UserError(f"--max-inflight {max_inflight} runs with draft token trees need {spec.kv_sequences} KV "
+                        f"sequences per stage; llama.cpp allows {most} here (at most {MAX_SEQUENCES}, and no more "
+                        f"than --batch-size): lower --max-inflight or turn trees off with --p-split 1")
     return EngineSettings(model=model, mode=mode, weights=weights, n_threads=threads, n_ctx=n_ctx,
                           n_batch=n_batch, timeout_s=timeout_s, shard_dir=shard_dir, verbose=verbose,
                           draft=draft, draft_in_head=draft_ranks == "head", spec=spec)

@@ -28,9 +28,14 @@ class DraftRequest:
 
 @dataclass(frozen=True)
 class DraftReply:
+    """Greedy draft tokens with their probabilities, and the runner-up at each drafted position
+    (the candidates for a branch of a draft token tree)."""
+
     request_id: int
     tokens: tuple[int, ...]
     probs: tuple[float, ...]
+    second_tokens: tuple[int, ...] = ()
+    second_probs: tuple[float, ...] = ()
 
 
 def encode_request(request: DraftRequest) -> np.ndarray:
@@ -44,22 +49,32 @@ def decode_request(data: np.ndarray) -> DraftRequest:
 
 
 def encode_reply(reply: DraftReply) -> np.ndarray:
-    ints = np.asarray([reply.request_id, len(reply.tokens), *reply.tokens], dtype=np.int64)
-    return np.concatenate([ints.view(np.uint8), np.asarray(reply.probs, dtype=np.float64).view(np.uint8)])
+    seconds = _padded(reply.second_tokens, len(reply.tokens), -1)
+    ints = np.asarray([reply.request_id, len(reply.tokens), *reply.tokens, *seconds], dtype=np.int64)
+    floats = np.asarray([*reply.probs, *_padded(reply.second_probs, len(reply.tokens), 0.0)], dtype=np.float64)
+    return np.concatenate([ints.view(np.uint8), floats.view(np.uint8)])
+
+
+def _padded(values: tuple, n: int, fill) -> list:
+    return list(values) + [fill] * (n - len(values))
 
 
 def decode_reply(data: np.ndarray) -> DraftReply:
     n = int(data[8:16].view(np.int64)[0])
-    ints = data[: (2 + n) * 8].view(np.int64)
-    probs = data[(2 + n) * 8:].view(np.float64)
-    return DraftReply(int(ints[0]), tuple(int(v) for v in ints[2:]), tuple(float(p) for p in probs))
+    ints = data[: (2 + 2 * n) * 8].view(np.int64)
+    floats = data[(2 + 2 * n) * 8:].view(np.float64)
+    return DraftReply(int(ints[0]), tuple(int(v) for v in ints[2:2 + n]), tuple(float(p) for p in floats[:n]),
+                      tuple(int(v) for v in ints[2 + n:]), tuple(float(p) for p in floats[n:]))
 
 
-def top1(logits: np.ndarray) -> tuple[int, float]:
-    """The most likely token and its probability under softmax."""
-    token = int(np.argmax(logits))
-    shifted = logits.astype(np.float64) - float(logits[token])
-    return token, float(1.0 / np.exp(shifted).sum())
+def top2(logits: np.ndarray) -> tuple[int, float, int, float]:
+    """The two most likely tokens and their probabilities under softmax."""
+    second, first = (int(i) for i in np.argpartition(logits, -2)[-2:])
+    if logits[second] > logits[first]:
+        first, second = second, first
+    shifted = np.exp(logits.astype(np.float64) - float(logits[first]))
+    total = shifted.sum()
+    return first, float(1.0 / total), second, float(shifted[second] / total)
 
 
 class Drafter:
@@ -75,18 +90,21 @@ class Drafter:
         logits = self._sync(list(request.context))
         tokens: list[int] = []
         probs: list[float] = []
+        seconds: list[tuple[int, float]] = []
         while True:
-            token, prob = top1(logits)
+            token, prob, second, second_prob = top2(logits)
             if tokens and prob < request.min_prob:
                 break
             tokens.append(token)
             probs.append(prob)
+            seconds.append((second, second_prob))
             if len(tokens) >= request.max_new:
                 break
             if abandon():
                 return None
             logits = self._feed([token])
-        return DraftReply(request.request_id, tuple(tokens), tuple(probs))
+        return DraftReply(request.request_id, tuple(tokens), tuple(probs),
+                          tuple(t for t, _ in seconds), tuple(p for _, p in seconds))
 
     def _sync(self, context: list[int]) -> np.ndarray:
         """Make the KV cache hold context[:-1] plus context[-1], returning the last position's logits."""

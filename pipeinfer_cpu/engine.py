@@ -64,6 +64,11 @@ class EngineSettings:
         if self.n_batch < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.n_batch}")
 
+    @property
+    def speculation(self) -> SpecSettings:
+        """The speculation settings (defaults when none were given)."""
+        return self.spec or SpecSettings(self.mode)
+
 
 class Engine:
     """A loaded model ready to generate; owns the workers' lifetime in pipeline mode."""
@@ -115,7 +120,8 @@ class Engine:
         cluster.greet()
         plan = shard_model(info, ranges, out_dir=settings.shard_dir, progress=_progress(settings.verbose))
         cancellation = settings.mode == "pipeinfer"
-        stage_settings = StageSettings(settings.n_ctx, settings.n_batch, settings.n_threads, 1, cancellation)
+        stage_settings = StageSettings(settings.n_ctx, settings.n_batch, settings.n_threads,
+                                       settings.speculation.kv_sequences, cancellation)
         cluster.load_stages(plan, stage_ranks, stage_settings)
         draft: DraftClient | None = None
         if settings.mode in SPECULATIVE_MODES:
@@ -156,7 +162,7 @@ class Engine:
             generation = self.decoder.generate(tokens, max_tokens, sampling, self.vocab.is_end, on_token,
                                                should_stop, keep_first_logits)
             return generation, self._stats(generation, self._head_bytes() - bytes_before)
-        loop = SpeculativeLoop(self.executor, self.draft, self.settings.spec or SpecSettings(self.settings.mode),
+        loop = SpeculativeLoop(self.executor, self.draft, self.settings.speculation,
                                self.settings.n_batch, self.settings.timeout_s, self.decoder.new_run_id, self.switch)
         generation, kv_tokens = loop.generate(self.decoder.kv_tokens, tokens, max_tokens, sampling,
                                               self.vocab.is_end, on_token, should_stop)
@@ -164,7 +170,8 @@ class Engine:
         stats = self._stats(generation, self._head_bytes() - bytes_before)
         c = loop.counters
         return generation, dataclasses.replace(stats, drafted=c.drafted, accepted=c.confirmed,
-                                               runs_launched=c.runs_launched, runs_cancelled=c.runs_cancelled)
+                                               runs_launched=c.runs_launched, runs_cancelled=c.runs_cancelled,
+                                               branches=c.branches, branches_adopted=c.branches_adopted)
 
     def _head_bytes(self) -> int:
         return self.cluster.transport.bytes_sent if self.cluster is not None else 0

@@ -32,6 +32,7 @@ _ggml_lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
 _ggml_lib.ggml_backend_tensor_get.restype = None
 _ggml_lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
 
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ; a context also asserts n_seq_max <= n_batch
 _DECODE_ABORTED = 2
 _initialised = False
 

@@ -8,6 +8,10 @@ Both drive the same `Chain` state machine; they differ only in when runs are lau
   `max_inflight` runs are in flight and no result is waiting, the draft keeps extending the fed
   chain and each continuation is launched as a speculative run. Results are verified in order;
   a wrong guess cancels every later run on every stage at once (early inference cancellation).
+  Speculative runs carry draft token trees (the draft's runner-up where it is likely, see
+  speculation.py), and a `SpeculationSwitch` picks online how decided tokens are fed: alone at
+  once (PipeInfer's way), with the draft's continuation (one run instead of two, which pays on a
+  one-stage pipeline), or without speculation.
 
 Verification is sampled-token matching: the target chooses each token exactly as it would alone
 (argmax, or a sample drawing one uniform per position from the seeded stream), and a draft token
@@ -29,8 +33,7 @@ from .errors import ClusterError
 from .executors import Executor, RunResult
 from .protocol import Output, RunMessage
 from .sampling import SamplingConfig, make_rng, sample
-from .kvcache import COMMITTED_SEQ
-from .speculation import Chain, DraftPolicy, Launch, SpeculationSwitch
+from .speculation import MAX_BRANCHES_PER_RUN, Chain, DraftPolicy, Launch, SpeculationSwitch, branch_candidates
 from .transport import Backoff
 
 
@@ -43,6 +46,16 @@ class SpecSettings:
     p_recovery: float = 0.05
     p_decay: float = 0.02
     adaptive: bool = True
+    p_split: float = 1.0  # pipeinfer: branch where the draft's runner-up is at least this likely; 1 = no trees
+
+    @property
+    def trees(self) -> bool:
+        return self.mode == "pipeinfer" and self.p_split < 1.0
+
+    @property
+    def kv_sequences(self) -> int:
+        """KV sequences every target stage needs: the committed one, plus branches of runs in flight."""
+        return 1 + (self.max_inflight * MAX_BRANCHES_PER_RUN if self.trees else 0)
 
 
 @dataclass
@@ -51,6 +64,8 @@ class SpecCounters:
     confirmed: int = 0
     runs_launched: int = 0
     runs_cancelled: int = 0
+    branches: int = 0
+    branches_adopted: int = 0
 
 
 class DraftClient:
@@ -73,14 +88,15 @@ class SpeculativeLoop:
         self.policy = DraftPolicy(settings.draft_max, settings.p_accept, settings.p_recovery, settings.p_decay)
         self.counters = SpecCounters()
         self.switch = switch or SpeculationSwitch()  # kept by the caller across requests
-        self._draft_sent: tuple[int, int, int] | None = None  # (request id, epoch, base)
+        self._draft_sent: tuple[int, int, int, bool] | None = None  # (request id, epoch, base, joint)
         self._draft_ids = 0
 
     def generate(self, committed: list[int], prompt: list[int], max_tokens: int, sampling: SamplingConfig,
                  is_end: Callable[[int], bool], on_token: Callable[[int], None],
                  should_stop: Callable[[], bool]) -> tuple[Generation, list[int]]:
         """Generate; returns the generation and the tokens left in the stages' KV cache."""
-        chain = Chain.for_prompt(committed, prompt, len(committed) + len(prompt) + max_tokens, self.new_run_id)
+        chain = Chain.for_prompt(committed, prompt, len(committed) + len(prompt) + max_tokens, self.new_run_id,
+                                 range(1, self.settings.kv_sequences))
         rng = make_rng(sampling)
         output = Output.ARGMAX if sampling.greedy else Output.LOGITS
         record = _Record(time.perf_counter())
@@ -124,37 +140,57 @@ class SpeculativeLoop:
     # -- launching ----------------------------------------------------------------------------
 
     def _launch_what_is_due(self, chain: Chain, output: Output) -> bool:
-        launched = False
         if self.settings.mode == "speculative":
-            if not chain.inflight:
-                launched = self._speculative_step(chain, output)
-            return launched
-        while chain.needs_feed():
-            self._send(chain.feed_decided(self.n_batch), output)
-            launched = True
-        reply = self.draft.poll()
-        if reply is not None and self._draft_sent and reply.request_id == self._draft_sent[0]:
-            _, epoch, base = self._draft_sent
-            self._draft_sent = None
-            launch = chain.speculate(list(reply.tokens), epoch, base)
-            if launch is not None:
-                self._send(launch, output)
+            return self._speculative_step(chain, output) if not chain.inflight else False
+        launched = self._launch_draft_reply(chain, output)
+        if not self._joins(chain):
+            while chain.needs_feed():
+                self._send(chain.feed_decided(self.n_batch), output)
                 launched = True
         if self._wants_draft(chain):
-            self._ask_draft(chain, list(chain.fed))
+            self._ask_draft(chain)
         return launched
 
-    def _wants_draft(self, chain: Chain) -> bool:
-        stale = self._draft_sent is not None and self._draft_sent[1] != chain.epoch
-        idle = self._draft_sent is None or stale
-        return (idle and self.switch.speculating and not chain.needs_feed() and len(chain.inflight) < self.settings.max_inflight
-                and len(chain.fed) < chain.limit and not chain.done)
+    def _joins(self, chain: Chain) -> bool:
+        """True while decided tokens wait for the draft to travel with them (the joint strategy):
+        only when nothing is in flight (after a rejection, or when speculation ran dry), never for
+        a prompt."""
+        return (self.switch.strategy == "joint" and chain.needs_feed() and not chain.inflight
+                and len(chain.accepted) - len(chain.fed) <= 2)
 
-    def _ask_draft(self, chain: Chain, context: list[int]) -> None:
+    def _launch_draft_reply(self, chain: Chain, output: Output) -> bool:
+        """Launch the answer to the outstanding draft request if it came and is still current."""
+        reply = self.draft.poll()
+        if reply is None or self._draft_sent is None or reply.request_id != self._draft_sent[0]:
+            return False
+        _, epoch, base, joint = self._draft_sent
+        self._draft_sent = None
+        alternatives = (branch_candidates(reply.second_tokens, reply.second_probs, self.settings.p_split)
+                        if self.settings.trees else [])
+        if joint:
+            launch = chain.join(list(reply.tokens), epoch, base, alternatives)
+        else:
+            launch = chain.speculate(list(reply.tokens), epoch, base, alternatives)
+        if launch is not None:
+            self._send(launch, output)
+        return launch is not None
+
+    def _wants_draft(self, chain: Chain) -> bool:
+        if chain.done or len(chain.fed) >= chain.limit or not self.switch.speculating:
+            return False
+        outstanding = self._draft_sent is not None and self._draft_sent[1] == chain.epoch
+        if self._joins(chain):
+            return not (outstanding and self._draft_sent[3])
+        return (not outstanding and not chain.needs_feed() and len(chain.inflight) < self.settings.max_inflight)
+
+    def _ask_draft(self, chain: Chain) -> None:
+        """Ask for a continuation of the fed tokens (eager), or of the decided ones (joint, synchronous)."""
+        joint = self.settings.mode == "speculative" or self._joins(chain)
+        context = chain.accepted if joint else chain.fed
         self._draft_ids += 1
         length = self.policy.run_length() if self.settings.adaptive else self.settings.draft_max
         self.draft.request(DraftRequest(self._draft_ids, tuple(context), length, self.policy.p_accept))
-        self._draft_sent = (self._draft_ids, chain.epoch, len(chain.fed))
+        self._draft_sent = (self._draft_ids, chain.epoch, len(context), joint)
 
     def _speculative_step(self, chain: Chain, output: Output) -> bool:
         """Synchronous speculation: feed the prompt, or draft (waiting for it) and send one run."""
@@ -162,7 +198,7 @@ class SpeculativeLoop:
             while chain.needs_feed() and not chain.inflight:
                 self._send(chain.feed_decided(self.n_batch), output)
             return True
-        self._ask_draft(chain, list(chain.accepted))
+        self._ask_draft(chain)
         reply = self._wait_draft()
         self._draft_sent = None
         self._send(chain.feed_with_draft(list(reply.tokens)), output)
@@ -170,13 +206,14 @@ class SpeculativeLoop:
 
     def _send(self, launch: Launch, output: Output) -> None:
         self.counters.runs_launched += 1
-        self.counters.drafted += launch.n_draft
-        positions = tuple(range(launch.start, launch.start + len(launch.tokens)))
-        self.executor.launch(RunMessage(launch.run_id, positions, ((COMMITTED_SEQ,),) * len(positions),
-                                        launch.tokens, launch.outputs, launch.kv_ops, output))
+        self.counters.drafted += launch.n_draft + len(launch.branches)
+        self.counters.branches += len(launch.branches)
+        positions, seq_ids, tokens, outputs = launch.rows()
+        self.executor.launch(RunMessage(launch.run_id, positions, seq_ids, tokens, outputs, launch.kv_ops, output))
 
     def _account(self, verdict) -> None:
         self.counters.confirmed += verdict.confirmed
+        self.counters.branches_adopted += int(verdict.branch_adopted)
         if verdict.cancelled:
             self.counters.runs_cancelled += len(verdict.cancelled)
             self.executor.cancel(list(verdict.cancelled))

@@ -15,30 +15,63 @@ launch order:
 
 Because every stage handles runs in launch order and stale entries are removed in that same
 stream, one KV sequence is enough for a linear chain of speculation.
+
+Draft token trees: a speculative run may also carry branches, the draft's second choice at some
+of its positions (never the first, whose verdict comes from an earlier run). A branch token lives
+in a KV sequence of its own: the run first tags the fed prefix with that sequence (`CP 0 -> s`,
+no data copied), and the run's main-path tokens before the branch point carry both ids. If the
+target rejects the main token at a branch's position but chooses the branch's token, the branch
+is adopted: its output row decides the next position, so the rejection still yields two decided
+tokens, which the next run feeds (see `_adopt` for why the branch's cell is not reused). Every
+branch sequence is removed (`RM s`) once its run is verified or cancelled, and returns to the
+pool of free sequences.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .kvcache import COMMITTED_SEQ
 from .protocol import KvKind, KvOp
 
+MAX_BRANCHES_PER_RUN = 2
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A second-choice draft token beside the main path: same position, a KV sequence of its own."""
+
+    position: int
+    token: int
+    seq: int
 
 
 @dataclass(frozen=True)
 class Launch:
-    """A run to send: tokens at consecutive positions from `start`; which rows want a result."""
+    """A run to send: tokens at consecutive positions from `start`; which rows want a result;
+    branches (each with an output row after the main rows)."""
 
     run_id: int
     start: int
     tokens: tuple[int, ...]
     outputs: tuple[bool, ...]
-    n_draft: int  # how many of the tokens are draft guesses
+    n_draft: int  # how many of the main tokens are draft guesses
     kv_ops: tuple[KvOp, ...]
+    branches: tuple[Branch, ...] = ()
+
+    def rows(self) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], tuple[int, ...], tuple[bool, ...]]:
+        """(positions, seq ids, tokens, outputs) of the batch: the main path in the committed
+        sequence and in every branch's sequence it precedes, then one row per branch."""
+        positions = tuple(range(self.start, self.start + len(self.tokens)))
+        seq_ids = tuple((COMMITTED_SEQ,) + tuple(b.seq for b in self.branches if b.position > p) for p in positions)
+        return (positions + tuple(b.position for b in self.branches),
+                seq_ids + tuple((b.seq,) for b in self.branches),
+                self.tokens + tuple(b.token for b in self.branches),
+                self.outputs + (True,) * len(self.branches))
 
 
 @dataclass(frozen=True)
@@ -46,9 +79,10 @@ class Verdict:
     """What one result decided."""
 
     decided: tuple[int, ...]  # newly decided tokens, in order
-    confirmed: int  # draft tokens that turned out right
-    rejected: bool  # a draft token turned out wrong (later speculation was dropped)
+    confirmed: int  # draft tokens that turned out right (an adopted branch included)
+    rejected: bool  # a main-path draft token turned out wrong (later speculation was dropped)
     cancelled: tuple[int, ...]  # run ids made stale
+    branch_adopted: bool = False  # the target chose a branch's token where the main path was wrong
 
 
 @dataclass
@@ -57,6 +91,15 @@ class _InFlight:
     start: int
     n_tokens: int
     first_output: int  # position of the first row with an output
+    n_main_outputs: int
+    branches: tuple[Branch, ...]
+
+    def branch_for(self, position: int, token: int) -> tuple[int, Branch] | None:
+        """(output row, branch) of the branch holding `token` at `position`, if there is one."""
+        for index, branch in enumerate(self.branches):
+            if branch.position == position and branch.token == token:
+                return self.n_main_outputs + index, branch
+        return None
 
 
 @dataclass
@@ -70,11 +113,13 @@ class Chain:
     epoch: int = 0  # bumped whenever speculation is dropped; drafts of an older epoch are stale
     inflight: deque = field(default_factory=deque)
     pending_ops: list[KvOp] = field(default_factory=list)
+    free_seqs: list[int] = field(default_factory=list)  # KV sequences for branches (none: no trees)
 
     @staticmethod
-    def for_prompt(committed: list[int], prompt: list[int], limit: int, new_run_id: Callable[[], int]) -> "Chain":
+    def for_prompt(committed: list[int], prompt: list[int], limit: int, new_run_id: Callable[[], int],
+                   branch_seqs: Sequence[int] = ()) -> "Chain":
         """A chain whose stages already hold `committed`, about to be fed `prompt` after it."""
-        return Chain(list(committed) + list(prompt), list(committed), limit, new_run_id)
+        return Chain(list(committed) + list(prompt), list(committed), limit, new_run_id, free_seqs=list(branch_seqs))
 
     @property
     def decided_count(self) -> int:
@@ -101,11 +146,14 @@ class Chain:
         outputs = tuple(last and i == len(tokens) - 1 for i in range(len(tokens)))
         return self._launch(tokens, outputs, n_draft=0)
 
-    def speculate(self, draft: list[int], epoch: int, base: int) -> Launch | None:
+    def speculate(self, draft: list[int], epoch: int, base: int,
+                  alternatives: Sequence[tuple[int, int]] = ()) -> Launch | None:
         """A run feeding draft tokens that continue `fed`, if the draft is still current.
 
         The draft was made when fed had `base` tokens. If tokens were fed since (a decided token
         the draft had guessed), the draft's first tokens must equal them and the rest is used.
+        `alternatives` are (index into draft, token) branch candidates, the most wanted first; those
+        that still fit become branches while free KV sequences last.
         """
         if epoch != self.epoch or len(self.fed) < len(self.accepted) or base > len(self.fed):
             return None
@@ -115,25 +163,47 @@ class Chain:
         draft = list(draft[overlap:])[:max(0, self.limit - len(self.fed))]  # never past the last token needed
         if not draft:
             return None
-        return self._launch(draft, (True,) * len(draft), n_draft=len(draft))
+        branches = self._branches(draft, [(index - overlap, token) for index, token in alternatives])
+        return self._launch(draft, (True,) * len(draft), n_draft=len(draft), branches=branches)
 
-    def feed_with_draft(self, draft: list[int]) -> Launch:
-        """One run feeding the decided-but-unfed tokens followed by draft tokens (synchronous mode)."""
+    def feed_with_draft(self, draft: list[int], alternatives: Sequence[tuple[int, int]] = ()) -> Launch:
+        """One run feeding the decided-but-unfed tokens followed by draft tokens (and branches)."""
         decided = self.accepted[len(self.fed):]
         if not decided:
             raise ValueError("feed_with_draft needs a decided token to feed first")
         draft = draft[:max(0, self.limit - len(self.accepted))]
         outputs = (False,) * (len(decided) - 1) + (True,) * (1 + len(draft))
-        return self._launch(decided + draft, outputs, n_draft=len(draft))
+        branches = self._branches(decided + draft, [(len(decided) + index, token) for index, token in alternatives])
+        return self._launch(decided + draft, outputs, n_draft=len(draft), branches=branches)
 
-    def _launch(self, tokens: list[int], outputs: tuple[bool, ...], n_draft: int) -> Launch:
+    def join(self, draft: list[int], epoch: int, accepted: int, alternatives: Sequence[tuple[int, int]] = ()) -> Launch | None:
+        """feed_with_draft for a draft asked when `accepted` tokens were decided, if it is still current."""
+        if epoch != self.epoch or accepted != len(self.accepted) or not self.needs_feed():
+            return None
+        return self.feed_with_draft(draft, alternatives)
+
+    def _branches(self, tokens: list[int], alternatives: Sequence[tuple[int, int]]) -> tuple[Branch, ...]:
+        """Branches for a run about to feed `tokens` from len(fed): (index into tokens, token) candidates
+        that fit, while free KV sequences last. Never at the run's first position: the row deciding
+        that one belongs to an earlier run."""
         start = len(self.fed)
-        launch = Launch(self.new_run_id(), start, tuple(tokens), outputs, n_draft, tuple(self.pending_ops))
+        branches: list[Branch] = []
+        for at, token in alternatives:
+            if 1 <= at < len(tokens) and token != tokens[at] and self.free_seqs and len(branches) < MAX_BRANCHES_PER_RUN:
+                branches.append(Branch(start + at, token, self.free_seqs.pop(0)))
+        # The branch sequences see the fed prefix (cells are tagged, not copied) before the run computes.
+        self.pending_ops.extend(KvOp(KvKind.CP, COMMITTED_SEQ, b.seq, 0, start) for b in branches)
+        return tuple(branches)
+
+    def _launch(self, tokens: list[int], outputs: tuple[bool, ...], n_draft: int,
+                branches: tuple[Branch, ...] = ()) -> Launch:
+        start = len(self.fed)
+        launch = Launch(self.new_run_id(), start, tuple(tokens), outputs, n_draft, tuple(self.pending_ops), branches)
         self.pending_ops = []
         self.fed.extend(tokens)
         if any(outputs):
             first = start + outputs.index(True)
-            self.inflight.append(_InFlight(launch.run_id, start, len(tokens), first))
+            self.inflight.append(_InFlight(launch.run_id, start, len(tokens), first, sum(outputs), branches))
         return launch
 
     def is_live(self, run_id: int) -> bool:
@@ -149,6 +219,7 @@ class Chain:
         run = self.inflight.popleft()
         decided: list[int] = []
         confirmed = 0
+        verdict = None
         for position in range(run.first_output, run.start + run.n_tokens):
             if position != len(self.accepted) - 1 or self.done:
                 break
@@ -161,14 +232,47 @@ class Chain:
             if self.fed[nxt] == token:
                 confirmed += 1
                 continue
-            return Verdict(tuple(decided), confirmed, True, self._drop_from(nxt))
-        return Verdict(tuple(decided), confirmed, False, ())
+            cancelled = self._drop_from(nxt)
+            adopted = run.branch_for(nxt, token)
+            if adopted is not None:
+                confirmed += 1
+                decided.extend(self._adopt(*adopted, choose))
+            verdict = Verdict(tuple(decided), confirmed, True, cancelled, adopted is not None)
+            break
+        self._release(run)
+        return verdict or Verdict(tuple(decided), confirmed, False, ())
+
+    def _adopt(self, row: int, branch: Branch, choose: Callable[[int], int]) -> list[int]:
+        """The target chose a branch's token: its row decides the next position too.
+
+        The branch's KV cell is not moved into the committed sequence (CP s -> 0): the token is fed
+        again with the next run instead. Measured: llama.cpp's result for a token then depends on
+        the slot order of the cells it attends to, and an adopted cell sits in a slot after cells of
+        later positions, so a copy would change the target's logits (by up to 0.33) and break
+        losslessness. Re-feeding costs one more row in a run that feeds the decided token anyway.
+        """
+        if self.done:
+            return []
+        token = choose(row)
+        self.accepted.append(token)
+        return [token]
+
+    def _release(self, run: _InFlight) -> None:
+        """Remove a finished or cancelled run's branch sequences on every stage and reuse them."""
+        for branch in run.branches:
+            self.pending_ops.append(KvOp(KvKind.RM, branch.seq, 0, -1, -1))
+            self.free_seqs.append(branch.seq)
 
     def _drop_from(self, position: int) -> tuple[int, ...]:
         """Forget fed tokens from `position` on: cancel their runs and queue their KV removal."""
         del self.fed[position:]
         self.pending_ops.append(KvOp(KvKind.RM, COMMITTED_SEQ, 0, position, -1))
+        return self._cancel_inflight()
+
+    def _cancel_inflight(self) -> tuple[int, ...]:
         cancelled = tuple(run.run_id for run in self.inflight)
+        for run in self.inflight:
+            self._release(run)
         self.inflight.clear()
         self.epoch += 1
         return cancelled
@@ -179,14 +283,22 @@ class Chain:
         The last decided token stays unfed (as after plain decoding): the next request starts with it.
         """
         keep = min(len(self.fed), len(self.accepted) - 1)
-        cancelled = tuple(run.run_id for run in self.inflight)
-        self.inflight.clear()
+        cancelled = self._cancel_inflight()
         ops = tuple(self.pending_ops)
         if len(self.fed) > keep:
             ops += (KvOp(KvKind.RM, COMMITTED_SEQ, 0, keep, -1),)
             del self.fed[keep:]
         self.pending_ops = []
         return cancelled, ops
+
+
+def branch_candidates(second_tokens: Sequence[int], second_probs: Sequence[float],
+                      p_split: float) -> list[tuple[int, int]]:
+    """(draft index, token) of the draft's runner-up tokens worth a branch (PipeInfer's p_split:
+    probability at least `p_split`), the most likely first."""
+    wanted = [(prob, index, token) for index, (token, prob) in enumerate(zip(second_tokens, second_probs))
+              if prob >= p_split and token >= 0]
+    return [(index, token) for _, index, token in sorted(wanted, key=lambda w: -w[0])]
 
 
 @dataclass
@@ -232,37 +344,52 @@ class DraftPolicy:
             self.p_accept = max(0.0, self.p_accept - self.p_decay)
 
 
+STRATEGIES = ("eager", "joint", "off")
+
+
 @dataclass
 class SpeculationSwitch:
-    """Whether to speculate at all, chosen online from the decode speed each choice has shown.
+    """How pipeinfer feeds the pipeline, chosen online from the decode speed each way has shown.
 
-    Speculation pays when the pipeline has idle stages to fill or verifying k tokens costs much
-    less than k single-token runs; with one target stage and a weak draft it can cost more than
-    it saves. So pipeinfer measures: it decodes in windows of `window` tokens, keeps a smoothed
-    tokens/s for "speculate" and "don't", runs the faster choice, and tries the other one every
-    `explore_every` windows so its estimate stays current. Deterministic (no random draws), so
-    a run is reproducible; the output never depends on it (verification is lossless).
+    - eager (PipeInfer's own): a decided token is launched alone at once; speculation follows in
+      further runs. Best when the pipeline has idle stages for that one-token run to fill.
+    - joint: a decided token that nothing speculative follows waits for the draft's continuation
+      and travels with it in one run. Best when a one-token run occupies the whole pipeline (one
+      target stage) and a run of k+1 tokens costs little more than one token.
+    - off: no speculation (plain pipelined decoding), when the draft does not pay at all.
+
+    It decodes in windows of `window` tokens, keeps a smoothed tokens/s per strategy, runs the
+    fastest, and every `explore_every` windows tries a runner-up (in turn) so the estimates stay
+    current. Deterministic (no random draws), so a run is reproducible; the output never depends
+    on it (verification is lossless).
     """
 
     window: int = 16
     explore_every: int = 4
     smoothing: float = 0.5
-    speculating: bool = True
-    rates: dict = field(default_factory=dict)  # choice -> smoothed tokens/s
+    strategy: str = STRATEGIES[0]
+    rates: dict = field(default_factory=dict)  # strategy -> smoothed tokens/s
     windows: int = 0
 
+    @property
+    def speculating(self) -> bool:
+        return self.strategy != "off"
+
     def observe(self, tokens: int, seconds: float) -> None:
-        """Record one finished window of the current choice, then pick the next choice."""
+        """Record one finished window of the current strategy, then pick the next one."""
         if tokens <= 0 or seconds <= 0:
             return
         rate = tokens / seconds
-        old = self.rates.get(self.speculating)
-        self.rates[self.speculating] = rate if old is None else old + self.smoothing * (rate - old)
+        old = self.rates.get(self.strategy)
+        self.rates[self.strategy] = rate if old is None else old + self.smoothing * (rate - old)
         self.windows += 1
-        self.speculating = self._next_choice()
+        self.strategy = self._next_strategy()
 
-    def _next_choice(self) -> bool:
-        if len(self.rates) < 2:
-            return not self.speculating  # try each choice once
-        best = self.rates[True] >= self.rates[False]
-        return (not best) if self.windows % self.explore_every == 0 else best
+    def _next_strategy(self) -> str:
+        untried = [s for s in STRATEGIES if s not in self.rates]
+        if untried:
+            return untried[0]
+        ranked = sorted(STRATEGIES, key=lambda s: -self.rates[s])
+        if self.windows % self.explore_every == 0:
+            return ranked[1 + (self.windows // self.explore_every) % (len(ranked) - 1)]
+        return ranked[0]

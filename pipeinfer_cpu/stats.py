@@ -96,6 +96,8 @@ class RunStats:
     accepted: int = 0
     runs_launched: int = 0
     runs_cancelled: int = 0
+    branches: int = 0  # draft-tree branch tokens launched (counted in drafted too)
+    branches_adopted: int = 0  # of those, chosen by the target where the main path was wrong
 
     def __post_init__(self) -> None:
         if len(self.token_times_s) != self.n_generated:
@@ -175,6 +177,8 @@ class RunStats:
             parts.append(f"accept {self.acceptance_rate:.0%} ({self.accepted}/{self.drafted})")
         if self.runs_launched:
             parts.append(f"runs {self.runs_launched} (cancelled {self.runs_cancelled})")
+        if self.branches:
+            parts.append(f"branches {self.branches} (adopted {self.branches_adopted})")
         return ", ".join(parts)
 
 

@@ -10,8 +10,9 @@ from itertools import count
 import numpy as np
 import pytest
 
-from pipeinfer_cpu.protocol import KvKind
-from pipeinfer_cpu.speculation import Chain, DraftPolicy
+from pipeinfer_cpu.kvcache import COMMITTED_SEQ
+from pipeinfer_cpu.protocol import KvKind, KvOp
+from pipeinfer_cpu.speculation import MAX_BRANCHES_PER_RUN, Branch, Chain, DraftPolicy, Launch, branch_candidates
 
 
 def target_next(context: list[int]) -> int:
@@ -26,44 +27,56 @@ def target_continuation(prompt: list[int], n: int) -> list[int]:
 
 
 class SimulatedPipeline:
-    """Runs computed strictly in order; a run's row at position p sees the cache up to p."""
+    """Runs computed strictly in order over a KV cache of cells (position, token, sequence ids),
+    with llama.cpp's rules: a row attends to the cells of its first sequence id up to its position,
+    CP tags cells with one more sequence, RM untags them and frees cells left with none."""
 
     def __init__(self) -> None:
-        self.cache: dict[int, int] = {}
+        self.cells: list[tuple[int, int, set[int]]] = []
         self.queue: deque = deque()
         self.cancelled: set[int] = set()
 
     def launch(self, launch) -> None:
         self.queue.append(launch)
 
+    def apply(self, op) -> None:
+        inside = lambda pos: (op.p0 < 0 or pos >= op.p0) and (op.p1 < 0 or pos < op.p1)  # noqa: E731
+        for pos, _, seqs in self.cells:
+            if op.kind == KvKind.RM and inside(pos):
+                seqs.discard(op.a)
+            elif op.kind == KvKind.CP and op.a in seqs and inside(pos):
+                seqs.add(op.b)
+        self.cells = [cell for cell in self.cells if cell[2]]
+
+    def context(self, seq: int, position: int) -> list[int]:
+        seen = sorted((pos, token) for pos, token, seqs in self.cells if seq in seqs and pos <= position)
+        assert [pos for pos, _ in seen] == list(range(position + 1)), f"sequence {seq} has gaps or stale cells"
+        return [token for _, token in seen]
+
     def compute_next(self):
         while self.queue:
             run = self.queue.popleft()
             for op in run.kv_ops:
-                assert op.kind == KvKind.RM
-                for position in [p for p in self.cache if p >= op.p0]:
-                    del self.cache[position]
+                self.apply(op)
             if run.run_id in self.cancelled:
                 continue  # skipped: writes nothing to the cache
-            rows = []
-            for i, token in enumerate(run.tokens):
-                position = run.start + i
-                assert position not in self.cache, "a stale KV entry was never removed"
-                self.cache[position] = token
-                if run.outputs[i]:
-                    context = [self.cache[p] for p in range(position + 1)]
-                    rows.append(target_next(context))
-            if any(run.outputs):
+            positions, seq_ids, tokens, outputs = run.rows()
+            for position, seqs, token in zip(positions, seq_ids, tokens):
+                self.cells.append((position, token, set(seqs)))
+            rows = [target_next(self.context(seqs[0], position))
+                    for position, seqs, wanted in zip(positions, seq_ids, outputs) if wanted]
+            if rows:
                 return run.run_id, rows
         return None
 
 
-def drive(seed: int, n_new: int = 30) -> tuple[list[int], list[int], dict[int, int]]:
+def drive(seed: int, n_new: int = 30, trees: bool = False) -> tuple[list[int], list[int], list, Chain]:
     rng = np.random.default_rng(seed)
     prompt = [int(t) for t in rng.integers(0, 50, size=int(rng.integers(1, 12)))]
     truth = target_continuation(prompt, n_new + 20)
     ids = count(1)
-    chain = Chain.for_prompt([], prompt, len(prompt) + n_new, lambda: next(ids))
+    seqs = range(1, 1 + 3 * MAX_BRANCHES_PER_RUN) if trees else ()
+    chain = Chain.for_prompt([], prompt, len(prompt) + n_new, lambda: next(ids), seqs)
     pipe = SimulatedPipeline()
     p_right = rng.uniform(0, 1)
     while not chain.done:
@@ -71,10 +84,13 @@ def drive(seed: int, n_new: int = 30) -> tuple[list[int], list[int], dict[int, i
             pipe.launch(chain.feed_decided(4))
         if len(chain.inflight) < 3 and rng.random() < 0.7:
             base = len(chain.fed)
-            guesses = [truth[base - len(prompt) + i] if base - len(prompt) + i < len(truth) and rng.random() < p_right
-                       else 99 for i in range(int(rng.integers(1, 5)))]
+            right = [truth[base - len(prompt) + i] for i in range(4)] if base - len(prompt) + 4 <= len(truth) else [97] * 4
+            guesses = [right[i] if rng.random() < p_right else 99 for i in range(int(rng.integers(1, 5)))]
+            # runners-up: the right token where the guess is wrong (sometimes), else another wrong one
+            alternatives = [(i, right[i] if guess != right[i] and rng.random() < 0.5 else 96)
+                            for i, guess in enumerate(guesses) if rng.random() < 0.6]
             on_track = chain.fed == (prompt + truth)[:base]
-            launch = chain.speculate(guesses if on_track else [98] * len(guesses), chain.epoch, base)
+            launch = chain.speculate(guesses if on_track else [98] * len(guesses), chain.epoch, base, alternatives)
             if launch is not None:
                 pipe.launch(launch)
         result = pipe.compute_next()
@@ -86,20 +102,58 @@ def drive(seed: int, n_new: int = 30) -> tuple[list[int], list[int], dict[int, i
             pipe.cancelled.update(verdict.cancelled)
     cancelled, ops = chain.finish()
     pipe.cancelled.update(cancelled)
-    from pipeinfer_cpu.speculation import Launch
-
     pipe.launch(Launch(next(ids), len(chain.fed), (), (), 0, ops))
     while pipe.compute_next() is not None:
         pass
-    return chain.accepted[len(prompt):], truth[:n_new], {p: pipe.cache[p] for p in sorted(pipe.cache)}
+    return chain.accepted[len(prompt):], truth[:n_new], sorted((p, t, tuple(s)) for p, t, s in pipe.cells), chain
 
 
+@pytest.mark.parametrize("trees", [False, True], ids=["chain", "trees"])
 @pytest.mark.parametrize("seed", range(200))
-def test_random_acceptance_patterns_decide_the_targets_own_tokens(seed):
-    decided, truth, cache = drive(seed)
+def test_random_acceptance_patterns_decide_the_targets_own_tokens(seed, trees):
+    decided, truth, cells, chain = drive(seed, trees=trees)
     assert decided == truth
-    # after the request, the cache holds exactly the committed tokens (all but the last decided one)
-    assert sorted(cache) == list(range(len(cache)))
+    # after the request, the cache holds exactly the committed tokens (all but the last decided one),
+    # in the committed sequence only: no branch sequence leaks a cell
+    assert [(pos, seqs) for pos, _, seqs in cells] == [(pos, (COMMITTED_SEQ,)) for pos in range(len(cells))]
+    assert sorted(chain.free_seqs) == (list(range(1, 1 + 3 * MAX_BRANCHES_PER_RUN)) if trees else [])
+
+
+def test_a_branch_holding_the_targets_choice_is_adopted_and_decides_one_more_token():
+    ids = count(1)
+    chain = Chain.for_prompt([], [1, 2, 3], 20, lambda: next(ids), branch_seqs=[1, 2, 3, 4])
+    chain.on_result(chain.feed_decided(8).run_id, lambda row: 7)
+    feed = chain.feed_decided(8)
+    # runner-up 4 at the run's first position cannot branch (an earlier run verifies it); 5 beside 9 can
+    spec = chain.speculate([8, 9, 10], chain.epoch, len(chain.fed), alternatives=[(1, 5), (0, 4)])
+    assert spec.branches == (Branch(position=5, token=5, seq=1),)
+    assert KvOp(KvKind.CP, COMMITTED_SEQ, 1, 0, 4) in spec.kv_ops  # the branch sees the fed prefix
+    assert spec.rows() == ((4, 5, 6, 5), ((0, 1), (0,), (0,), (1,)), (8, 9, 10, 5), (True,) * 4)
+    assert chain.on_result(feed.run_id, lambda row: 8).decided == (8,)
+    rows = {0: 5, 1: 0, 2: 0, 3: 11}  # the target says 5 after 8 (not 9), and 11 after the branch's 5
+    verdict = chain.on_result(spec.run_id, lambda row: rows[row])
+    assert verdict.decided == (5, 11) and verdict.rejected and verdict.branch_adopted and verdict.confirmed == 1
+    assert chain.fed == [1, 2, 3, 7, 8] and chain.accepted[-2:] == [5, 11]
+    follow = chain.feed_decided(8)  # the branch's token is fed again, in order, with the token it decided
+    assert follow.tokens == (5, 11) and follow.start == 5
+    assert follow.kv_ops == (KvOp(KvKind.RM, COMMITTED_SEQ, 0, 5, -1), KvOp(KvKind.RM, 1, 0, -1, -1))
+    assert 1 in chain.free_seqs
+
+
+def test_branches_wait_for_free_kv_sequences():
+    ids = count(1)
+    chain = Chain.for_prompt([], [1, 2], 40, lambda: next(ids), branch_seqs=[1, 2, 3])
+    chain.on_result(chain.feed_decided(8).run_id, lambda row: 7)
+    chain.feed_decided(8)
+    first = chain.speculate([1, 2, 3, 4], chain.epoch, len(chain.fed), [(1, 9), (2, 9), (3, 9)])
+    second = chain.speculate([5, 6, 7], chain.epoch, len(chain.fed), [(1, 9), (2, 9)])
+    assert len(first.branches) == MAX_BRANCHES_PER_RUN and len(second.branches) == 1 and not chain.free_seqs
+    assert first.rows()[1][:3] == ((0, 1, 2), (0, 2), (0,))  # the main path before each branch carries its seq
+
+
+def test_branch_candidates_keep_likely_runners_up_most_likely_first():
+    assert branch_candidates((5, 6, 7, -1), (0.1, 0.3, 0.25, 0.9), p_split=0.2) == [(1, 6), (2, 7)]
+    assert branch_candidates((5,), (0.9,), p_split=1.0) == []
 
 
 def test_rejection_cancels_later_runs_and_queues_kv_removal():
@@ -146,18 +200,21 @@ def test_policy_adapts_run_length_and_cutoff():
         DraftPolicy(draft_max=0)
 
 
-def test_switch_tries_both_choices_then_keeps_the_faster_and_still_explores():
-    from pipeinfer_cpu.speculation import SpeculationSwitch
+def test_switch_tries_each_strategy_then_keeps_the_fastest_and_still_explores():
+    from pipeinfer_cpu.speculation import STRATEGIES, SpeculationSwitch
 
+    speed = {"eager": 40.0, "joint": 80.0, "off": 60.0}
     switch = SpeculationSwitch(window=16, explore_every=4)
-    assert switch.speculating
-    switch.observe(16, 0.4)  # speculating: 40 tok/s
-    assert not switch.speculating  # tries the other choice once
-    switch.observe(16, 0.2)  # not speculating: 80 tok/s
-    choices = []
-    for _ in range(8):
-        choices.append(switch.speculating)
-        switch.observe(16, 0.2 if not switch.speculating else 0.4)
-    assert choices.count(False) > choices.count(True) >= 1  # mostly the faster, sometimes the other
+    tried = []
+    for _ in range(3):
+        tried.append(switch.strategy)
+        switch.observe(16, 16 / speed[switch.strategy])
+    assert tried == list(STRATEGIES)  # each once, in order
+    chosen = []
+    for _ in range(12):
+        chosen.append(switch.strategy)
+        switch.observe(16, 16 / speed[switch.strategy])
+    assert chosen.count("joint") >= 9 and {"eager", "off"} <= set(chosen)  # mostly the fastest, the others in turn
+    assert switch.speculating == (switch.strategy != "off")
     switch.observe(0, 0.0)  # an empty window changes nothing
-    assert switch.windows == 10
+    assert switch.windows == 15

@@ -96,6 +96,8 @@ def _tiny_llama_with_other_vocab(path: Path) -> Path:
     ("draft-max", "--draft-max must be at least 1"),
     ("no-draft", "needs a draft model"),
     ("inflight", "do not fit"),
+    ("tree-sequences", "KV sequences per stage"),
+    ("p-split", "--p-split must be in (0, 1]"),
 ])
 def test_bad_speculation_input(cli, tmp_path, draft, default_model, case, fragment):
     from test_bad_input import assert_clean_failure
@@ -107,5 +109,8 @@ def test_bad_speculation_input(cli, tmp_path, draft, default_model, case, fragme
         "draft-max": ("--draft", str(draft), "--draft-max", "0"),
         "no-draft": (),
         "inflight": ("--draft", str(draft), "--max-inflight", "64", "--draft-max", "32", "-c", "512"),
+        "tree-sequences": ("--draft", str(draft), "--p-split", "0.3", "--max-inflight", "200", "--draft-max", "1",
+                           "-c", "4096"),
+        "p-split": ("--draft", str(draft), "--p-split", "0"),
     }[case]
     assert_clean_failure(cli(*base, *args), fragment)
