@@ -64,14 +64,31 @@ class Launch:
     branches: tuple[Branch, ...] = ()
 
     def rows(self) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], tuple[int, ...], tuple[bool, ...]]:
-        """(positions, seq ids, tokens, outputs) of the batch: the main path in the committed
-        sequence and in every branch's sequence it precedes, then one row per branch."""
-        positions = tuple(range(self.start, self.start + len(self.tokens)))
-        seq_ids = tuple((COMMITTED_SEQ,) + tuple(b.seq for b in self.branches if b.position > p) for p in positions)
-        return (positions + tuple(b.position for b in self.branches),
-                seq_ids + tuple((b.seq,) for b in self.branches),
-                self.tokens + tuple(b.token for b in self.branches),
-                self.outputs + (True,) * len(self.branches))
+        """(positions, seq ids, tokens, outputs) of the batch, in `batch_order`: the main path in
+        the committed sequence and in every branch's sequence it precedes; each branch in its own."""
+        rows = []
+        for kind, index in batch_order(self.start, len(self.tokens), self.branches):
+            if kind == "branch":
+                branch = self.branches[index]
+                rows.append((branch.position, (branch.seq,), branch.token, True))
+            else:
+                position = self.start + index
+                seqs = (COMMITTED_SEQ,) + tuple(b.seq for b in self.branches if b.position > position)
+                rows.append((position, seqs, self.tokens[index], self.outputs[index]))
+        if not rows:
+            return (), (), (), ()
+        positions, seq_ids, tokens, outputs = zip(*rows)
+        return positions, seq_ids, tokens, outputs
+
+
+def batch_order(start: int, n_tokens: int, branches: Sequence[Branch]) -> list[tuple[str, int]]:
+    """The rows of a run in batch order: ("main", index) and ("branch", index) by position, a
+    branch before the main token at its position. Why: llama.cpp wants each sequence's positions
+    increasing in a batch, and (measured) its CPU attention without flash attention gives a token
+    wrong logits when another sequence's token at the same position precedes it."""
+    keyed = [((start + i, 1), ("main", i)) for i in range(n_tokens)]
+    keyed += [((b.position, 0), ("branch", j)) for j, b in enumerate(branches)]
+    return [entry for _, entry in sorted(keyed)]
 
 
 @dataclass(frozen=True)
@@ -90,15 +107,18 @@ class _InFlight:
     run_id: int
     start: int
     n_tokens: int
-    first_output: int  # position of the first row with an output
-    n_main_outputs: int
+    first_output: int  # position of the first main-path row with an output
     branches: tuple[Branch, ...]
+    output_rows: dict  # ("main", position) or ("branch", index) -> row of the result
+
+    def main_row(self, position: int) -> int:
+        return self.output_rows[("main", position)]
 
     def branch_for(self, position: int, token: int) -> tuple[int, Branch] | None:
         """(output row, branch) of the branch holding `token` at `position`, if there is one."""
         for index, branch in enumerate(self.branches):
             if branch.position == position and branch.token == token:
-                return self.n_main_outputs + index, branch
+                return self.output_rows[("branch", index)], branch
         return None
 
 
@@ -203,7 +223,10 @@ class Chain:
         self.fed.extend(tokens)
         if any(outputs):
             first = start + outputs.index(True)
-            self.inflight.append(_InFlight(launch.run_id, start, len(tokens), first, sum(outputs), branches))
+            order = [(kind, start + i if kind == "main" else i) for kind, i in batch_order(start, len(tokens), branches)
+                     if kind == "branch" or outputs[i]]
+            rows = {entry: row for row, entry in enumerate(order)}
+            self.inflight.append(_InFlight(launch.run_id, start, len(tokens), first, branches, rows))
         return launch
 
     def is_live(self, run_id: int) -> bool:
@@ -223,7 +246,7 @@ class Chain:
         for position in range(run.first_output, run.start + run.n_tokens):
             if position != len(self.accepted) - 1 or self.done:
                 break
-            token = choose(position - run.first_output)
+            token = choose(run.main_row(position))
             self.accepted.append(token)
             decided.append(token)
             nxt = position + 1

@@ -128,9 +128,10 @@ def test_a_branch_holding_the_targets_choice_is_adopted_and_decides_one_more_tok
     spec = chain.speculate([8, 9, 10], chain.epoch, len(chain.fed), alternatives=[(1, 5), (0, 4)])
     assert spec.branches == (Branch(position=5, token=5, seq=1),)
     assert KvOp(KvKind.CP, COMMITTED_SEQ, 1, 0, 4) in spec.kv_ops  # the branch sees the fed prefix
-    assert spec.rows() == ((4, 5, 6, 5), ((0, 1), (0,), (0,), (1,)), (8, 9, 10, 5), (True,) * 4)
+    # by position, the branch before the main token at its position
+    assert spec.rows() == ((4, 5, 5, 6), ((0, 1), (1,), (0,), (0,)), (8, 5, 9, 10), (True,) * 4)
     assert chain.on_result(feed.run_id, lambda row: 8).decided == (8,)
-    rows = {0: 5, 1: 0, 2: 0, 3: 11}  # the target says 5 after 8 (not 9), and 11 after the branch's 5
+    rows = {0: 5, 1: 11, 2: 0, 3: 0}  # the target says 5 after 8 (not 9), and 11 after the branch's 5
     verdict = chain.on_result(spec.run_id, lambda row: rows[row])
     assert verdict.decided == (5, 11) and verdict.rejected and verdict.branch_adopted and verdict.confirmed == 1
     assert chain.fed == [1, 2, 3, 7, 8] and chain.accepted[-2:] == [5, 11]
@@ -148,7 +149,7 @@ def test_branches_wait_for_free_kv_sequences():
     first = chain.speculate([1, 2, 3, 4], chain.epoch, len(chain.fed), [(1, 9), (2, 9), (3, 9)])
     second = chain.speculate([5, 6, 7], chain.epoch, len(chain.fed), [(1, 9), (2, 9)])
     assert len(first.branches) == MAX_BRANCHES_PER_RUN and len(second.branches) == 1 and not chain.free_seqs
-    assert first.rows()[1][:3] == ((0, 1, 2), (0, 2), (0,))  # the main path before each branch carries its seq
+    assert first.rows()[1] == ((0, 1, 2), (1,), (0, 2), (2,), (0,), (0,))  # main path tagged before each branch
 
 
 def test_branch_candidates_keep_likely_runners_up_most_likely_first():
