@@ -85,7 +85,8 @@ class Engine:
         self._local_stage = local_stage
         self.draft = draft
         self.decoder = Decoder(executor, settings.n_batch, settings.n_ctx)
-        self.switch = SpeculationSwitch()  # what pipeinfer learnt about speculating here, across requests
+        # what pipeinfer learnt about feeding this pipeline, kept across requests
+        self.switch = SpeculationSwitch.for_stages(max(1, len(stage_ranks)))
 
     @staticmethod
     def start(settings: EngineSettings, transport: Transport | None = None) -> "Engine":

@@ -377,8 +377,10 @@ class SpeculationSwitch:
     - eager (PipeInfer's own): a decided token is launched alone at once; speculation follows in
       further runs. Best when the pipeline has idle stages for that one-token run to fill.
     - joint: a decided token that nothing speculative follows waits for the draft's continuation
-      and travels with it in one run. Best when a one-token run occupies the whole pipeline (one
-      target stage) and a run of k+1 tokens costs little more than one token.
+      and travels with it in one run. Only offered with one target stage: there a one-token run
+      occupies the whole pipeline, while with several stages it holds only the first one and the
+      others would idle during the wait (measured on 16 cores, 4 stages: trying it cost pipeinfer
+      about a fifth of its lead over the pipeline).
     - off: no speculation (plain pipelined decoding), when the draft does not pay at all.
 
     It decodes in windows of `window` tokens, keeps a smoothed tokens/s per strategy, runs the
@@ -390,9 +392,15 @@ class SpeculationSwitch:
     window: int = 16
     explore_every: int = 4
     smoothing: float = 0.5
+    strategies: tuple[str, ...] = STRATEGIES
     strategy: str = STRATEGIES[0]
     rates: dict = field(default_factory=dict)  # strategy -> smoothed tokens/s
     windows: int = 0
+
+    @staticmethod
+    def for_stages(n_stages: int) -> "SpeculationSwitch":
+        """The strategies worth trying on a pipeline of `n_stages` target stages."""
+        return SpeculationSwitch(strategies=STRATEGIES if n_stages == 1 else ("eager", "off"))
 
     @property
     def speculating(self) -> bool:
@@ -409,10 +417,10 @@ class SpeculationSwitch:
         self.strategy = self._next_strategy()
 
     def _next_strategy(self) -> str:
-        untried = [s for s in STRATEGIES if s not in self.rates]
+        untried = [s for s in self.strategies if s not in self.rates]
         if untried:
             return untried[0]
-        ranked = sorted(STRATEGIES, key=lambda s: -self.rates[s])
+        ranked = sorted(self.strategies, key=lambda s: -self.rates[s])
         if self.windows % self.explore_every == 0:
             return ranked[1 + (self.windows // self.explore_every) % (len(ranked) - 1)]
         return ranked[0]

@@ -219,3 +219,15 @@ def test_switch_tries_each_strategy_then_keeps_the_fastest_and_still_explores():
     assert switch.speculating == (switch.strategy != "off")
     switch.observe(0, 0.0)  # an empty window changes nothing
     assert switch.windows == 15
+
+
+def test_joint_feeding_is_only_tried_on_a_one_stage_pipeline():
+    from pipeinfer_cpu.speculation import SpeculationSwitch
+
+    assert "joint" in SpeculationSwitch.for_stages(1).strategies
+    four = SpeculationSwitch.for_stages(4)
+    seen = set()
+    for _ in range(12):
+        seen.add(four.strategy)
+        four.observe(16, 0.3)
+    assert seen == {"eager", "off"}
