@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Equal fine-tuning on one GPU: ResNet-56 pruned to each searched policy in models/cnn/resnet56/
+# (GNN+RL, RL without the graph encoder, random, uniform), plus a control that keeps every channel
+# (the baseline trained further with the same schedule), all for the same number of epochs.
+# Usage (repo root, CIFAR-10 zips in $DATA): OUT=/some/dir DATA=.data/cifar10 EPOCHS=30 bash compress/gpu_finetune.sh
+set -u -o pipefail
+PY=${PY:-python3}
+EPOCHS=${EPOCHS:-30}
+RUN=${RUN:-/tmp/finetune-run}
+DIR=models/cnn/resnet56
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-3} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
+mkdir -p "$RUN" "$OUT"
+$PY -c "import json; keep = json.load(open('$DIR/search_uniform.json'))['best_keep']; \
+print(json.dumps({'best_keep': {group: 1.0 for group in keep}}))" > "$RUN/search_keepall.json"
+for method in gnn mlp random uniform keepall; do
+  policy=$DIR/search_$method.json
+  [ "$method" = keepall ] && policy=$RUN/search_keepall.json
+  $PY -m compress.cli finetune --checkpoint $DIR/baseline.pt --policy "$policy" --epochs "$EPOCHS" \
+    --out "$RUN/finetuned_$method.pt" --data "$DATA" > "$RUN/finetune_$method.log" 2>&1 &
+done
+wait
+tail -n 2 "$RUN"/finetune_*.log
+cp "$RUN"/finetune_*.log "$RUN"/finetuned_*.pt "$OUT/" 2>/dev/null
