@@ -7,7 +7,7 @@ set -u -o pipefail
 PY=${PY:-python3}
 EPOCHS=${EPOCHS:-30}
 RUN=${RUN:-/tmp/finetune-run}
-DIR=models/cnn/resnet56
+DIR=${DIR:-models/cnn/resnet56}   # baseline.pt and search_<method>.json
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-3} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
 mkdir -p "$RUN" "$OUT"
 $PY -c "import json; keep = json.load(open('$DIR/search_uniform.json'))['best_keep']; \

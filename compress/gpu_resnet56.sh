@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# ResNet-56 @ 50% FLOPs from a longer-trained baseline, in three GPU calls of under 10 minutes:
+#   PHASE=train  EPOCHS=70  -> $RUN/baseline.pt
+#   PHASE=search EPISODES=80 -> $RUN/search_{gnn,mlp,random,uniform}.json (the four searches at once)
+#   then DIR=$RUN EPOCHS=30 bash compress/gpu_finetune.sh (equal fine-tuning + unpruned control)
+# Usage (repo root, CIFAR-10 zips in $DATA): PHASE=... OUT=/some/dir DATA=.data/cifar10 bash compress/gpu_resnet56.sh
+set -u -o pipefail
+PY=${PY:-python3}
+RUN=${RUN:-/tmp/resnet56-run}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
+mkdir -p "$RUN" "$OUT"
+case "$PHASE" in
+train)
+  $PY -m compress.cli train --arch resnet56 --epochs "${EPOCHS:-70}" --seed 0 --out "$RUN/baseline.pt" \
+    --data "$DATA" 2>&1 | tail -n 3 | tee "$RUN/train.log"
+  cp "$RUN/baseline.pt" "$RUN/train.log" "$OUT/"
+  ;;
+search)
+  for method in gnn mlp random uniform; do
+    $PY -m compress.cli search --checkpoint "$RUN/baseline.pt" --target 0.5 --method "$method" \
+      --episodes "${EPISODES:-80}" --seed 0 --out-dir "$RUN" --data "$DATA" > "$RUN/search_$method.log" 2>&1 &
+  done
+  wait
+  tail -n 2 "$RUN"/search_*.log
+  cp "$RUN"/search_*.json "$RUN"/search_*.log "$OUT/"
+  ;;
+esac
