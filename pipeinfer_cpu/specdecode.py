@@ -8,10 +8,10 @@ Both drive the same `Chain` state machine; they differ only in when runs are lau
   `max_inflight` runs are in flight and no result is waiting, the draft keeps extending the fed
   chain and each continuation is launched as a speculative run. Results are verified in order;
   a wrong guess cancels every later run on every stage at once (early inference cancellation).
-  Speculative runs carry draft token trees (the draft's runner-up where it is likely, see
-  speculation.py), and a `SpeculationSwitch` picks online how decided tokens are fed: alone at
-  once (PipeInfer's way), with the draft's continuation (one run instead of two, which pays on a
-  one-stage pipeline), or without speculation.
+  A `SpeculationSwitch` picks online how decided tokens are fed: alone at once (PipeInfer's
+  way), with the draft's continuation (one run instead of two, which pays on a one-stage
+  pipeline), or without speculation. With `--p-split` below 1, speculative runs also carry draft
+  token trees (EXPERIMENTAL: see speculation.py and the README for why they are off by default).
 
 Verification is sampled-token matching: the target chooses each token exactly as it would alone
 (argmax, or a sample drawing one uniform per position from the seeded stream), and a draft token

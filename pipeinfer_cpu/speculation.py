@@ -52,8 +52,8 @@ class Branch:
 
 @dataclass(frozen=True)
 class Launch:
-    """A run to send: tokens at consecutive positions from `start`; which rows want a result;
-    branches (each with an output row after the main rows)."""
+    """A run to send: main-path tokens at consecutive positions from `start`, which of them want a
+    result, and branches (each wants one); `rows()` lays them out as llama.cpp's batch."""
 
     run_id: int
     start: int
@@ -259,14 +259,14 @@ class Chain:
             adopted = run.branch_for(nxt, token)
             if adopted is not None:
                 confirmed += 1
-                decided.extend(self._adopt(*adopted, choose))
+                decided.extend(self._adopt(adopted[0], choose))
             verdict = Verdict(tuple(decided), confirmed, True, cancelled, adopted is not None)
             break
         self._release(run)
         return verdict or Verdict(tuple(decided), confirmed, False, ())
 
-    def _adopt(self, row: int, branch: Branch, choose: Callable[[int], int]) -> list[int]:
-        """The target chose a branch's token: its row decides the next position too.
+    def _adopt(self, row: int, choose: Callable[[int], int]) -> list[int]:
+        """The target chose a branch's token: the branch's output `row` decides the next position too.
 
         The branch's KV cell is not moved into the committed sequence (CP s -> 0): the token is fed
         again with the next run instead. Measured: llama.cpp's result for a token then depends on
