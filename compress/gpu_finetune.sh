@@ -7,15 +7,18 @@ set -u -o pipefail
 PY=${PY:-python3}
 EPOCHS=${EPOCHS:-30}
 RUN=${RUN:-/tmp/finetune-run}
-DIR=${DIR:-models/cnn/resnet56}   # baseline.pt and search_<method>.json
+DIR=${DIR:-models/cnn/resnet56}   # search_<method>.json (and baseline.pt unless BASELINE says)
+BASELINE=${BASELINE:-$DIR/baseline.pt}
+METHODS=${METHODS:-gnn mlp random uniform keepall}
+MULTIPLE=${MULTIPLE:-8}            # channel counts are rounded to multiples of this
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-3} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
 mkdir -p "$RUN" "$OUT"
-$PY -c "import json; keep = json.load(open('$DIR/search_uniform.json'))['best_keep']; \
+$PY -c "import json; keep = json.load(open('models/cnn/resnet56/search_uniform.json'))['best_keep']; \
 print(json.dumps({'best_keep': {group: 1.0 for group in keep}}))" > "$RUN/search_keepall.json"
-for method in gnn mlp random uniform keepall; do
+for method in $METHODS; do
   policy=$DIR/search_$method.json
   [ "$method" = keepall ] && policy=$RUN/search_keepall.json
-  $PY -m compress.cli finetune --checkpoint $DIR/baseline.pt --policy "$policy" --epochs "$EPOCHS" \
+  $PY -m compress.cli finetune --checkpoint "$BASELINE" --policy "$policy" --epochs "$EPOCHS" --channel-multiple "$MULTIPLE" \
     --out "$RUN/finetuned_$method.pt" --data "$DATA" > "$RUN/finetune_$method.log" 2>&1 &
 done
 wait
