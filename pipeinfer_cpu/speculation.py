@@ -384,18 +384,25 @@ class SpeculationSwitch:
     - off: no speculation (plain pipelined decoding), when the draft does not pay at all.
 
     It decodes in windows of `window` tokens, keeps a smoothed tokens/s per strategy, runs the
-    fastest, and every `explore_every` windows tries a runner-up (in turn) so the estimates stay
-    current. Deterministic (no random draws), so a run is reproducible; the output never depends
-    on it (verification is lossless).
+    fastest, and now and then spends a window on a runner-up (in turn) so the estimates stay
+    current: first after `explore_every` windows; each exploration that confirms the leader
+    doubles the wait (up to `max_explore_every`), one that finds a faster strategy resets it, so a
+    clear winner is rarely disturbed. Deterministic (no random draws), so a run is reproducible;
+    the output never depends on it (verification is lossless).
     """
 
     window: int = 16
     explore_every: int = 4
+    max_explore_every: int = 32
     smoothing: float = 0.5
     strategies: tuple[str, ...] = STRATEGIES
     strategy: str = STRATEGIES[0]
     rates: dict = field(default_factory=dict)  # strategy -> smoothed tokens/s
     windows: int = 0
+    explorations: int = 0
+    _wait: int = 0  # windows between explorations now (0: not started)
+    _since: int = 0  # windows since the last exploration
+    _leader: str | None = None  # the leader when the current window is an exploration
 
     @staticmethod
     def for_stages(n_stages: int) -> "SpeculationSwitch":
@@ -414,6 +421,10 @@ class SpeculationSwitch:
         old = self.rates.get(self.strategy)
         self.rates[self.strategy] = rate if old is None else old + self.smoothing * (rate - old)
         self.windows += 1
+        if self._leader is not None:  # an exploration just ended
+            beaten = self.rates[self.strategy] > self.rates[self._leader]
+            self._wait = self.explore_every if beaten else min(2 * self._wait, self.max_explore_every)
+            self._leader = None
         self.strategy = self._next_strategy()
 
     def _next_strategy(self) -> str:
@@ -421,6 +432,11 @@ class SpeculationSwitch:
         if untried:
             return untried[0]
         ranked = sorted(self.strategies, key=lambda s: -self.rates[s])
-        if self.windows % self.explore_every == 0:
-            return ranked[1 + (self.windows // self.explore_every) % (len(ranked) - 1)]
-        return ranked[0]
+        self._wait = self._wait or self.explore_every
+        self._since += 1
+        if self._since < self._wait or len(ranked) < 2:
+            return ranked[0]
+        self._since = 0
+        self._leader = ranked[0]
+        self.explorations += 1
+        return ranked[1 + (self.explorations - 1) % (len(ranked) - 1)]
