@@ -6,8 +6,10 @@ Every wait here is bounded; a rank that reports an error or stops answering beco
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 import numpy as np
 from tqdm import tqdm
 
@@ -170,9 +172,10 @@ class Cluster:
         self.transport.flush(5.0)
 
     def _await_bye(self, rank: int) -> None:
-        deadline = SHUTDOWN_TIMEOUT_S
+        """Skip the rank's other late replies until its bye; bounded overall, not per message."""
+        deadline = time.perf_counter() + SHUTDOWN_TIMEOUT_S
         while True:
-            message = wait(self.transport, [(rank, Tag.REPLY)], deadline)
+            message = wait(self.transport, [(rank, Tag.REPLY)], max(0.0, deadline - time.perf_counter()))
             if message is None:
                 raise ClusterError(f"rank {rank} ({self.host(rank)}) did not stop within {SHUTDOWN_TIMEOUT_S:.0f} s")
             if P.decode_json(message.data)["type"] == "bye":
