@@ -90,21 +90,22 @@ class Drafter:
         logits = self._sync(list(request.context))
         tokens: list[int] = []
         probs: list[float] = []
-        seconds: list[tuple[int, float]] = []
+        second_tokens: list[int] = []
+        second_probs: list[float] = []
         while True:
             token, prob, second, second_prob = top2(logits)
             if tokens and prob < request.min_prob:
                 break
             tokens.append(token)
             probs.append(prob)
-            seconds.append((second, second_prob))
+            second_tokens.append(second)
+            second_probs.append(second_prob)
             if len(tokens) >= request.max_new:
                 break
             if abandon():
                 return None
             logits = self._feed([token])
-        return DraftReply(request.request_id, tuple(tokens), tuple(probs),
-                          tuple(t for t, _ in seconds), tuple(p for _, p in seconds))
+        return DraftReply(request.request_id, tuple(tokens), tuple(probs), tuple(second_tokens), tuple(second_probs))
 
     def _sync(self, context: list[int]) -> np.ndarray:
         """Make the KV cache hold context[:-1] plus context[-1], returning the last position's logits."""

@@ -153,7 +153,8 @@ class SpeculativeLoop:
 
     def _joins(self, chain: Chain) -> bool:
         """True while decided tokens wait for the draft to travel with them (the joint strategy):
-        only when nothing is in flight (after a rejection, or when speculation ran dry), never for
+        only when nothing is in flight (after a rejection, or when speculation ran dry), and only
+        for the one or two tokens a verdict leaves unfed (two after an adopted branch), never for
         a prompt."""
         return (self.switch.strategy == "joint" and chain.needs_feed() and not chain.inflight
                 and len(chain.accepted) - len(chain.fed) <= 2)

@@ -80,6 +80,13 @@ class Launch:
         positions, seq_ids, tokens, outputs = zip(*rows)
         return positions, seq_ids, tokens, outputs
 
+    def output_rows(self) -> dict[tuple[str, int], int]:
+        """Which row of the result answers ("main", position) or ("branch", index)."""
+        wanted = [(kind, self.start + i if kind == "main" else i)
+                  for kind, i in batch_order(self.start, len(self.tokens), self.branches)
+                  if kind == "branch" or self.outputs[i]]
+        return {entry: row for row, entry in enumerate(wanted)}
+
 
 def batch_order(start: int, n_tokens: int, branches: Sequence[Branch]) -> list[tuple[str, int]]:
     """The rows of a run in batch order: ("main", index) and ("branch", index) by position, a
@@ -223,10 +230,7 @@ class Chain:
         self.fed.extend(tokens)
         if any(outputs):
             first = start + outputs.index(True)
-            order = [(kind, start + i if kind == "main" else i) for kind, i in batch_order(start, len(tokens), branches)
-                     if kind == "branch" or outputs[i]]
-            rows = {entry: row for row, entry in enumerate(order)}
-            self.inflight.append(_InFlight(launch.run_id, start, len(tokens), first, branches, rows))
+            self.inflight.append(_InFlight(launch.run_id, start, len(tokens), first, branches, launch.output_rows()))
         return launch
 
     def is_live(self, run_id: int) -> bool:
