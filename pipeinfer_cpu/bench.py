@@ -101,9 +101,11 @@ def plain_row(model: Path | None, config: BenchConfig) -> dict:
 
     path = resolve_model(model)
     vocab = Vocab(path)
-    speeds = [plain_greedy_tokens_per_s(path, vocab.tokenize(p), config.n_tokens, config.threads)
-              for p in config.prompts]
-    vocab.close()
+    try:
+        prompts = [vocab.tokenize(p) for p in config.prompts]
+    finally:
+        vocab.close()
+    speeds = [plain_greedy_tokens_per_s(path, prompt, config.n_tokens, config.threads) for prompt in prompts]
     command = f"llama_cpp.Llama(n_threads={config.threads}).eval() + argmax loop (llamacpp.plain_greedy_tokens_per_s)"
     return {"label": f"plain llama-cpp-python ({config.threads} thread)", "command": command, "runs": [],
             "summary": {"decode_tok_s": mean(speeds), "tokens": config.n_tokens * len(config.prompts)}}

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_text
-
 import numpy as np
+
+from .files import atomic_write_text
 
 
 @dataclass(frozen=True)
