@@ -13,7 +13,8 @@ METHODS=${METHODS:-gnn mlp random uniform keepall}
 MULTIPLE=${MULTIPLE:-8}            # channel counts are rounded to multiples of this
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-3} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
 mkdir -p "$RUN" "$OUT"
-$PY -c "import json; keep = json.load(open('models/cnn/resnet56/search_uniform.json'))['best_keep']; \
+any_policy=$(ls "$DIR"/search_*.json | head -n 1)   # the control keeps every group of the same model
+$PY -c "import json; keep = json.load(open('$any_policy'))['best_keep']; \
 print(json.dumps({'best_keep': {group: 1.0 for group in keep}}))" > "$RUN/search_keepall.json"
 for method in $METHODS; do
   policy=$DIR/search_$method.json
