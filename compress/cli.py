@@ -158,13 +158,15 @@ def search(checkpoint: str, arch: str | None, target: float, method: str, episod
 @click.option("--arch", type=click.Choice(ARCHS), default=None)
 @click.option("--epochs", type=int, default=15, show_default=True)
 @click.option("--lr", type=float, default=0.02, show_default=True)
+@click.option("--distill", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="Weight of knowledge distillation from the unpruned checkpoint (0: labels only).")
 @click.option("--channel-multiple", type=int, default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True)
 @_data_option
 @_limit_option
-def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: float,
+def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: float, distill: float,
              channel_multiple: int, seed: int, device: str, out_path: str, data_root: str | None,
              limit_per_class: int | None) -> None:
     """Prune a checkpoint to a searched policy, fine-tune it, report test accuracy."""
@@ -180,7 +182,8 @@ def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: fl
     dev = pick_device(device)
     cfg = PipelineConfig(arch=info["arch"], target=1.0, out_dir=str(Path(out_path).parent),
                          data_root=data_root, device=device, seed=seed, finetune_epochs=epochs,
-                         finetune_lr=lr, limit_per_class=limit_per_class, methods=("policy",))
+                         finetune_lr=lr, distill_weight=distill, limit_per_class=limit_per_class,
+                         methods=("policy",))
     model = model.to(dev)
     space = build_space(model, channel_multiple=channel_multiple)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,8 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     seed: int = 0
     max_seconds: float | None = None  # cap: after the warm-up epoch, cut epochs to fit this time
+    distill_weight: float = 0.0  # share of the loss that matches a teacher's outputs (0: plain labels)
+    distill_temperature: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -103,9 +105,29 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * progress))
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                      weight: float, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s knowledge distillation: cross-entropy on the labels blended with the KL
+    divergence to the teacher's softened outputs (scaled by T^2 so its gradients keep their size)."""
+    hard = F.cross_entropy(student, labels)
+    if weight == 0.0:
+        return hard
+    soft = F.kl_div(F.log_softmax(student.float() / temperature, dim=1),
+                    F.log_softmax(teacher.float() / temperature, dim=1), log_target=True,
+                    reduction="batchmean") * temperature ** 2
+    return (1.0 - weight) * hard + weight * soft
+
+
 def train(model: nn.Module, data: DeviceData, cfg: TrainConfig,
-          on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
-    """SGD with Nesterov momentum, warm-up + cosine schedule, bf16 autocast on CUDA."""
+          on_epoch: Callable[[int, float], None] | None = None,
+          teacher: nn.Module | None = None) -> TrainResult:
+    """SGD with Nesterov momentum, warm-up + cosine schedule, bf16 autocast on CUDA. With a
+    `teacher` and `cfg.distill_weight` > 0 the loss also matches the teacher's outputs (fine-tuning
+    a pruned model from its unpruned original)."""
+    if cfg.distill_weight and teacher is None:
+        raise ValueError("distill_weight needs a teacher model")
+    if teacher is not None:
+        teacher.eval()
     device = data.x.device
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
@@ -122,7 +144,13 @@ def train(model: nn.Module, data: DeviceData, cfg: TrainConfig,
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, warmup, cfg.lr)
             with _autocast(device):
-                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+                if cfg.distill_weight:
+                    with torch.no_grad():
+                        target = teacher(x)
+                    loss = distillation_loss(model(x), target, y, cfg.distill_weight,
+                                             cfg.distill_temperature)
+                else:
+                    loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -11,6 +11,8 @@ DIR=${DIR:-models/cnn/resnet56}   # search_<method>.json (and baseline.pt unless
 BASELINE=${BASELINE:-$DIR/baseline.pt}
 METHODS=${METHODS:-gnn mlp random uniform keepall}
 MULTIPLE=${MULTIPLE:-8}            # channel counts are rounded to multiples of this
+DISTILL=${DISTILL:-0}              # weight of distillation from the unpruned baseline
+LR=${LR:-0.02}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-3} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
 mkdir -p "$RUN" "$OUT"
 any_policy=$(ls "$DIR"/search_*.json | head -n 1)   # the control keeps every group of the same model
@@ -19,7 +21,7 @@ print(json.dumps({'best_keep': {group: 1.0 for group in keep}}))" > "$RUN/search
 for method in $METHODS; do
   policy=$DIR/search_$method.json
   [ "$method" = keepall ] && policy=$RUN/search_keepall.json
-  $PY -m compress.cli finetune --checkpoint "$BASELINE" --policy "$policy" --epochs "$EPOCHS" --channel-multiple "$MULTIPLE" \
+  $PY -m compress.cli finetune --checkpoint "$BASELINE" --policy "$policy" --epochs "$EPOCHS" --lr "$LR" --distill "$DISTILL" --channel-multiple "$MULTIPLE" \
     --out "$RUN/finetuned_$method.pt" --data "$DATA" > "$RUN/finetune_$method.log" 2>&1 &
 done
 wait

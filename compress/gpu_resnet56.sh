@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ResNet-56 @ 50% FLOPs from a longer-trained baseline, in three GPU calls of under 10 minutes:
 #   PHASE=train  EPOCHS=70  -> $RUN/baseline.pt
-#   PHASE=search EPISODES=80 -> $RUN/search_{gnn,mlp,random,uniform}.json (the four searches at once)
+#   PHASE=search EPISODES=80 [MULTIPLE=8] [BASELINE=$RUN/baseline.pt]
+#                -> $RUN/search_{gnn,mlp,random,uniform}.json (the four searches at once)
 #   then DIR=$RUN EPOCHS=30 bash compress/gpu_finetune.sh (equal fine-tuning + unpruned control)
 # Usage (repo root, CIFAR-10 zips in $DATA): PHASE=... OUT=/some/dir DATA=.data/cifar10 bash compress/gpu_resnet56.sh
 set -u -o pipefail
@@ -17,8 +18,8 @@ train)
   ;;
 search)
   for method in gnn mlp random uniform; do
-    $PY -m compress.cli search --checkpoint "$RUN/baseline.pt" --target 0.5 --method "$method" \
-      --episodes "${EPISODES:-80}" --seed 0 --out-dir "$RUN" --data "$DATA" > "$RUN/search_$method.log" 2>&1 &
+    $PY -m compress.cli search --checkpoint "${BASELINE:-$RUN/baseline.pt}" --target 0.5 --method "$method" \
+      --episodes "${EPISODES:-80}" --channel-multiple "${MULTIPLE:-8}" --seed 0 --out-dir "$RUN" --data "$DATA" > "$RUN/search_$method.log" 2>&1 &
   done
   wait
   tail -n 2 "$RUN"/search_*.log

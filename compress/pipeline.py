@@ -32,6 +32,7 @@ class PipelineConfig:
     train_epochs: int = 40
     finetune_epochs: int = 15
     finetune_lr: float = 0.02
+    distill_weight: float = 0.0  # fine-tune the pruned model partly towards the unpruned one's outputs
     episodes: int = 48
     methods: tuple[str, ...] = METHODS
     baseline: str | None = None  # existing checkpoint: skip training
@@ -136,13 +137,14 @@ def finetune_one(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, keep:
     before = evaluate(pruned, data.test, amp=False)
     n_ft = max(1, len(cfg.methods))
     fcfg = TrainConfig(epochs=epochs or cfg.finetune_epochs, lr=cfg.finetune_lr, seed=cfg.seed,
-                       warmup_epochs=1, max_seconds=None if epochs else _budget(cfg, 0.30 / n_ft))
-    res = train(pruned, data.train, fcfg)
+                       warmup_epochs=1, max_seconds=None if epochs else _budget(cfg, 0.30 / n_ft),
+                       distill_weight=cfg.distill_weight)
+    res = train(pruned, data.train, fcfg, teacher=model if cfg.distill_weight else None)
     round_to_half(pruned)
     kept = space.kept_channels(keep)
     row = {"macs_ratio": macs / space.base_macs, "params": params, "test_acc_before_ft": before,
            "test_acc": evaluate(pruned, data.test, amp=False), "finetune_epochs": res.epochs,
-           "finetune_seconds": round(res.seconds, 1)}
+           "finetune_seconds": round(res.seconds, 1), "distill_weight": cfg.distill_weight}
     save_checkpoint(out / f"pruned_{method}.pt", pruned, cfg.arch, kept=kept, meta={**row, "keep": keep})
     return row
 
