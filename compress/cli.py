@@ -160,6 +160,8 @@ def search(checkpoint: str, arch: str | None, target: float, method: str, episod
 @click.option("--lr", type=float, default=0.02, show_default=True)
 @click.option("--distill", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
               help="Weight of knowledge distillation from the unpruned checkpoint (0: labels only).")
+@click.option("--max-seconds", type=click.FloatRange(min=1.0), default=None,
+              help="Wall-clock cap: after the first epoch, the schedule shrinks to the epochs that fit.")
 @click.option("--channel-multiple", type=int, default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -167,7 +169,7 @@ def search(checkpoint: str, arch: str | None, target: float, method: str, episod
 @_data_option
 @_limit_option
 def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: float, distill: float,
-             channel_multiple: int, seed: int, device: str, out_path: str, data_root: str | None,
+             max_seconds: float | None, channel_multiple: int, seed: int, device: str, out_path: str, data_root: str | None,
              limit_per_class: int | None) -> None:
     """Prune a checkpoint to a searched policy, fine-tune it, report test accuracy."""
     from compress.finetune import pick_device
@@ -188,7 +190,8 @@ def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: fl
     space = build_space(model, channel_multiple=channel_multiple)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(out_path).parent) as tmp:
-        row = finetune_one(cfg, model, space, keep, load_datasets(cfg, dev), Path(tmp), "policy")
+        row = finetune_one(cfg, model, space, keep, load_datasets(cfg, dev), Path(tmp), "policy",
+                           max_seconds=max_seconds)
         Path(tmp, "pruned_policy.pt").replace(out_path)
     click.echo(f"test accuracy {row['test_acc_before_ft']:.2f}% -> {row['test_acc']:.2f}% after "
                f"{row['finetune_epochs']} epochs, {row['macs_ratio']:.4f} of the MACs -> {out_path}")

@@ -13,6 +13,7 @@ METHODS=${METHODS:-gnn mlp random uniform keepall}
 MULTIPLE=${MULTIPLE:-8}            # channel counts are rounded to multiples of this
 DISTILL=${DISTILL:-0}              # weight of distillation from the unpruned baseline
 LR=${LR:-0.02}
+CAP=${CAP:+--max-seconds $CAP}        # optional wall-clock cap per job (seconds)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-3} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
 mkdir -p "$RUN" "$OUT"
 any_policy=$(ls "$DIR"/search_*.json | head -n 1)   # the control keeps every group of the same model
@@ -21,7 +22,7 @@ print(json.dumps({'best_keep': {group: 1.0 for group in keep}}))" > "$RUN/search
 for method in $METHODS; do
   policy=$DIR/search_$method.json
   [ "$method" = keepall ] && policy=$RUN/search_keepall.json
-  $PY -m compress.cli finetune --checkpoint "$BASELINE" --policy "$policy" --epochs "$EPOCHS" --lr "$LR" --distill "$DISTILL" --channel-multiple "$MULTIPLE" \
+  $PY -m compress.cli finetune --checkpoint "$BASELINE" --policy "$policy" --epochs "$EPOCHS" --lr "$LR" --distill "$DISTILL" $CAP --channel-multiple "$MULTIPLE" \
     --out "$RUN/finetuned_$method.pt" --data "$DATA" > "$RUN/finetune_$method.log" 2>&1 &
 done
 wait

@@ -128,16 +128,18 @@ def search_all(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, data: D
 
 
 def finetune_one(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, keep: dict[str, float],
-                 data: Datasets, out: Path, method: str, epochs: int | None = None) -> dict[str, Any]:
-    """Prune to `keep`, fine-tune, test. With `epochs` the schedule is fixed; without, the time
-    budget may cut `cfg.finetune_epochs` (the pipeline then reuses that count for every method)."""
+                 data: Datasets, out: Path, method: str, epochs: int | None = None,
+                 max_seconds: float | None = None) -> dict[str, Any]:
+    """Prune to `keep`, fine-tune, test. With `epochs` the schedule is fixed; without, a time cap
+    (`max_seconds`, else the pipeline's fine-tuning share of its budget) may cut `cfg.finetune_epochs`
+    (the pipeline then reuses that count for every method)."""
     pruned = apply_policy(model, space, keep)
     macs, params = count_macs(pruned)
     recalibrate_bn(pruned, data.train, 10)
     before = evaluate(pruned, data.test, amp=False)
     n_ft = max(1, len(cfg.methods))
     fcfg = TrainConfig(epochs=epochs or cfg.finetune_epochs, lr=cfg.finetune_lr, seed=cfg.seed,
-                       warmup_epochs=1, max_seconds=None if epochs else _budget(cfg, 0.30 / n_ft),
+                       warmup_epochs=1, max_seconds=None if epochs else (max_seconds or _budget(cfg, 0.30 / n_ft)),
                        distill_weight=cfg.distill_weight)
     res = train(pruned, data.train, fcfg, teacher=model if cfg.distill_weight else None)
     round_to_half(pruned)
