@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import zipfile
 
 import numpy as np
@@ -115,3 +116,19 @@ def test_reproduce_from_an_existing_baseline(small_run, cifar_root, cli, tmp_pat
     assert res["baseline"]["test_acc"] == first["baseline"]["test_acc"]  # same weights, same test set
     assert not (out / "baseline.pt").exists()  # nothing trained
     assert all(0.69 <= r["macs_ratio"] <= 0.7 + 1e-6 for r in res["finetuned"].values())
+
+
+def test_finetune_distils_within_a_time_cap(small_run, cifar_root, cli, tmp_path):
+    """`finetune --distill --max-seconds`: the cap shrinks 50 planned epochs to what fits, and the
+    checkpoint records the distillation weight it was trained with."""
+    from compress.store import load_checkpoint
+
+    out = tmp_path / "distilled.pt"
+    result = cli("finetune", "--checkpoint", small_run / "baseline.pt", "--policy", small_run / "search_mlp.json",
+                 "--epochs", 50, "--max-seconds", 1, "--distill", 0.5, "--out", out, "--data", cifar_root,
+                 "--limit-per-class", 30, "--device", "cpu")
+    assert result.exit_code == 0, result.output + str(result.exception)
+    epochs = int(re.search(r"after (\d+) epochs", result.output).group(1))
+    assert 1 <= epochs <= 10  # an epoch of 270 images takes well over 0.1 s here
+    _, info = load_checkpoint(out, "resnet20")
+    assert info["meta"]["distill_weight"] == 0.5 and info["meta"]["finetune_epochs"] == epochs
