@@ -46,6 +46,12 @@ def _data_option(f):
                              "default $PIPEINFER_CIFAR10 or ../shared/datasets/cifar10.")(f)
 
 
+def _distill_option(f):
+    return click.option("--distill", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+                        help="Weight of knowledge distillation from the unpruned model while fine-tuning "
+                             "(0: labels only).")(f)
+
+
 def _limit_option(f):
     return click.option("--limit-per-class", type=int, default=None,
                         help="Use only the first N images of each class (quick runs).")(f)
@@ -158,8 +164,7 @@ def search(checkpoint: str, arch: str | None, target: float, method: str, episod
 @click.option("--arch", type=click.Choice(ARCHS), default=None)
 @click.option("--epochs", type=int, default=15, show_default=True)
 @click.option("--lr", type=float, default=0.02, show_default=True)
-@click.option("--distill", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
-              help="Weight of knowledge distillation from the unpruned checkpoint (0: labels only).")
+@_distill_option
 @click.option("--max-seconds", type=click.FloatRange(min=1.0), default=None,
               help="Wall-clock cap: after the first epoch, the schedule shrinks to the epochs that fit.")
 @click.option("--channel-multiple", type=int, default=8, show_default=True)
@@ -169,8 +174,8 @@ def search(checkpoint: str, arch: str | None, target: float, method: str, episod
 @_data_option
 @_limit_option
 def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: float, distill: float,
-             max_seconds: float | None, channel_multiple: int, seed: int, device: str, out_path: str, data_root: str | None,
-             limit_per_class: int | None) -> None:
+             max_seconds: float | None, channel_multiple: int, seed: int, device: str, out_path: str,
+             data_root: str | None, limit_per_class: int | None) -> None:
     """Prune a checkpoint to a searched policy, fine-tune it, report test accuracy."""
     from compress.finetune import pick_device
     from compress.pipeline import PipelineConfig, finetune_one, load_datasets
@@ -262,6 +267,7 @@ def bench(onnx_files: tuple[str, ...], runs: int, warmup: int, json_out: str | N
 @click.option("--train-epochs", type=int, default=40, show_default=True)
 @click.option("--finetune-epochs", type=int, default=15, show_default=True)
 @click.option("--episodes", type=int, default=48, show_default=True)
+@_distill_option
 @click.option("--time-budget", type=float, default=None,
               help="Seconds for the whole run; epochs and episodes are cut to fit (recorded).")
 @click.option("--baseline", type=click.Path(), default=None, help="Skip training: use this checkpoint.")
@@ -271,16 +277,16 @@ def bench(onnx_files: tuple[str, ...], runs: int, warmup: int, json_out: str | N
 @_data_option
 @_limit_option
 def reproduce(arch: str, target: float, out_dir: str, train_epochs: int, finetune_epochs: int,
-              episodes: int, time_budget: float | None, baseline: str | None, channel_multiple: int,
-              seed: int, device: str, data_root: str | None, limit_per_class: int | None) -> None:
+              episodes: int, distill: float, time_budget: float | None, baseline: str | None,
+              channel_multiple: int, seed: int, device: str, data_root: str | None, limit_per_class: int | None) -> None:
     """Train, search (GNN+RL and baselines), prune, fine-tune and test one architecture."""
     from compress.pipeline import PipelineConfig, run_pipeline
 
     res = run_pipeline(PipelineConfig(
         arch=arch, target=target, out_dir=out_dir, data_root=data_root, device=device, seed=seed,
         train_epochs=train_epochs, finetune_epochs=finetune_epochs, episodes=episodes,
-        baseline=baseline, time_budget_s=time_budget, limit_per_class=limit_per_class,
-        channel_multiple=channel_multiple))
+        distill_weight=distill, baseline=baseline, time_budget_s=time_budget,
+        limit_per_class=limit_per_class, channel_multiple=channel_multiple))
     rows = ", ".join(f"{m} {r['test_acc']:.2f}%" for m, r in res["finetuned"].items())
     click.echo(f"{arch}: baseline {res['baseline']['test_acc']:.2f}%; after fine-tuning: {rows}")
 

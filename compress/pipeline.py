@@ -138,9 +138,9 @@ def finetune_one(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, keep:
     recalibrate_bn(pruned, data.train, 10)
     before = evaluate(pruned, data.test, amp=False)
     n_ft = max(1, len(cfg.methods))
+    cap = None if epochs else (max_seconds or _budget(cfg, 0.30 / n_ft))
     fcfg = TrainConfig(epochs=epochs or cfg.finetune_epochs, lr=cfg.finetune_lr, seed=cfg.seed,
-                       warmup_epochs=1, max_seconds=None if epochs else (max_seconds or _budget(cfg, 0.30 / n_ft)),
-                       distill_weight=cfg.distill_weight)
+                       warmup_epochs=1, max_seconds=cap, distill_weight=cfg.distill_weight)
     res = train(pruned, data.train, fcfg, teacher=model if cfg.distill_weight else None)
     round_to_half(pruned)
     kept = space.kept_channels(keep)
