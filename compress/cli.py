@@ -166,15 +166,17 @@ def search(checkpoint: str, arch: str | None, target: float, method: str, episod
 @click.option("--lr", type=float, default=0.02, show_default=True)
 @_distill_option
 @click.option("--max-seconds", type=click.FloatRange(min=1.0), default=None,
-              help="Wall-clock cap: after the first epoch, the schedule shrinks to the epochs that fit.")
-@click.option("--channel-multiple", type=int, default=8, show_default=True)
+              help="Training-time budget: after the first epoch the schedule shrinks to the epochs "
+                   "predicted to fit (may overrun by about an epoch; loading and testing not counted).")
+@click.option("--channel-multiple", type=int, default=None,
+              help="Round channel counts to multiples of this [default: the policy's, else 8].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True)
 @_data_option
 @_limit_option
 def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: float, distill: float,
-             max_seconds: float | None, channel_multiple: int, seed: int, device: str, out_path: str,
+             max_seconds: float | None, channel_multiple: int | None, seed: int, device: str, out_path: str,
              data_root: str | None, limit_per_class: int | None) -> None:
     """Prune a checkpoint to a searched policy, fine-tune it, report test accuracy."""
     from compress.finetune import pick_device
@@ -183,9 +185,11 @@ def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: fl
     from compress.store import load_checkpoint, read_json
 
     model, info = load_checkpoint(checkpoint, arch)
-    keep = read_json(policy).get("best_keep")
+    searched = read_json(policy)
+    keep = searched.get("best_keep")
     if not isinstance(keep, dict) or not keep:
         raise CompressError(f"{policy} holds no best_keep policy")
+    channel_multiple = channel_multiple or searched.get("channel_multiple", 8)
     dev = pick_device(device)
     cfg = PipelineConfig(arch=info["arch"], target=1.0, out_dir=str(Path(out_path).parent),
                          data_root=data_root, device=device, seed=seed, finetune_epochs=epochs,
@@ -199,7 +203,8 @@ def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: fl
                            max_seconds=max_seconds)
         Path(tmp, "pruned_policy.pt").replace(out_path)
     click.echo(f"test accuracy {row['test_acc_before_ft']:.2f}% -> {row['test_acc']:.2f}% after "
-               f"{row['finetune_epochs']} epochs, {row['macs_ratio']:.4f} of the MACs -> {out_path}")
+               f"{row['finetune_epochs']} epochs (lr {lr}, distill {distill}, channels x{channel_multiple}), "
+               f"{row['macs_ratio']:.4f} of the MACs -> {out_path}")
 
 
 @compress_group.command()
@@ -278,7 +283,8 @@ def bench(onnx_files: tuple[str, ...], runs: int, warmup: int, json_out: str | N
 @_limit_option
 def reproduce(arch: str, target: float, out_dir: str, train_epochs: int, finetune_epochs: int,
               episodes: int, distill: float, time_budget: float | None, baseline: str | None,
-              channel_multiple: int, seed: int, device: str, data_root: str | None, limit_per_class: int | None) -> None:
+              channel_multiple: int, seed: int, device: str, data_root: str | None,
+              limit_per_class: int | None) -> None:
     """Train, search (GNN+RL and baselines), prune, fine-tune and test one architecture."""
     from compress.pipeline import PipelineConfig, run_pipeline
 

@@ -105,17 +105,23 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * progress))
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
-                      weight: float, temperature: float) -> torch.Tensor:
-    """Hinton et al.'s knowledge distillation: cross-entropy on the labels blended with the KL
-    divergence to the teacher's softened outputs (scaled by T^2 so its gradients keep their size)."""
-    hard = F.cross_entropy(student, labels)
-    if weight == 0.0:
-        return hard
-    soft = F.kl_div(F.log_softmax(student.float() / temperature, dim=1),
+def soft_target_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) between outputs softened by `temperature`, times T^2 so that its
+    gradients keep their size as T changes (Hinton et al., knowledge distillation)."""
+    return F.kl_div(F.log_softmax(student.float() / temperature, dim=1),
                     F.log_softmax(teacher.float() / temperature, dim=1), log_target=True,
                     reduction="batchmean") * temperature ** 2
-    return (1.0 - weight) * hard + weight * soft
+
+
+def training_loss(student: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
+                  teacher: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy on the labels, blended with `soft_target_kl` to the teacher's outputs when
+    `cfg.distill_weight` is set."""
+    hard = F.cross_entropy(student, labels, label_smoothing=cfg.label_smoothing)
+    if not cfg.distill_weight:
+        return hard
+    return (1.0 - cfg.distill_weight) * hard + cfg.distill_weight * soft_target_kl(
+        student, teacher, cfg.distill_temperature)
 
 
 def train(model: nn.Module, data: DeviceData, cfg: TrainConfig,
@@ -144,13 +150,9 @@ def train(model: nn.Module, data: DeviceData, cfg: TrainConfig,
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, warmup, cfg.lr)
             with _autocast(device):
-                if cfg.distill_weight:
-                    with torch.no_grad():
-                        target = teacher(x)
-                    loss = distillation_loss(model(x), target, y, cfg.distill_weight,
-                                             cfg.distill_temperature)
-                else:
-                    loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+                with torch.no_grad():
+                    target = teacher(x) if cfg.distill_weight else None
+                loss = training_loss(model(x), y, cfg, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

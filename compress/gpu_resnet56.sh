@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # ResNet-56 @ 50% FLOPs from a longer-trained baseline, in three GPU calls of under 10 minutes:
 #   PHASE=train  EPOCHS=70  -> $RUN/baseline.pt
-#   PHASE=search EPISODES=80 [MULTIPLE=8] [BASELINE=$RUN/baseline.pt]
-#                -> $RUN/search_{gnn,mlp,random,uniform}.json (the four searches at once)
-#   then DIR=$RUN EPOCHS=30 bash compress/gpu_finetune.sh (equal fine-tuning + unpruned control)
+#   PHASE=search EPISODES=80 [MULTIPLE=8] [BASELINE=$RUN/baseline.pt] [METHODS="gnn mlp random uniform"]
+#                -> $RUN/search_<method>.json (the searches at once; each records its channel multiple)
+#   then DIR=$RUN BASELINE=<the same baseline> EPOCHS=30 [DISTILL=0.5] bash compress/gpu_finetune.sh
+#   (fine-tuning of every policy + an unpruned control)
 # Usage (repo root, CIFAR-10 zips in $DATA): PHASE=... OUT=/some/dir DATA=.data/cifar10 bash compress/gpu_resnet56.sh
 set -u -o pipefail
 PY=${PY:-python3}
@@ -17,7 +18,7 @@ train)
   cp "$RUN/baseline.pt" "$RUN/train.log" "$OUT/"
   ;;
 search)
-  for method in gnn mlp random uniform; do
+  for method in ${METHODS:-gnn mlp random uniform}; do
     $PY -m compress.cli search --checkpoint "${BASELINE:-$RUN/baseline.pt}" --target 0.5 --method "$method" \
       --episodes "${EPISODES:-80}" --channel-multiple "${MULTIPLE:-8}" --seed 0 --out-dir "$RUN" --data "$DATA" > "$RUN/search_$method.log" 2>&1 &
   done

@@ -146,7 +146,9 @@ def finetune_one(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, keep:
     kept = space.kept_channels(keep)
     row = {"macs_ratio": macs / space.base_macs, "params": params, "test_acc_before_ft": before,
            "test_acc": evaluate(pruned, data.test, amp=False), "finetune_epochs": res.epochs,
-           "finetune_seconds": round(res.seconds, 1), "distill_weight": cfg.distill_weight}
+           "finetune_seconds": round(res.seconds, 1), "planned_epochs": fcfg.epochs,
+           "max_seconds": cap, "finetune_lr": fcfg.lr, "distill_weight": fcfg.distill_weight,
+           "distill_temperature": fcfg.distill_temperature, "channel_multiple": space.channel_multiple}
     save_checkpoint(out / f"pruned_{method}.pt", pruned, cfg.arch, kept=kept, meta={**row, "keep": keep})
     return row
 

@@ -53,6 +53,7 @@ class SearchResult:
     best_so_far: list[float]
     evaluations: int
     seconds: float
+    channel_multiple: int  # the rounding the policy was searched with; fine-tuning must reuse it
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -103,7 +104,7 @@ def run_search(space: PruneSpace, graph: NetGraph, evaluate_keep: Evaluator, cfg
         best_curve.append(best[0])
         bar.set_postfix(reward=f"{value:.2f}", best=f"{best[0]:.2f}")
     return SearchResult(cfg.method, cfg.target, best[1], best[0], best[2], rewards, best_curve,
-                        episodes, time.time() - start)
+                        episodes, time.time() - start, space.channel_multiple)
 
 
 def verify_budget(model: nn.Module, space: PruneSpace, keep: dict[str, float]) -> float:

@@ -48,3 +48,19 @@ def cli():
 
     runner = CliRunner()
     return lambda *args: runner.invoke(compress_group, [str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def small_run(cifar_root, tmp_path_factory):
+    """One tiny reproduce run (ResNet-20, 30 images a class, 1 epoch, 3 episodes) on the CPU."""
+    from click.testing import CliRunner
+
+    from compress.cli import compress_group
+
+    out = tmp_path_factory.mktemp("run")
+    args = ["reproduce", "--arch", "resnet20", "--target", "0.5", "--out-dir", str(out), "--data",
+            str(cifar_root), "--limit-per-class", "30", "--train-epochs", "1", "--finetune-epochs", "1",
+            "--episodes", "3", "--device", "cpu"]
+    result = CliRunner().invoke(compress_group, args)
+    assert result.exit_code == 0, result.output + str(result.exception)
+    return out

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
 import zipfile
 
 import numpy as np
 import pytest
 
 from compress.data import CLASSES, holdout_split, load_split
-from compress_fixtures import cifar_root, cli  # noqa: F401  (pytest fixtures)
+from compress_fixtures import cifar_root, cli, small_run  # noqa: F401  (pytest fixtures)
 
 
 def test_holdout_split_is_seeded_stratified_and_disjoint():
@@ -53,22 +52,6 @@ def test_zip_and_unzipped_folder_agree(cifar_root, tmp_path):
     assert np.array_equal(from_zip.images, from_folder.images)
     assert np.array_equal(from_zip.labels, from_folder.labels)
     assert from_zip.images.std() > 20  # real pictures, not blank decodes
-
-
-@pytest.fixture(scope="module")
-def small_run(cifar_root, tmp_path_factory):
-    """One tiny reproduce run (ResNet-20, 30 images a class, 1 epoch, 3 episodes) on the CPU."""
-    from click.testing import CliRunner
-
-    from compress.cli import compress_group
-
-    out = tmp_path_factory.mktemp("run")
-    args = ["reproduce", "--arch", "resnet20", "--target", "0.5", "--out-dir", str(out), "--data",
-            str(cifar_root), "--limit-per-class", "30", "--train-epochs", "1", "--finetune-epochs", "1",
-            "--episodes", "3", "--device", "cpu"]
-    result = CliRunner().invoke(compress_group, args)
-    assert result.exit_code == 0, result.output + str(result.exception)
-    return out
 
 
 def test_reproduce_end_to_end_small(small_run):
@@ -117,18 +100,3 @@ def test_reproduce_from_an_existing_baseline(small_run, cifar_root, cli, tmp_pat
     assert not (out / "baseline.pt").exists()  # nothing trained
     assert all(0.69 <= r["macs_ratio"] <= 0.7 + 1e-6 for r in res["finetuned"].values())
 
-
-def test_finetune_distils_within_a_time_cap(small_run, cifar_root, cli, tmp_path):
-    """`finetune --distill --max-seconds`: the cap shrinks 50 planned epochs to what fits, and the
-    checkpoint records the distillation weight it was trained with."""
-    from compress.store import load_checkpoint
-
-    out = tmp_path / "distilled.pt"
-    result = cli("finetune", "--checkpoint", small_run / "baseline.pt", "--policy", small_run / "search_mlp.json",
-                 "--epochs", 50, "--max-seconds", 1, "--distill", 0.5, "--out", out, "--data", cifar_root,
-                 "--limit-per-class", 30, "--device", "cpu")
-    assert result.exit_code == 0, result.output + str(result.exception)
-    epochs = int(re.search(r"after (\d+) epochs", result.output).group(1))
-    assert 1 <= epochs <= 10  # an epoch of 270 images takes well over 0.1 s here
-    _, info = load_checkpoint(out, "resnet20")
-    assert info["meta"]["distill_weight"] == 0.5 and info["meta"]["finetune_epochs"] == epochs
