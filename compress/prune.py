@@ -14,7 +14,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from compress.errors import TraceError
+from compress.errors import CompressError, TraceError
 from compress.models import ChannelShuffle
 
 ROOT_TYPES = (nn.Conv2d, nn.Linear)
@@ -143,6 +143,8 @@ def _group_info(group: tp.Group, dg: tp.DependencyGraph, names: dict[nn.Module, 
 def build_space(model: nn.Module, num_classes: int = 10, input_shape: tuple[int, ...] = (1, 3, 32, 32),
                 channel_multiple: int = 1) -> PruneSpace:
     """Trace `model` (on the CPU or wherever it lives) and describe its pruning groups."""
+    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
+        raise CompressError(f"the channel multiple must be a whole number >= 1, got {channel_multiple!r}")
     model.eval()
     device = next(model.parameters()).device
     example = torch.randn(*input_shape, device=device)

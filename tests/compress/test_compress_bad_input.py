@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 
@@ -67,6 +68,23 @@ def test_unreachable_budget_cli(cli, checkpoint, tmp_path):
     result = cli("search", "--checkpoint", checkpoint, "--target", 0.01, "--out-dir", out)
     assert_one_line_error(result, "budget 0.01 is unreachable")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("multiple", ["x", 0, 2.5])
+def test_policy_with_a_bad_channel_multiple(cli, checkpoint, tmp_path, multiple):
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"best_keep": {"stem.0": 0.5}, "channel_multiple": multiple}))
+    out = tmp_path / "pruned.pt"
+    result = cli("finetune", "--checkpoint", checkpoint, "--policy", policy, "--out", out)
+    assert_one_line_error(result, "channel multiple must be a whole number")
+    assert not out.exists()
+
+
+def test_channel_multiple_option_below_one(cli, checkpoint, tmp_path):
+    result = cli("search", "--checkpoint", checkpoint, "--target", 0.5, "--channel-multiple", 0,
+                 "--out-dir", tmp_path / "s")
+    assert result.exit_code == 2 and "--channel-multiple" in result.output
+    assert not (tmp_path / "s").exists()
 
 
 def test_checkpoint_of_another_architecture(cli, checkpoint, tmp_path):
