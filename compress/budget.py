@@ -6,6 +6,10 @@ from typing import Callable, Mapping
 
 from compress.errors import BudgetError
 
+# Channel counts are rounded to multiples of this, so pruned layers keep the channel blocks CPU
+# convolution kernels work in (onnxruntime uses blocks of 16 with AVX-512: see docs/compress.md).
+DEFAULT_CHANNEL_MULTIPLE = 8
+
 MacsFn = Callable[[Mapping[str, float]], float]
 
 

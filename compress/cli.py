@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from compress.budget import DEFAULT_CHANNEL_MULTIPLE
 from compress.errors import CompressError
 
 ARCHS = ("resnet20", "resnet56", "vgg16", "mobilenet_v1", "mobilenet_v2", "shufflenet_v2")
@@ -117,7 +118,8 @@ def _model(arch: str | None, checkpoint: str | None):
 @click.option("--target", type=float, required=True, help="Fraction of MACs to keep, e.g. 0.5.")
 @click.option("--method", type=click.Choice(METHOD_CHOICES), default="gnn", show_default=True)
 @click.option("--episodes", type=int, default=48, show_default=True)
-@click.option("--channel-multiple", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--channel-multiple", type=click.IntRange(min=1), default=DEFAULT_CHANNEL_MULTIPLE,
+              show_default=True, help="Round channel counts to multiples of this.")
 @click.option("--holdout", type=int, default=5000, show_default=True,
               help="Held-out training images scored per episode (a seeded subset of the 5,000).")
 @click.option("--calib-batches", type=int, default=10, show_default=True,
@@ -169,7 +171,8 @@ def search(checkpoint: str, arch: str | None, target: float, method: str, episod
               help="Training-time budget: after the first epoch the schedule shrinks to the epochs "
                    "predicted to fit (may overrun by about an epoch; loading and testing not counted).")
 @click.option("--channel-multiple", type=click.IntRange(min=1), default=None,
-              help="Round channel counts to multiples of this [default: the policy's, else 8].")
+              help="Round channel counts to multiples of this "
+                   f"[default: the policy's, else {DEFAULT_CHANNEL_MULTIPLE}].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True)
@@ -190,7 +193,7 @@ def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: fl
     if not isinstance(keep, dict) or not keep:
         raise CompressError(f"{policy} holds no best_keep policy")
     if channel_multiple is None:
-        channel_multiple = searched.get("channel_multiple", 8)
+        channel_multiple = searched.get("channel_multiple", DEFAULT_CHANNEL_MULTIPLE)
     dev = pick_device(device)
     cfg = PipelineConfig(arch=info["arch"], target=1.0, out_dir=str(Path(out_path).parent),
                          data_root=data_root, device=device, seed=seed, finetune_epochs=epochs,
@@ -277,7 +280,8 @@ def bench(onnx_files: tuple[str, ...], runs: int, warmup: int, json_out: str | N
 @click.option("--time-budget", type=float, default=None,
               help="Seconds for the whole run; epochs and episodes are cut to fit (recorded).")
 @click.option("--baseline", type=click.Path(), default=None, help="Skip training: use this checkpoint.")
-@click.option("--channel-multiple", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--channel-multiple", type=click.IntRange(min=1), default=DEFAULT_CHANNEL_MULTIPLE,
+              show_default=True, help="Round channel counts to multiples of this.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @_data_option

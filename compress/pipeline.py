@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from compress.budget import DEFAULT_CHANNEL_MULTIPLE
 from compress.data import Split, holdout_split, load_split
 from compress.finetune import DeviceData, TrainConfig, evaluate, pick_device, recalibrate_bn, train
 from compress.graph import build_graph
@@ -39,7 +40,7 @@ class PipelineConfig:
     time_budget_s: float | None = None  # whole run; train 45%, search 25%, fine-tune 30%
     limit_per_class: int | None = None  # small runs (tests)
     holdout: int = 5000
-    channel_multiple: int = 8  # keep channel counts in blocks the CPU kernels use
+    channel_multiple: int = DEFAULT_CHANNEL_MULTIPLE
 
 
 @dataclass(frozen=True)
