@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -112,6 +111,17 @@ def _model(arch: str | None, checkpoint: str | None):
     raise click.UsageError("give --arch or --checkpoint")
 
 
+def _read_policy(path: str) -> tuple[dict[str, float], int]:
+    """A search file's best keep ratios and the channel multiple they were searched with."""
+    from compress.store import read_json
+
+    searched = read_json(path)
+    keep = searched.get("best_keep")
+    if not isinstance(keep, dict) or not keep:
+        raise CompressError(f"{path} holds no best_keep policy")
+    return keep, searched.get("channel_multiple", DEFAULT_CHANNEL_MULTIPLE)
+
+
 @compress_group.command()
 @click.option("--checkpoint", type=click.Path(), required=True)
 @click.option("--arch", type=click.Choice(ARCHS), default=None, help="Expected architecture.")
@@ -184,16 +194,12 @@ def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: fl
     """Prune a checkpoint to a searched policy, fine-tune it, report test accuracy."""
     from compress.finetune import pick_device
     from compress.pipeline import PipelineConfig, finetune_one, load_datasets
-    from compress.prune import build_space
-    from compress.store import load_checkpoint, read_json
+    from compress.prune import build_space, check_policy
+    from compress.store import load_checkpoint
 
     model, info = load_checkpoint(checkpoint, arch)
-    searched = read_json(policy)
-    keep = searched.get("best_keep")
-    if not isinstance(keep, dict) or not keep:
-        raise CompressError(f"{policy} holds no best_keep policy")
-    if channel_multiple is None:
-        channel_multiple = searched.get("channel_multiple", DEFAULT_CHANNEL_MULTIPLE)
+    keep, searched_multiple = _read_policy(policy)
+    channel_multiple = channel_multiple or searched_multiple
     dev = pick_device(device)
     cfg = PipelineConfig(arch=info["arch"], target=1.0, out_dir=str(Path(out_path).parent),
                          data_root=data_root, device=device, seed=seed, finetune_epochs=epochs,
@@ -201,6 +207,7 @@ def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: fl
                          methods=("policy",))
     model = model.to(dev)
     space = build_space(model, channel_multiple=channel_multiple)
+    check_policy(space, keep)  # before the data are loaded
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(out_path).parent) as tmp:
         row = finetune_one(cfg, model, space, keep, load_datasets(cfg, dev), Path(tmp), "policy",
@@ -219,15 +226,26 @@ def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: fl
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--int8", "int8_path", type=click.Path(dir_okay=False), default=None,
               help="Also write a static int8 (QDQ) model here.")
+@click.option("--policy", type=click.Path(dir_okay=False), default=None,
+              help="First prune to this search file's policy (with --arch alone: a model of the pruned "
+                   "shape with untrained weights, for latency only).")
 @_data_option
 def export(checkpoint: str | None, arch: str | None, out_path: str, opset: int, int8_path: str | None,
-           data_root: str | None) -> None:
+           policy: str | None, data_root: str | None) -> None:
     """Export to ONNX, run onnx.checker and a parity check against torch (< 1e-4)."""
     import numpy as np
 
     from compress.export import check_parity, export_onnx, quantize_int8
+    from compress.prune import apply_policy, build_space
+
+    from compress.store import load_checkpoint
 
     model = _model(arch, checkpoint)
+    if policy:
+        if checkpoint and load_checkpoint(checkpoint, arch)[1]["kept"]:
+            raise CompressError(f"{checkpoint} is already pruned; --policy needs an unpruned model")
+        keep, multiple = _read_policy(policy)
+        model = apply_policy(model, build_space(model, channel_multiple=multiple), keep)
     probe = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
     errors: list[float] = []
     path = export_onnx(model, out_path, opset=opset,
@@ -252,21 +270,39 @@ def _calibration(data_root: str | None, per_class: int = 20):
 
 @compress_group.command()
 @click.argument("onnx_files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--runs", type=int, default=500, show_default=True)
-@click.option("--warmup", type=int, default=50, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=300, show_default=True, help="Timed runs per round.")
+@click.option("--warmup", type=click.IntRange(min=0), default=50, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Interleaved rounds over all files; the median of the rounds' medians is reported.")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None)
-def bench(onnx_files: tuple[str, ...], runs: int, warmup: int, json_out: str | None) -> None:
-    """onnxruntime CPU latency at batch 1 with 1 and 2 threads (median of --runs after warm-up)."""
-    from compress.export import benchmark
-    from compress.store import write_json
+def bench(onnx_files: tuple[str, ...], runs: int, warmup: int, rounds: int, json_out: str | None) -> None:
+    """onnxruntime CPU latency at batch 1 with 1 and 2 threads; speed-ups against the first file."""
+    import statistics
 
-    rows = {}
-    for f in onnx_files:
-        rows[f] = {str(t): asdict(benchmark(f, t, runs, warmup)) for t in (1, 2)}
-        click.echo(f"{f}: " + ", ".join(f"{t} thread(s) {rows[f][str(t)]['median_ms']:.3f} ms"
-                                        for t in (1, 2)))
+    from compress.export import interleaved_latency, machine_info
+    from compress.store import write_json
+    from pipeinfer_cpu.stats import markdown_table
+
+    machine = machine_info()
+    per = interleaved_latency(onnx_files, rounds=rounds, runs=runs, warmup=warmup)
+    median = {f: {t: statistics.median(v) for t, v in d.items()} for f, d in per.items()}
+    # Speed-up within each round, then the median: load that drifts between rounds cancels out.
+    first = per[onnx_files[0]]
+    speedup = {f: {t: statistics.median(a / b for a, b in zip(first[t], v)) for t, v in d.items()}
+               for f, d in per.items()}
+    rows = [{"model": f, "1 thread (ms)": round(median[f][1], 3), "2 threads (ms)": round(median[f][2], 3),
+             "speed-up 1 thread": round(speedup[f][1], 2), "speed-up 2 threads": round(speedup[f][2], 2)}
+            for f in per]
+    click.echo(f"{machine['cpu']}, {machine['cores']} cores, {' '.join(machine['simd'])}, onnxruntime "
+               f"{machine['onnxruntime']}; medians of {rounds} interleaved rounds of {runs} runs "
+               "(speed-up: the median of the per-round ratios to the first file)")
+    click.echo(markdown_table(rows, list(rows[0])), nl=False)
     if json_out:
-        write_json(json_out, rows)
+        write_json(json_out, {"machine": {**machine, "load_avg_after": machine_info()["load_avg"]},
+                              "rounds": rounds, "runs_per_round": runs, "warmup": warmup,
+                              "median_ms": {f: {str(t): v for t, v in m.items()} for f, m in median.items()},
+                              "speedup_vs_first": {f: {str(t): v for t, v in m.items()} for f, m in speedup.items()},
+                              "round_medians_ms": {f: {str(t): v for t, v in d.items()} for f, d in per.items()}})
 
 
 @compress_group.command()

@@ -3,12 +3,14 @@ optional static int8 quantisation. The only module that imports onnx and onnxrun
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -101,6 +103,39 @@ def benchmark(path: str | Path, threads: int, runs: int = 300, warmup: int = 30,
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return Latency(threads, statistics.median(times), times[int(0.9 * (len(times) - 1))], runs)
+
+
+def interleaved_latency(paths: Sequence[str | Path], threads: Sequence[int] = (1, 2), rounds: int = 5,
+                        runs: int = 300, warmup: int = 30) -> dict[str, dict[int, list[float]]]:
+    """Median latency of every model in each of `rounds` rounds, the models taking turns within a
+    round, so a burst of background load on a shared machine hits all of them alike instead of
+    whichever model happened to run then. Returns {path: {threads: [median of each round]}}."""
+    per: dict[str, dict[int, list[float]]] = {str(p): {t: [] for t in threads} for p in paths}
+    for _ in range(rounds):
+        for t in threads:
+            for path in paths:
+                per[str(path)][t].append(benchmark(path, t, runs=runs, warmup=warmup).median_ms)
+    return per
+
+
+def machine_info() -> dict[str, Any]:
+    """What CPU latency depends on: onnxruntime's convolutions work on blocks of 8 channels with
+    AVX2 and 16 with AVX-512, so the same pruned model gains differently on different CPUs."""
+    import onnxruntime
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:  # not Linux: the model name from platform is all there is
+        pass
+    return {"cpu": model, "cores": os.cpu_count(),
+            "simd": sorted(flags & {"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile"}),
+            "onnxruntime": onnxruntime.__version__, "load_avg": os.getloadavg()}
 
 
 def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: np.ndarray) -> Path:

@@ -186,8 +186,18 @@ def prune_to_counts(model: nn.Module, space: PruneSpace, kept: dict[str, int],
     return pruned
 
 
+def check_policy(space: PruneSpace, keep: dict[str, float]) -> None:
+    """Groups a policy does not name keep every channel, but a group the model does not have means
+    the policy was searched on another architecture."""
+    unknown = sorted(set(keep) - {g.root for g in space.groups})
+    if unknown:
+        raise CompressError(f"the policy names {len(unknown)} group(s) this model does not have "
+                            f"(first: {unknown[0]}): it was searched on another architecture")
+
+
 def apply_policy(model: nn.Module, space: PruneSpace, keep: dict[str, float]) -> nn.Module:
     """Physically prune a copy of `model` to the keep ratios of a policy."""
+    check_policy(space, keep)
     return prune_to_counts(model, space, space.kept_channels(keep))
 
 

@@ -5,8 +5,6 @@ the table as JSON and Markdown."""
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from compress.data import load_split
-from compress.export import benchmark, check_parity, export_onnx, onnx_accuracy, quantize_int8
+from compress.export import (check_parity, export_onnx, interleaved_latency, machine_info, onnx_accuracy,
+                             quantize_int8)
 from compress.finetune import MEAN, STD
 from compress.models import build_model
 from compress.store import atomic_write, load_checkpoint, read_json, write_json
@@ -51,12 +50,9 @@ def _export_all(run_dir: Path, onnx_dir: Path, probe: np.ndarray) -> dict[str, d
 
 
 def _latencies(paths: dict[str, Path], rounds: int, runs: int) -> dict[str, dict[str, float]]:
-    per: dict[str, dict[int, list[float]]] = {n: {1: [], 2: []} for n in paths}
-    for _ in range(rounds):
-        for threads in (1, 2):
-            for name, path in paths.items():
-                per[name][threads].append(benchmark(path, threads, runs=runs, warmup=30).median_ms)
-    return {n: {f"{t}_thread_ms": statistics.median(v) for t, v in d.items()} for n, d in per.items()}
+    per = interleaved_latency(list(paths.values()), rounds=rounds, runs=runs)
+    return {n: {f"{t}_thread_ms": statistics.median(v) for t, v in per[str(p)].items()}
+            for n, p in paths.items()}
 
 
 def measure_run(run_dir: str | Path, onnx_dir: str | Path, data_root: str | None, rounds: int = 5,
@@ -70,24 +66,16 @@ def measure_run(run_dir: str | Path, onnx_dir: str | Path, data_root: str | None
         calib = normalised(load_split(data_root, "train", 20).images)
         q = quantize_int8(models["gnn"]["onnx"], onnx_dir / f"{res['arch']}_gnn.int8.onnx", calib)
         models["gnn_int8"] = {"onnx": q, "checkpoint": None, "parity": None}
-    load_before = os.getloadavg()
+    before = machine_info()
     lat = _latencies({n: m["onnx"] for n, m in models.items()}, rounds, runs)
-    load_after = os.getloadavg()
+    load_after = machine_info()["load_avg"]
     rows = {}
     for name, m in models.items():
         has_weights = m["checkpoint"] is not None or name == "gnn_int8"
         rows[name] = {"onnx_test_acc": onnx_accuracy(m["onnx"], x_test, test.labels) if has_weights else None,
                       "parity_max_abs": m["parity"], **lat[name]}
     return {"arch": res["arch"], "target": res["target"], "gpu_run": res, "cpu": rows,
-            "cpu_machine": {"cores": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                            "onnxruntime": _ort_version(), "load_avg_before": load_before,
-                            "load_avg_after": load_after, "rounds": rounds, "runs_per_round": runs}}
-
-
-def _ort_version() -> str:
-    import onnxruntime
-
-    return onnxruntime.__version__
+            "cpu_machine": {**before, "load_avg_after": load_after, "rounds": rounds, "runs_per_round": runs}}
 
 
 def _latency_cells(cpu_row: dict[str, Any] | None, base: dict[str, Any]) -> str:

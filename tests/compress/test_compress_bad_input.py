@@ -14,7 +14,7 @@ from torch import nn
 from compress.data import load_split
 from compress.errors import CheckpointError, DataError, TraceError
 from compress.models import build_model
-from compress.prune import build_space
+from compress.prune import apply_policy, build_space
 from compress.store import load_checkpoint, save_checkpoint
 from compress_fixtures import cli  # noqa: F401  (pytest fixtures)
 
@@ -77,6 +77,35 @@ def test_policy_with_a_bad_channel_multiple(cli, checkpoint, tmp_path, multiple)
     out = tmp_path / "pruned.pt"
     result = cli("finetune", "--checkpoint", checkpoint, "--policy", policy, "--out", out)
     assert_one_line_error(result, "channel multiple must be a whole number")
+    assert not out.exists()
+
+
+def test_policy_of_another_architecture(cli, checkpoint, tmp_path):
+    """A VGG policy on a ResNet names groups the ResNet does not have: refused before any data are
+    read, instead of silently keeping every channel."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"best_keep": {"features.0": 0.5}}))
+    out = tmp_path / "pruned.pt"
+    result = cli("finetune", "--checkpoint", checkpoint, "--policy", policy, "--out", out)
+    assert_one_line_error(result, "searched on another architecture", "features.0")
+    assert not out.exists()
+    onnx_out = tmp_path / "m.onnx"
+    assert_one_line_error(cli("export", "--arch", "resnet20", "--policy", policy, "--out", onnx_out),
+                          "searched on another architecture")
+    assert not onnx_out.exists()
+
+
+def test_policy_on_an_already_pruned_checkpoint(cli, tmp_path):
+    model = build_model("resnet20")
+    space = build_space(model)
+    keep = {g.root: 0.5 for g in space.groups}
+    pruned = save_checkpoint(tmp_path / "p.pt", apply_policy(model, space, keep), "resnet20",
+                             kept=space.kept_channels(keep))
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"best_keep": keep}))
+    out = tmp_path / "m.onnx"
+    result = cli("export", "--checkpoint", pruned, "--policy", policy, "--out", out)
+    assert_one_line_error(result, "already pruned")
     assert not out.exists()
 
 

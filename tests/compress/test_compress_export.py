@@ -3,6 +3,8 @@ ONNX (opset 18, onnx.checker) with onnxruntime matching torch to < 1e-4."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -13,7 +15,7 @@ from compress.export import benchmark, check_parity, export_onnx, onnx_accuracy,
 from compress.models import build_model
 from compress.prune import apply_policy, count_macs
 from compress.store import load_checkpoint, save_checkpoint
-from compress_fixtures import resnet20, resnet20_space  # noqa: F401  (pytest fixtures)
+from compress_fixtures import cli, resnet20, resnet20_space  # noqa: F401  (pytest fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +85,27 @@ def test_failed_verification_leaves_no_file(tmp_path, pruned_resnet):
     with pytest.raises(ExportError, match="differs from torch"):
         export_onnx(model, tmp_path / "m.onnx", verify=lambda tmp: check_parity(other, tmp, x))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_of_a_policy_shape_and_interleaved_bench(cli, resnet20_space, tmp_path):
+    """`export --arch A --policy P` writes the pruned shape with untrained weights (latency before
+    any training); `bench` times files in interleaved rounds and records the machine."""
+    keep = {g.root: 0.4 for g in resnet20_space.groups}
+    policy = tmp_path / "search.json"
+    policy.write_text(json.dumps({"best_keep": keep, "channel_multiple": 4}))
+    full, half = tmp_path / "full.onnx", tmp_path / "half.onnx"
+    assert cli("export", "--arch", "resnet20", "--out", full).exit_code == 0
+    result = cli("export", "--arch", "resnet20", "--policy", policy, "--out", half)
+    assert result.exit_code == 0, result.output
+    widths = {init.name: init.dims[0] for init in onnx.load(half).graph.initializer if len(init.dims) == 4}
+    full_widths = {init.name: init.dims[0] for init in onnx.load(full).graph.initializer if len(init.dims) == 4}
+    assert sum(widths.values()) < sum(full_widths.values())
+    # the policy file's channel multiple (4) was used, not the default (8)
+    assert all(w % 4 == 0 for w in widths.values()) and any(w % 8 for w in widths.values())
+    out = tmp_path / "bench.json"
+    result = cli("bench", full, half, "--rounds", 2, "--runs", 3, "--warmup", 1, "--json-out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["machine"]["cores"] >= 1 and "onnxruntime" in report["machine"]
+    assert all(len(report["round_medians_ms"][str(f)][t]) == 2 for f in (full, half) for t in ("1", "2"))
+    assert "speed-up 1 thread" in result.output
