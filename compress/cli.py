@@ -237,7 +237,6 @@ def export(checkpoint: str | None, arch: str | None, out_path: str, opset: int, 
 
     from compress.export import check_parity, export_onnx, quantize_int8
     from compress.prune import apply_policy, build_space
-
     from compress.store import load_checkpoint
 
     model = _model(arch, checkpoint)
@@ -283,6 +282,8 @@ def bench(onnx_files: tuple[str, ...], runs: int, warmup: int, rounds: int, json
     from compress.store import write_json
     from pipeinfer_cpu.stats import markdown_table
 
+    if len(set(onnx_files)) < len(onnx_files):
+        raise CompressError("give each ONNX file once (the rounds are interleaved already)")
     machine = machine_info()
     per = interleaved_latency(onnx_files, rounds=rounds, runs=runs, warmup=warmup)
     median = {f: {t: statistics.median(v) for t, v in d.items()} for f, d in per.items()}

@@ -109,6 +109,13 @@ def test_policy_on_an_already_pruned_checkpoint(cli, tmp_path):
     assert not out.exists()
 
 
+def test_bench_given_a_file_twice(cli, tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not read: the arguments are checked first")
+    assert_one_line_error(cli("bench", model, model), "each ONNX file once")
+    assert_one_line_error(cli("bench", model), "onnxruntime cannot load")  # and it is not ONNX
+
+
 def test_channel_multiple_option_below_one(cli, checkpoint, tmp_path):
     result = cli("search", "--checkpoint", checkpoint, "--target", 0.5, "--channel-multiple", 0,
                  "--out-dir", tmp_path / "s")
