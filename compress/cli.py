@@ -89,7 +89,7 @@ def graph(arch: str | None, checkpoint: str | None) -> None:
     from compress.graph import FEATURE_NAMES, build_graph
     from compress.prune import build_space
 
-    model = _model(arch, checkpoint)
+    model, _ = _model(arch, checkpoint)
     space = build_space(model)
     g = build_graph(model, space)
     click.echo(f"{g.num_nodes} groups, {g.edge_index.shape[1]} edges, {len(g.blocks)} blocks, "
@@ -101,13 +101,16 @@ def graph(arch: str | None, checkpoint: str | None) -> None:
 
 
 def _model(arch: str | None, checkpoint: str | None):
+    """The checkpoint's model, else the untrained architecture; and the checkpoint's kept channels
+    (None when unpruned)."""
     from compress.models import build_model
     from compress.store import load_checkpoint
 
     if checkpoint:
-        return load_checkpoint(checkpoint, arch)[0]
+        model, info = load_checkpoint(checkpoint, arch)
+        return model, info["kept"]
     if arch:
-        return build_model(arch).eval()
+        return build_model(arch).eval(), None
     raise click.UsageError("give --arch or --checkpoint")
 
 
@@ -237,11 +240,10 @@ def export(checkpoint: str | None, arch: str | None, out_path: str, opset: int, 
 
     from compress.export import check_parity, export_onnx, quantize_int8
     from compress.prune import apply_policy, build_space
-    from compress.store import load_checkpoint
 
-    model = _model(arch, checkpoint)
+    model, kept = _model(arch, checkpoint)
     if policy:
-        if checkpoint and load_checkpoint(checkpoint, arch)[1]["kept"]:
+        if kept:
             raise CompressError(f"{checkpoint} is already pruned; --policy needs an unpruned model")
         keep, multiple = _read_policy(policy)
         model = apply_policy(model, build_space(model, channel_multiple=multiple), keep)
@@ -299,11 +301,13 @@ def bench(onnx_files: tuple[str, ...], runs: int, warmup: int, rounds: int, json
                "(speed-up: the median of the per-round ratios to the first file)")
     click.echo(markdown_table(rows, list(rows[0])), nl=False)
     if json_out:
+        def by_threads(table: dict) -> dict:  # JSON object keys must be strings
+            return {f: {str(t): v for t, v in d.items()} for f, d in table.items()}
+
         write_json(json_out, {"machine": {**machine, "load_avg_after": machine_info()["load_avg"]},
                               "rounds": rounds, "runs_per_round": runs, "warmup": warmup,
-                              "median_ms": {f: {str(t): v for t, v in m.items()} for f, m in median.items()},
-                              "speedup_vs_first": {f: {str(t): v for t, v in m.items()} for f, m in speedup.items()},
-                              "round_medians_ms": {f: {str(t): v for t, v in d.items()} for f, d in per.items()}})
+                              "median_ms": by_threads(median), "speedup_vs_first": by_threads(speedup),
+                              "round_medians_ms": by_threads(per)})
 
 
 @compress_group.command()
