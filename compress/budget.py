@@ -67,6 +67,15 @@ def top_up(keep: Mapping[str, float], ratios: Mapping[str, float], macs_fn: Macs
     return keep
 
 
+def with_latency_bound(macs_fn: MacsFn, base_macs: float, target: float,
+                       latency_fn: Callable[[Mapping[str, float]], float], max_latency: float) -> MacsFn:
+    """A cost in MACs that exceeds the FLOPs budget whenever either the MACs or the predicted
+    latency exceed theirs, so `fit_budget` meets both with one bisection (both grow with every
+    keep ratio)."""
+    budget = target * base_macs
+    return lambda keep: max(macs_fn(keep), budget * latency_fn(keep) / max_latency)
+
+
 def reward(accuracy: float, macs_ratio: float, target: float, tolerance: float = 0.01) -> float:
     """Held-out accuracy (after BN recalibration) when the budget is met, else a penalty that
     grows with the overshoot; budgets are fitted before evaluation, so the penalty is a guard."""

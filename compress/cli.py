@@ -57,6 +57,19 @@ def _limit_option(f):
                         help="Use only the first N images of each class (quick runs).")(f)
 
 
+def _latency_options(f):
+    f = click.option("--min-speedup", type=click.FloatRange(min=1.0), default=None,
+                     help="Also keep the predicted latency (by --latency-table) at most 1/X of the "
+                          "unpruned model's.")(f)
+    return click.option("--latency-table", "latency_path", type=click.Path(dir_okay=False), default=None,
+                        help="Per-layer latencies of the target CPU, from `compress latency-table`.")(f)
+
+
+def _check_latency_pair(latency_path: str | None, min_speedup: float | None) -> None:
+    if (latency_path is None) != (min_speedup is None):
+        raise click.UsageError("--latency-table and --min-speedup go together")
+
+
 @compress_group.command()
 @click.option("--arch", type=click.Choice(ARCHS), required=True)
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True)
@@ -89,7 +102,7 @@ def graph(arch: str | None, checkpoint: str | None) -> None:
     from compress.graph import FEATURE_NAMES, build_graph
     from compress.prune import build_space
 
-    model, _ = _model(arch, checkpoint)
+    model, _, _ = _model(arch, checkpoint)
     space = build_space(model)
     g = build_graph(model, space)
     click.echo(f"{g.num_nodes} groups, {g.edge_index.shape[1]} edges, {len(g.blocks)} blocks, "
@@ -101,16 +114,16 @@ def graph(arch: str | None, checkpoint: str | None) -> None:
 
 
 def _model(arch: str | None, checkpoint: str | None):
-    """The checkpoint's model, else the untrained architecture; and the checkpoint's kept channels
-    (None when unpruned)."""
+    """The checkpoint's model, else the untrained architecture; its architecture name; and the
+    checkpoint's kept channels (None when unpruned)."""
     from compress.models import build_model
     from compress.store import load_checkpoint
 
     if checkpoint:
         model, info = load_checkpoint(checkpoint, arch)
-        return model, info["kept"]
+        return model, info["arch"], info["kept"]
     if arch:
-        return build_model(arch).eval(), None
+        return build_model(arch).eval(), arch, None
     raise click.UsageError("give --arch or --checkpoint")
 
 
@@ -137,39 +150,78 @@ def _read_policy(path: str) -> tuple[dict[str, float], int]:
               help="Held-out training images scored per episode (a seeded subset of the 5,000).")
 @click.option("--calib-batches", type=int, default=10, show_default=True,
               help="Training batches of 256 for BatchNorm recalibration per episode.")
+@_latency_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out-dir", type=click.Path(file_okay=False), required=True)
 @_data_option
 @_limit_option
 def search(checkpoint: str, arch: str | None, target: float, method: str, episodes: int,
-           channel_multiple: int, holdout: int, calib_batches: int, seed: int, device: str, out_dir: str,
-           data_root: str | None, limit_per_class: int | None) -> None:
-    """Search keep ratios under the FLOPs budget; writes search_<method>.json and .png."""
-    from compress.budget import fit_budget
+           channel_multiple: int, holdout: int, calib_batches: int, latency_path: str | None,
+           min_speedup: float | None, seed: int, device: str, out_dir: str, data_root: str | None,
+           limit_per_class: int | None) -> None:
+    """Search keep ratios under the FLOPs budget (and, with a latency table, a speed-up);
+    writes search_<method>.json and .png."""
     from compress.finetune import pick_device
     from compress.graph import build_graph
+    from compress.latency import conv_shapes, latency_predictor, load_table
     from compress.pipeline import PipelineConfig, load_datasets
     from compress.prune import build_space
-    from compress.search import SearchConfig, pruned_evaluator, run_search, save_search, verify_budget
+    from compress.search import (SearchConfig, check_budget, pruned_evaluator, run_search, save_search,
+                                 verify_budget)
     from compress.store import load_checkpoint
 
+    _check_latency_pair(latency_path, min_speedup)
     model, info = load_checkpoint(checkpoint, arch)
+    if info["kept"] is not None:
+        raise CompressError(f"{checkpoint} is already pruned; search from the unpruned baseline")
     space = build_space(model, channel_multiple=channel_multiple)
-    fit_budget({g.root: 1.0 for g in space.groups}, space.predict_macs, space.base_macs, target)
+    latency_fn = None
+    if latency_path:
+        latency_fn = latency_predictor(load_table(latency_path, conv_shapes(model), info["arch"]), space)
+    scfg = SearchConfig(method=method, target=target, episodes=episodes, seed=seed, min_speedup=min_speedup)
+    check_budget(space, scfg, latency_fn)
     dev = pick_device(device)
     cfg = PipelineConfig(arch=info["arch"], target=target, out_dir=out_dir, data_root=data_root,
                          device=device, seed=seed, limit_per_class=limit_per_class, holdout=holdout)
     data = load_datasets(cfg, dev)
     model = model.to(dev)
     result = run_search(space, build_graph(model, space),
-                        pruned_evaluator(model, space, data.train, data.holdout, calib_batches),
-                        SearchConfig(method=method, target=target, episodes=episodes, seed=seed))
+                        pruned_evaluator(model, space, data.train, data.holdout, calib_batches), scfg,
+                        latency_fn=latency_fn)
     checked = verify_budget(model, space, result.best_keep)
     out = Path(out_dir)
     save_search(result, out / f"search_{method}.json", out / f"search_{method}.png")
+    predicted = "" if result.predicted_speedup is None else \
+        f", predicted {result.predicted_speedup:.2f}x faster"
     click.echo(f"{method}: best held-out accuracy {result.best_reward:.2f}% at {checked:.4f} of the MACs "
-               f"(torch-pruning counter) -> {out / f'search_{method}.json'}")
+               f"(torch-pruning counter){predicted} -> {out / f'search_{method}.json'}")
+
+
+@compress_group.command("latency-table")
+@click.option("--arch", type=click.Choice(ARCHS), default=None, help="Architecture (untrained).")
+@click.option("--checkpoint", type=click.Path(), default=None, help="Or an unpruned checkpoint.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--channel-multiple", type=click.IntRange(min=1), default=DEFAULT_CHANNEL_MULTIPLE,
+              show_default=True, help="Measure the channel counts this rounding can leave.")
+@click.option("--passes", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Sweeps over the table; each entry keeps its fastest.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True)
+def latency_table(arch: str | None, checkpoint: str | None, threads: int, channel_multiple: int, passes: int,
+                  out_path: str) -> None:
+    """Time each convolution at the channel counts pruning can leave, on this CPU (onnxruntime,
+    batch 1), for `search --latency-table`."""
+    from compress.latency import measure_model
+    from compress.store import check_writable, write_json
+
+    model, name, kept = _model(arch, checkpoint)
+    if kept is not None:
+        raise CompressError(f"{checkpoint} is already pruned; measure the unpruned architecture")
+    check_writable(out_path)
+    table = measure_model(model, name, threads, channel_multiple, passes, progress=True)
+    write_json(out_path, table.to_json())
+    click.echo(f"{name}: {len(table.shapes)} conv layers, {threads} thread(s), unpruned predicted "
+               f"{table.predict_ms({}):.3f} ms -> {out_path}")
 
 
 @compress_group.command()
@@ -241,7 +293,7 @@ def export(checkpoint: str | None, arch: str | None, out_path: str, opset: int, 
     from compress.export import check_parity, export_onnx, quantize_int8
     from compress.prune import apply_policy, build_space
 
-    model, kept = _model(arch, checkpoint)
+    model, _, kept = _model(arch, checkpoint)
     if policy:
         if kept:
             raise CompressError(f"{checkpoint} is already pruned; --policy needs an unpruned model")
@@ -323,22 +375,25 @@ def bench(onnx_files: tuple[str, ...], runs: int, warmup: int, rounds: int, json
 @click.option("--baseline", type=click.Path(), default=None, help="Skip training: use this checkpoint.")
 @click.option("--channel-multiple", type=click.IntRange(min=1), default=DEFAULT_CHANNEL_MULTIPLE,
               show_default=True, help="Round channel counts to multiples of this.")
+@_latency_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @_data_option
 @_limit_option
 def reproduce(arch: str, target: float, out_dir: str, train_epochs: int, finetune_epochs: int,
               episodes: int, distill: float, time_budget: float | None, baseline: str | None,
-              channel_multiple: int, seed: int, device: str, data_root: str | None,
-              limit_per_class: int | None) -> None:
+              channel_multiple: int, latency_path: str | None, min_speedup: float | None, seed: int,
+              device: str, data_root: str | None, limit_per_class: int | None) -> None:
     """Train, search (GNN+RL and baselines), prune, fine-tune and test one architecture."""
     from compress.pipeline import PipelineConfig, run_pipeline
 
+    _check_latency_pair(latency_path, min_speedup)
     res = run_pipeline(PipelineConfig(
         arch=arch, target=target, out_dir=out_dir, data_root=data_root, device=device, seed=seed,
         train_epochs=train_epochs, finetune_epochs=finetune_epochs, episodes=episodes,
         distill_weight=distill, baseline=baseline, time_budget_s=time_budget,
-        limit_per_class=limit_per_class, channel_multiple=channel_multiple))
+        limit_per_class=limit_per_class, channel_multiple=channel_multiple,
+        latency_table=latency_path, min_speedup=min_speedup))
     rows = ", ".join(f"{m} {r['test_acc']:.2f}%" for m, r in res["finetuned"].items())
     click.echo(f"{arch}: baseline {res['baseline']['test_acc']:.2f}%; after fine-tuning: {rows}")
 

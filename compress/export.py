@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.errors import ExportError
+from compress.errors import CompressError, ExportError
 from compress.store import atomic_write
 
 MIN_OPSET = 18
@@ -55,14 +55,15 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
 
     try:
         return atomic_write(path, _write)
-    except ExportError:
+    except CompressError:  # a failed parity check, an unwritable folder: already one clear line
         raise
     except Exception as err:
         raise ExportError(f"ONNX export of {type(model).__name__} failed: {type(err).__name__}: "
                           f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
 
 
-def _session(path: str | Path, threads: int):
+def _session(path: str | Path | bytes, threads: int):
+    """An onnxruntime CPU session on a file, or on a serialised model given as bytes."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -71,10 +72,12 @@ def _session(path: str | Path, threads: int):
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        source = path if isinstance(path, bytes) else str(path)
+        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types for unreadable models
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(f"onnxruntime cannot load {path}: {first}") from err
+        name = "a generated model" if isinstance(path, bytes) else path
+        raise ExportError(f"onnxruntime cannot load {name}: {first}") from err
 
 
 def parity(model: nn.Module, path: str | Path, inputs: np.ndarray) -> float:
@@ -92,7 +95,7 @@ def check_parity(model: nn.Module, path: str | Path, inputs: np.ndarray, tol: fl
     return err
 
 
-def benchmark(path: str | Path, threads: int, runs: int = 300, warmup: int = 30,
+def benchmark(path: str | Path | bytes, threads: int, runs: int = 300, warmup: int = 30,
               input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> Latency:
     """Median latency of one batch on the CPU with onnxruntime, after warm-up runs."""
     sess = _session(path, threads)
@@ -120,6 +123,46 @@ def interleaved_latency(paths: Sequence[str | Path], threads: Sequence[int] = (1
             for path in paths:
                 per[str(path)][t].append(benchmark(path, t, runs=runs, warmup=warmup).median_ms)
     return per
+
+
+def _parallel_convs_model(in_channels: int, out_channels: int, kernel: int, stride: int, padding: int,
+                          groups: int, height: int, width: int, branches: int) -> bytes:
+    """`branches` copies of one Conv + Relu (fused by onnxruntime, as in an exported CNN), all reading
+    the same input, their outputs added: per-call overhead and layout conversions are paid once,
+    whatever the number of branches."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, weights, outputs = [], [], []
+    for i in range(branches):
+        w = rng.standard_normal((out_channels, in_channels // groups, kernel, kernel)).astype(np.float32)
+        weights += [numpy_helper.from_array(w, f"w{i}"),
+                    numpy_helper.from_array(rng.standard_normal(out_channels).astype(np.float32), f"b{i}")]
+        nodes += [helper.make_node("Conv", ["input", f"w{i}", f"b{i}"], [f"conv{i}"], kernel_shape=[kernel] * 2,
+                                   strides=[stride] * 2, pads=[padding] * 4, group=groups),
+                  helper.make_node("Relu", [f"conv{i}"], [f"relu{i}"])]
+        outputs.append(f"relu{i}")
+    total = outputs[0]
+    for i, name in enumerate(outputs[1:]):
+        nodes.append(helper.make_node("Add", [total, name], [f"sum{i}"]))
+        total = f"sum{i}"
+    nodes.append(helper.make_node("Identity", [total], ["output"]))
+    graph = helper.make_graph(
+        nodes, "convs", [helper.make_tensor_value_info("input", TensorProto.FLOAT, (1, in_channels, height, width))],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", MIN_OPSET)]).SerializeToString()
+
+
+def conv_latency(in_channels: int, out_channels: int, kernel: int, stride: int, padding: int, groups: int,
+                 height: int, width: int, threads: int = 1, runs: int = 100, branches: int = 5) -> float:
+    """Milliseconds one Conv2d layer (+ fused ReLU) of this shape takes with onnxruntime at batch 1:
+    the time `branches` parallel copies add over one copy, per copy (the sum of branches costs one
+    addition per output, against in_channels * kernel^2 multiply-adds)."""
+    shape = (1, in_channels, height, width)
+    args = (in_channels, out_channels, kernel, stride, padding, groups, height, width)
+    many = benchmark(_parallel_convs_model(*args, branches), threads, runs=runs, input_shape=shape).median_ms
+    one = benchmark(_parallel_convs_model(*args, 1), threads, runs=runs, input_shape=shape).median_ms
+    return max(many - one, 0.0) / (branches - 1)
 
 
 def machine_info() -> dict[str, Any]:

@@ -16,9 +16,11 @@ from compress.budget import DEFAULT_CHANNEL_MULTIPLE
 from compress.data import Split, holdout_split, load_split
 from compress.finetune import DeviceData, TrainConfig, evaluate, pick_device, recalibrate_bn, train
 from compress.graph import build_graph
+from compress.latency import LatencyTable, conv_shapes, latency_predictor, load_table
 from compress.models import build_model
 from compress.prune import PruneSpace, apply_policy, build_space, count_macs
-from compress.search import METHODS, SearchConfig, SearchResult, plot_curves, run_search, pruned_evaluator
+from compress.search import (METHODS, SearchConfig, SearchResult, check_budget, plot_curves, pruned_evaluator,
+                             run_search)
 from compress.store import load_checkpoint, save_checkpoint, write_json
 
 
@@ -41,6 +43,8 @@ class PipelineConfig:
     limit_per_class: int | None = None  # small runs (tests)
     holdout: int = 5000
     channel_multiple: int = DEFAULT_CHANNEL_MULTIPLE
+    latency_table: str | None = None  # with min_speedup: also bound the latency predicted by this table
+    min_speedup: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,9 +103,22 @@ def baseline_model(cfg: PipelineConfig, data: Datasets, device: torch.device, ou
     return model, meta
 
 
+def check_budgets(cfg: PipelineConfig) -> LatencyTable | None:
+    """Before any data are loaded or epochs trained: the latency table (if any) must describe this
+    architecture, and the FLOPs budget and speed-up must be reachable. Returns the table."""
+    model = build_model(cfg.arch).eval()
+    space = build_space(model, channel_multiple=cfg.channel_multiple)
+    table = load_table(cfg.latency_table, conv_shapes(model), cfg.arch) if cfg.latency_table else None
+    check_budget(space, SearchConfig(target=cfg.target, min_speedup=cfg.min_speedup),
+                 latency_predictor(table, space) if table else None)
+    return table
+
+
 def search_all(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, data: Datasets, out: Path,
-               record: Callable[[], None], results: dict[str, Any]) -> dict[str, SearchResult]:
+               record: Callable[[], None], results: dict[str, Any],
+               table: LatencyTable | None = None) -> dict[str, SearchResult]:
     graph = build_graph(model, space)
+    latency_fn = latency_predictor(table, space) if table else None
     evaluate_keep = pruned_evaluator(model, space, data.train, data.holdout)
     evaluate_keep({g.root: 1.0 for g in space.groups})  # warm-up (kernel selection, allocator)
     t0 = time.time()
@@ -113,12 +130,14 @@ def search_all(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, data: D
         episodes = max(8, min(episodes, int(_budget(cfg, 0.25) / len(learners) / max(per_eval, 1e-3))))
     found: dict[str, SearchResult] = {}
     for method in cfg.methods:
-        scfg = SearchConfig(method=method, target=cfg.target, episodes=episodes, seed=cfg.seed)
-        found[method] = run_search(space, graph, evaluate_keep, scfg)
+        scfg = SearchConfig(method=method, target=cfg.target, episodes=episodes, seed=cfg.seed,
+                            min_speedup=cfg.min_speedup)
+        found[method] = run_search(space, graph, evaluate_keep, scfg, latency_fn=latency_fn)
         write_json(out / f"search_{method}.json", found[method].to_json())
         results["search"][method] = {"holdout_best": found[method].best_reward,
                                      "evaluations": found[method].evaluations,
-                                     "seconds": round(found[method].seconds, 1)}
+                                     "seconds": round(found[method].seconds, 1),
+                                     "predicted_speedup": found[method].predicted_speedup}
         _log(f"{cfg.arch} search {method}: best held-out {found[method].best_reward:.2f}")
         record()
     try:
@@ -157,6 +176,7 @@ def finetune_one(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, keep:
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run every stage for `cfg.arch`; returns (and writes) the results dictionary."""
     start = time.time()
+    table = check_budgets(cfg)
     device = pick_device(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +191,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     _log(f"{cfg.arch} baseline test acc {meta.get('test_acc')}")
     record()
     space = build_space(model, channel_multiple=cfg.channel_multiple)
-    found = search_all(cfg, model, space, data, out, record, results)
+    found = search_all(cfg, model, space, data, out, record, results, table)
     epochs = None  # the first fine-tune fixes the epoch count for all, so methods compare fairly
     for method, res in found.items():
         results["finetuned"][method] = finetune_one(cfg, model, space, res.best_keep, data, out, method, epochs)

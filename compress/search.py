@@ -13,8 +13,9 @@ from tqdm import tqdm
 
 from compress.agent import AgentConfig, PPOAgent
 from compress.baselines import RandomProposer, UniformProposer
-from compress.budget import fit_budget, reward
+from compress.budget import MacsFn, fit_budget, reward, with_latency_bound
 from compress.encoder import ENCODERS
+from compress.errors import BudgetError
 from compress.finetune import DeviceData, evaluate, recalibrate_bn
 from compress.graph import NetGraph
 from compress.prune import PruneSpace, apply_policy, count_macs
@@ -23,6 +24,7 @@ from compress.store import atomic_write, write_json
 METHODS = ("gnn", "mlp", "random", "uniform")  # a full run; the other encoders on request
 
 Evaluator = Callable[[dict[str, float]], float]
+LatencyFn = Callable[[dict[str, float]], float]  # keep ratios -> predicted ms (compress.latency)
 
 
 class Proposer(Protocol):
@@ -39,6 +41,7 @@ class SearchConfig:
     min_keep: float = 0.05
     seed: int = 0
     calib_batches: int = 10
+    min_speedup: float | None = None  # also bound predicted latency (needs a latency function)
     agent: AgentConfig = field(default_factory=AgentConfig)
 
 
@@ -54,6 +57,7 @@ class SearchResult:
     evaluations: int
     seconds: float
     channel_multiple: int  # the rounding the policy was searched with; fine-tuning must reuse it
+    predicted_speedup: float | None = None  # of the best policy, by the latency table, if one was used
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -83,9 +87,34 @@ def pruned_evaluator(model: nn.Module, space: PruneSpace, calib: DeviceData, hol
     return evaluate_keep
 
 
+def budget_cost(space: PruneSpace, cfg: SearchConfig, latency_fn: LatencyFn | None) -> MacsFn:
+    """What `fit_budget` bounds: the MACs, or with `cfg.min_speedup` the MACs and the predicted
+    latency together. Raises BudgetError when the speed-up cannot be reached."""
+    if cfg.min_speedup is None:
+        return space.predict_macs
+    if latency_fn is None:
+        raise ValueError("a minimum speed-up needs a latency function (a latency table)")
+    base = latency_fn({g.root: 1.0 for g in space.groups})
+    fastest = latency_fn({g.root: cfg.min_keep for g in space.groups})
+    if base / fastest < cfg.min_speedup:
+        raise BudgetError(f"speed-up {cfg.min_speedup:g}x is unreachable: keeping {cfg.min_keep:g} of every "
+                          f"group is predicted to run only {base / fastest:.2f}x faster")
+    return with_latency_bound(space.predict_macs, space.base_macs, cfg.target, latency_fn,
+                              base / cfg.min_speedup)
+
+
+def check_budget(space: PruneSpace, cfg: SearchConfig, latency_fn: LatencyFn | None = None) -> None:
+    """Raise BudgetError now, before data are loaded, if the budget (FLOPs, and with
+    `cfg.min_speedup` the predicted speed-up) cannot be met."""
+    fit_budget({g.root: 1.0 for g in space.groups}, budget_cost(space, cfg, latency_fn), space.base_macs,
+               cfg.target, cfg.min_keep)
+
+
 def run_search(space: PruneSpace, graph: NetGraph, evaluate_keep: Evaluator, cfg: SearchConfig,
-               progress: bool = True) -> SearchResult:
-    """Run `cfg.episodes` episodes (one for the deterministic uniform baseline)."""
+               progress: bool = True, latency_fn: LatencyFn | None = None) -> SearchResult:
+    """Run `cfg.episodes` episodes (one for the deterministic uniform baseline). With
+    `cfg.min_speedup`, every policy is also fitted under that predicted speed-up."""
+    cost = budget_cost(space, cfg, latency_fn)
     proposer = make_proposer(graph, cfg)
     episodes = 1 if cfg.method == "uniform" else cfg.episodes
     rewards, best_curve = [], []
@@ -93,8 +122,8 @@ def run_search(space: PruneSpace, graph: NetGraph, evaluate_keep: Evaluator, cfg
     start = time.time()
     bar = tqdm(range(episodes), desc=f"search[{cfg.method}]", disable=not progress, leave=False)
     for _ in bar:
-        keep = fit_budget(proposer.propose(), space.predict_macs, space.base_macs, cfg.target,
-                          cfg.min_keep, steps=space.steps())
+        keep = fit_budget(proposer.propose(), cost, space.base_macs, cfg.target, cfg.min_keep,
+                          steps=space.steps())
         macs_ratio = space.predict_macs(keep) / space.base_macs
         value = reward(evaluate_keep(keep), macs_ratio, cfg.target)
         proposer.feedback(value)
@@ -103,8 +132,11 @@ def run_search(space: PruneSpace, graph: NetGraph, evaluate_keep: Evaluator, cfg
             best = (value, keep, macs_ratio)
         best_curve.append(best[0])
         bar.set_postfix(reward=f"{value:.2f}", best=f"{best[0]:.2f}")
+    speedup = None
+    if latency_fn is not None and best[1]:
+        speedup = latency_fn({g.root: 1.0 for g in space.groups}) / latency_fn(best[1])
     return SearchResult(cfg.method, cfg.target, best[1], best[0], best[2], rewards, best_curve,
-                        episodes, time.time() - start, space.channel_multiple)
+                        episodes, time.time() - start, space.channel_multiple, speedup)
 
 
 def verify_budget(model: nn.Module, space: PruneSpace, keep: dict[str, float]) -> float:

@@ -19,12 +19,27 @@ from compress.prune import build_space, prune_to_counts
 FORMAT = "compress-checkpoint-v1"
 
 
+def _temporary_beside(path: Path) -> str:
+    """An empty temporary file in `path`'s folder (created if missing); a folder that cannot be
+    written is one CompressError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise CompressError(f"cannot write {path}: {err.strerror or err}") from err
+    os.close(fd)
+    return tmp
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail now, not after minutes of work, if `path` cannot be written."""
+    os.remove(_temporary_beside(Path(path)))
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)` then rename onto `path`; on any failure nothing is left behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _temporary_beside(path)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
