@@ -1,4 +1,5 @@
-"""`pipeinfer-cpu compress <verb>`: train, graph, search, finetune, export, bench, reproduce.
+"""`pipeinfer-cpu compress <verb>`: train, graph, search, latency-table, finetune, export, bench,
+reproduce, report.
 
 Errors the user can fix (bad data, unreachable budget, wrong checkpoint, untraceable model) print
 one line to stderr and exit with status 1; `--debug` shows the traceback instead.
