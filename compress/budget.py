@@ -11,6 +11,7 @@ from compress.errors import BudgetError
 DEFAULT_CHANNEL_MULTIPLE = 8
 
 MacsFn = Callable[[Mapping[str, float]], float]
+LatencyFn = Callable[[Mapping[str, float]], float]  # keep ratios -> predicted ms (compress.latency)
 
 
 def _scaled(ratios: Mapping[str, float], scale: float, min_keep: float) -> dict[str, float]:
@@ -67,11 +68,11 @@ def top_up(keep: Mapping[str, float], ratios: Mapping[str, float], macs_fn: Macs
     return keep
 
 
-def with_latency_bound(macs_fn: MacsFn, base_macs: float, target: float,
-                       latency_fn: Callable[[Mapping[str, float]], float], max_latency: float) -> MacsFn:
+def with_latency_bound(macs_fn: MacsFn, base_macs: float, target: float, latency_fn: LatencyFn,
+                       max_latency: float) -> MacsFn:
     """A cost in MACs that exceeds the FLOPs budget whenever either the MACs or the predicted
     latency exceed theirs, so `fit_budget` meets both with one bisection (both grow with every
-    keep ratio)."""
+    keep ratio: latency tables are made non-decreasing in channels when measured)."""
     budget = target * base_macs
     return lambda keep: max(macs_fn(keep), budget * latency_fn(keep) / max_latency)
 

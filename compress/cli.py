@@ -84,9 +84,11 @@ def train(arch: str, out_path: str, epochs: int, seed: int, device: str, data_ro
     """Train an unpruned baseline on the 45,000 non-held-out training images."""
     from compress.finetune import pick_device
     from compress.pipeline import PipelineConfig, baseline_model, load_datasets
+    from compress.store import check_writable
 
     cfg = PipelineConfig(arch=arch, target=1.0, out_dir=str(Path(out_path).parent), data_root=data_root,
                          device=device, seed=seed, train_epochs=epochs, limit_per_class=limit_per_class)
+    check_writable(out_path)
     dev = pick_device(device)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(out_path).parent) as tmp:
@@ -165,23 +167,22 @@ def search(checkpoint: str, arch: str | None, target: float, method: str, episod
     writes search_<method>.json and .png."""
     from compress.finetune import pick_device
     from compress.graph import build_graph
-    from compress.latency import conv_shapes, latency_predictor, load_table
+    from compress.latency import load_predictor
     from compress.pipeline import PipelineConfig, load_datasets
     from compress.prune import build_space
     from compress.search import (SearchConfig, check_budget, pruned_evaluator, run_search, save_search,
                                  verify_budget)
-    from compress.store import load_checkpoint
+    from compress.store import check_writable, load_checkpoint
 
     _check_latency_pair(latency_path, min_speedup)
     model, info = load_checkpoint(checkpoint, arch)
     if info["kept"] is not None:
         raise CompressError(f"{checkpoint} is already pruned; search from the unpruned baseline")
     space = build_space(model, channel_multiple=channel_multiple)
-    latency_fn = None
-    if latency_path:
-        latency_fn = latency_predictor(load_table(latency_path, conv_shapes(model), info["arch"]), space)
+    latency_fn = load_predictor(latency_path, model, space, info["arch"]) if latency_path else None
     scfg = SearchConfig(method=method, target=target, episodes=episodes, seed=seed, min_speedup=min_speedup)
     check_budget(space, scfg, latency_fn)
+    check_writable(Path(out_dir) / f"search_{method}.json")
     dev = pick_device(device)
     cfg = PipelineConfig(arch=info["arch"], target=target, out_dir=out_dir, data_root=data_root,
                          device=device, seed=seed, limit_per_class=limit_per_class, holdout=holdout)
@@ -206,7 +207,7 @@ def search(checkpoint: str, arch: str | None, target: float, method: str, episod
 @click.option("--channel-multiple", type=click.IntRange(min=1), default=DEFAULT_CHANNEL_MULTIPLE,
               show_default=True, help="Measure the channel counts this rounding can leave.")
 @click.option("--passes", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Sweeps over the table; each entry keeps its fastest.")
+              help="Sweeps over the table; each entry keeps its median.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True)
 def latency_table(arch: str | None, checkpoint: str | None, threads: int, channel_multiple: int, passes: int,
                   out_path: str) -> None:
@@ -251,7 +252,7 @@ def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: fl
     from compress.finetune import pick_device
     from compress.pipeline import PipelineConfig, finetune_one, load_datasets
     from compress.prune import build_space, check_policy
-    from compress.store import load_checkpoint
+    from compress.store import check_writable, load_checkpoint
 
     model, info = load_checkpoint(checkpoint, arch)
     keep, searched_multiple = _read_policy(policy)
@@ -264,6 +265,7 @@ def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: fl
     model = model.to(dev)
     space = build_space(model, channel_multiple=channel_multiple)
     check_policy(space, keep)  # before the data are loaded
+    check_writable(out_path)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(out_path).parent) as tmp:
         row = finetune_one(cfg, model, space, keep, load_datasets(cfg, dev), Path(tmp), "policy",

@@ -158,6 +158,8 @@ def conv_latency(in_channels: int, out_channels: int, kernel: int, stride: int, 
     """Milliseconds one Conv2d layer (+ fused ReLU) of this shape takes with onnxruntime at batch 1:
     the time `branches` parallel copies add over one copy, per copy (the sum of branches costs one
     addition per output, against in_channels * kernel^2 multiply-adds)."""
+    if branches < 2:
+        raise ValueError("conv_latency needs at least 2 branches (it times their difference)")
     shape = (1, in_channels, height, width)
     args = (in_channels, out_channels, kernel, stride, padding, groups, height, width)
     many = benchmark(_parallel_convs_model(*args, branches), threads, runs=runs, input_shape=shape).median_ms

@@ -16,6 +16,8 @@ additions, layout conversions: its whole-model time less the convolutions), take
 from __future__ import annotations
 
 import bisect
+import math
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from compress.budget import LatencyFn
 from compress.errors import CompressError
 from compress.prune import PruneSpace
 
@@ -102,18 +105,34 @@ class LatencyTable:
             raise CompressError(f"{source} is not a latency table ({FORMAT})")
         try:
             layers = data["layers"]
+            if not isinstance(layers, dict) or not layers:
+                raise ValueError("no layers")
             shapes = {n: ConvShape(**v["shape"]) for n, v in layers.items()}
-            times = {n: LayerTimes(tuple(v["in_grid"]), tuple(v["out_grid"]),
-                                   tuple(tuple(float(x) for x in row) for row in v["ms"]))
-                     for n, v in layers.items()}
-            for name, t in times.items():
-                if not t.in_grid or not t.out_grid or len(t.ms) != len(t.in_grid) or \
-                        any(len(row) != len(t.out_grid) for row in t.ms):
-                    raise ValueError(f"layer {name}: the times do not fill its channel grid")
+            times = {n: _layer_times(n, v) for n, v in layers.items()}
+            other_ms = float(data["other_ms"])
+            if not math.isfinite(other_ms) or other_ms < 0:
+                raise ValueError(f"other_ms is {other_ms}")
             return cls(str(data["arch"]), int(data["threads"]), int(data["channel_multiple"]), shapes,
-                       times, float(data["other_ms"]), dict(data.get("machine", {})))
-        except (KeyError, TypeError, ValueError) as err:
+                       times, other_ms, dict(data.get("machine", {})))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CompressError(f"{source} is malformed: {type(err).__name__}: {err}") from err
+
+
+def _layer_times(name: str, entry: dict) -> LayerTimes:
+    """One layer's entry of a table file, checked: increasing whole-number grids, and a finite,
+    non-negative time at every grid point."""
+    grids = []
+    for key in ("in_grid", "out_grid"):
+        grid = tuple(entry[key])
+        if not grid or any(not isinstance(c, int) or c < 1 for c in grid) or list(grid) != sorted(set(grid)):
+            raise ValueError(f"layer {name}: {key} must be increasing channel counts, got {list(grid)[:8]}")
+        grids.append(grid)
+    ms = tuple(tuple(float(x) for x in row) for row in entry["ms"])
+    if len(ms) != len(grids[0]) or any(len(row) != len(grids[1]) for row in ms):
+        raise ValueError(f"layer {name}: the times do not fill its channel grid")
+    if not all(math.isfinite(x) and x >= 0 for row in ms for x in row):
+        raise ValueError(f"layer {name}: times must be finite and >= 0")
+    return LayerTimes(grids[0], grids[1], ms)
 
 
 def _rounded(times: LayerTimes) -> dict:
@@ -197,32 +216,43 @@ def measure_table(model: nn.Module, arch: str, timer: Timer, whole_timer: Callab
                   input_shape: tuple[int, ...] = (1, 3, 32, 32), progress: bool = False) -> LatencyTable:
     """Time every conv shape of `model` on its channel grid with `timer` (layers of the same shape
     share one measurement), and the whole unpruned model with `whole_timer`. Everything is timed
-    once per sweep and keeps its fastest of `passes` sweeps, so a burst of background load spoils
-    one sweep, not the table."""
+    once per sweep and keeps its median over `passes` sweeps, so a burst of background load (or a
+    lucky dip) in one sweep does not make the table; then no count is allowed to be cheaper than a
+    smaller one (more channels never take less time; noise can say otherwise)."""
     shapes = conv_shapes(model, input_shape)
     if not shapes:
         raise CompressError(f"{arch} has no Conv2d layers to time")
     grids = {s: _grids(s, channel_multiple) for s in dict.fromkeys(shapes.values())}
     points = [(s, cin, cout) for s, (in_grid, out_grid) in grids.items()
               for cin in in_grid for cout in (out_grid if not s.depthwise else (cin,))]
-    best: dict[tuple[ConvShape, int, int], float] = {}
-    whole_ms = float("inf")
+    seen: dict[tuple[ConvShape, int, int], list[float]] = {p: [] for p in points}
+    wholes = []
     bar = tqdm(total=passes * len(points), desc="latency table", disable=not progress, leave=False)
     for _ in range(passes):
-        whole_ms = min(whole_ms, whole_timer())
+        wholes.append(whole_timer())
         for point in points:
-            ms = timer(*point, threads)
-            best[point] = min(ms, best.get(point, ms))
+            seen[point].append(timer(*point, threads))
             bar.update()
     bar.close()
+    whole_ms = statistics.median(wholes)
     times = {}
     for s, (in_grid, out_grid) in grids.items():
-        rows = [tuple(best[(s, cin, cin if s.depthwise else cout)] for cout in out_grid) for cin in in_grid]
-        times[s] = LayerTimes(in_grid, out_grid, tuple(rows))
+        rows = [[statistics.median(seen[(s, cin, cin if s.depthwise else cout)]) for cout in out_grid]
+                for cin in in_grid]
+        times[s] = LayerTimes(in_grid, out_grid, _non_decreasing(rows))
     per_layer = {n: times[s] for n, s in shapes.items()}
     conv_ms = sum(per_layer[n].at(s.in_channels, s.out_channels) for n, s in shapes.items())
     return LatencyTable(arch, threads, channel_multiple, shapes, per_layer, max(0.0, whole_ms - conv_ms),
                         dict(machine or {}))
+
+
+def _non_decreasing(rows: list[list[float]]) -> tuple[tuple[float, ...], ...]:
+    """Running maximum along both channel axes."""
+    out = [list(row) for row in rows]
+    for i, row in enumerate(out):
+        for j in range(len(row)):
+            row[j] = max(row[j], row[j - 1] if j else 0.0, out[i - 1][j] if i else 0.0)
+    return tuple(tuple(row) for row in out)
 
 
 def _grids(shape: ConvShape, multiple: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -242,20 +272,31 @@ def onnxruntime_timer(runs: int = 200) -> Timer:
     return time_conv
 
 
-def load_table(path: str | Path, space_shapes: Mapping[str, ConvShape], arch: str) -> LatencyTable:
-    """Read a table and check it describes this model (same conv layers and shapes)."""
+def load_table(path: str | Path, layer_shapes: Mapping[str, ConvShape], arch: str,
+               channel_multiple: int) -> LatencyTable:
+    """Read a table and check it describes this model (same conv layers and shapes) and covers the
+    channel counts a search with `channel_multiple` can leave."""
     from compress.store import read_json
 
     table = LatencyTable.from_json(read_json(path), str(path))
-    if table.arch != arch or dict(table.shapes) != dict(space_shapes):
-        raise CompressError(f"{path} was measured for {table.arch}, not for this {arch} model "
-                            "(its conv layers differ)")
+    if table.arch != arch:
+        raise CompressError(f"{path} was measured for {table.arch}, not for {arch}")
+    if dict(table.shapes) != dict(layer_shapes):
+        raise CompressError(f"{path} does not match this {arch} model: its conv layers or their shapes differ")
+    if channel_multiple % table.channel_multiple:
+        raise CompressError(f"{path} was measured for channel counts in multiples of {table.channel_multiple}; "
+                            f"a search with multiples of {channel_multiple} would leave counts it never timed")
     return table
 
 
-def latency_predictor(table: LatencyTable, space: PruneSpace) -> Callable[[Mapping[str, float]], float]:
+def latency_predictor(table: LatencyTable, space: PruneSpace) -> LatencyFn:
     """keep ratios -> predicted ms."""
     return lambda keep: table.predict_ms(pruned_channels(space, table.shapes, keep))
+
+
+def load_predictor(path: str | Path, model: nn.Module, space: PruneSpace, arch: str) -> LatencyFn:
+    """The latency predictor of the table at `path`, checked against `model` and its pruning space."""
+    return latency_predictor(load_table(path, conv_shapes(model), arch, space.channel_multiple), space)
 
 
 def measure_model(model: nn.Module, arch: str, threads: int = 1, channel_multiple: int = 8, passes: int = 3,

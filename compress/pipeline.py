@@ -12,16 +12,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from compress.budget import DEFAULT_CHANNEL_MULTIPLE
+from compress.budget import DEFAULT_CHANNEL_MULTIPLE, LatencyFn
 from compress.data import Split, holdout_split, load_split
 from compress.finetune import DeviceData, TrainConfig, evaluate, pick_device, recalibrate_bn, train
 from compress.graph import build_graph
-from compress.latency import LatencyTable, conv_shapes, latency_predictor, load_table
+from compress.latency import load_predictor
 from compress.models import build_model
 from compress.prune import PruneSpace, apply_policy, build_space, count_macs
 from compress.search import (METHODS, SearchConfig, SearchResult, check_budget, plot_curves, pruned_evaluator,
                              run_search)
-from compress.store import load_checkpoint, save_checkpoint, write_json
+from compress.store import check_writable, load_checkpoint, save_checkpoint, write_json
 
 
 @dataclass(frozen=True)
@@ -103,22 +103,24 @@ def baseline_model(cfg: PipelineConfig, data: Datasets, device: torch.device, ou
     return model, meta
 
 
-def check_budgets(cfg: PipelineConfig) -> LatencyTable | None:
-    """Before any data are loaded or epochs trained: the latency table (if any) must describe this
-    architecture, and the FLOPs budget and speed-up must be reachable. Returns the table."""
+def check_before_work(cfg: PipelineConfig, out: Path) -> LatencyFn | None:
+    """Before any data are loaded or epochs trained: the output folder must be writable, the
+    latency table (if any) must describe this architecture, and the FLOPs budget and speed-up must
+    be reachable. Returns the latency predictor, if there is a table."""
+    check_writable(out / "results.json")
     model = build_model(cfg.arch).eval()
     space = build_space(model, channel_multiple=cfg.channel_multiple)
-    table = load_table(cfg.latency_table, conv_shapes(model), cfg.arch) if cfg.latency_table else None
-    check_budget(space, SearchConfig(target=cfg.target, min_speedup=cfg.min_speedup),
-                 latency_predictor(table, space) if table else None)
-    return table
+    latency_fn = load_predictor(cfg.latency_table, model, space, cfg.arch) if cfg.latency_table else None
+    check_budget(space, SearchConfig(target=cfg.target, min_speedup=cfg.min_speedup), latency_fn)
+    return latency_fn
 
 
 def search_all(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, data: Datasets, out: Path,
                record: Callable[[], None], results: dict[str, Any],
-               table: LatencyTable | None = None) -> dict[str, SearchResult]:
+               latency_fn: LatencyFn | None = None) -> dict[str, SearchResult]:
+    """Every method of `cfg.methods` in the same harness, under the FLOPs budget and, with
+    `latency_fn`, the speed-up bound."""
     graph = build_graph(model, space)
-    latency_fn = latency_predictor(table, space) if table else None
     evaluate_keep = pruned_evaluator(model, space, data.train, data.holdout)
     evaluate_keep({g.root: 1.0 for g in space.groups})  # warm-up (kernel selection, allocator)
     t0 = time.time()
@@ -176,9 +178,9 @@ def finetune_one(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, keep:
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run every stage for `cfg.arch`; returns (and writes) the results dictionary."""
     start = time.time()
-    table = check_budgets(cfg)
-    device = pick_device(cfg.device)
     out = Path(cfg.out_dir)
+    latency_fn = check_before_work(cfg, out)  # predictions depend on channel counts, not on weights
+    device = pick_device(cfg.device)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"arch": cfg.arch, "target": cfg.target, "device": str(device),
                                "config": asdict(cfg), "search": {}, "finetuned": {}}
@@ -191,7 +193,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     _log(f"{cfg.arch} baseline test acc {meta.get('test_acc')}")
     record()
     space = build_space(model, channel_multiple=cfg.channel_multiple)
-    found = search_all(cfg, model, space, data, out, record, results, table)
+    found = search_all(cfg, model, space, data, out, record, results, latency_fn)
     epochs = None  # the first fine-tune fixes the epoch count for all, so methods compare fairly
     for method, res in found.items():
         results["finetuned"][method] = finetune_one(cfg, model, space, res.best_keep, data, out, method, epochs)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from compress.agent import AgentConfig, PPOAgent
 from compress.baselines import RandomProposer, UniformProposer
-from compress.budget import MacsFn, fit_budget, reward, with_latency_bound
+from compress.budget import LatencyFn, MacsFn, fit_budget, reward, with_latency_bound
 from compress.encoder import ENCODERS
 from compress.errors import BudgetError
 from compress.finetune import DeviceData, evaluate, recalibrate_bn
@@ -24,7 +24,6 @@ from compress.store import atomic_write, write_json
 METHODS = ("gnn", "mlp", "random", "uniform")  # a full run; the other encoders on request
 
 Evaluator = Callable[[dict[str, float]], float]
-LatencyFn = Callable[[dict[str, float]], float]  # keep ratios -> predicted ms (compress.latency)
 
 
 class Proposer(Protocol):
@@ -57,6 +56,7 @@ class SearchResult:
     evaluations: int
     seconds: float
     channel_multiple: int  # the rounding the policy was searched with; fine-tuning must reuse it
+    min_speedup: float | None = None  # the latency bound searched under, if any
     predicted_speedup: float | None = None  # of the best policy, by the latency table, if one was used
 
     def to_json(self) -> dict:
@@ -89,16 +89,12 @@ def pruned_evaluator(model: nn.Module, space: PruneSpace, calib: DeviceData, hol
 
 def budget_cost(space: PruneSpace, cfg: SearchConfig, latency_fn: LatencyFn | None) -> MacsFn:
     """What `fit_budget` bounds: the MACs, or with `cfg.min_speedup` the MACs and the predicted
-    latency together. Raises BudgetError when the speed-up cannot be reached."""
+    latency together."""
     if cfg.min_speedup is None:
         return space.predict_macs
     if latency_fn is None:
         raise ValueError("a minimum speed-up needs a latency function (a latency table)")
     base = latency_fn({g.root: 1.0 for g in space.groups})
-    fastest = latency_fn({g.root: cfg.min_keep for g in space.groups})
-    if base / fastest < cfg.min_speedup:
-        raise BudgetError(f"speed-up {cfg.min_speedup:g}x is unreachable: keeping {cfg.min_keep:g} of every "
-                          f"group is predicted to run only {base / fastest:.2f}x faster")
     return with_latency_bound(space.predict_macs, space.base_macs, cfg.target, latency_fn,
                               base / cfg.min_speedup)
 
@@ -106,6 +102,12 @@ def budget_cost(space: PruneSpace, cfg: SearchConfig, latency_fn: LatencyFn | No
 def check_budget(space: PruneSpace, cfg: SearchConfig, latency_fn: LatencyFn | None = None) -> None:
     """Raise BudgetError now, before data are loaded, if the budget (FLOPs, and with
     `cfg.min_speedup` the predicted speed-up) cannot be met."""
+    if cfg.min_speedup is not None and latency_fn is not None:
+        base = latency_fn({g.root: 1.0 for g in space.groups})
+        fastest = latency_fn({g.root: cfg.min_keep for g in space.groups})
+        if base / fastest < cfg.min_speedup:
+            raise BudgetError(f"speed-up {cfg.min_speedup:g}x is unreachable: keeping {cfg.min_keep:g} of "
+                              f"every group is predicted to run only {base / fastest:.2f}x faster")
     fit_budget({g.root: 1.0 for g in space.groups}, budget_cost(space, cfg, latency_fn), space.base_macs,
                cfg.target, cfg.min_keep)
 
@@ -114,6 +116,7 @@ def run_search(space: PruneSpace, graph: NetGraph, evaluate_keep: Evaluator, cfg
                progress: bool = True, latency_fn: LatencyFn | None = None) -> SearchResult:
     """Run `cfg.episodes` episodes (one for the deterministic uniform baseline). With
     `cfg.min_speedup`, every policy is also fitted under that predicted speed-up."""
+    check_budget(space, cfg, latency_fn)
     cost = budget_cost(space, cfg, latency_fn)
     proposer = make_proposer(graph, cfg)
     episodes = 1 if cfg.method == "uniform" else cfg.episodes
@@ -136,7 +139,7 @@ def run_search(space: PruneSpace, graph: NetGraph, evaluate_keep: Evaluator, cfg
     if latency_fn is not None and best[1]:
         speedup = latency_fn({g.root: 1.0 for g in space.groups}) / latency_fn(best[1])
     return SearchResult(cfg.method, cfg.target, best[1], best[0], best[2], rewards, best_curve,
-                        episodes, time.time() - start, space.channel_multiple, speedup)
+                        episodes, time.time() - start, space.channel_multiple, cfg.min_speedup, speedup)
 
 
 def verify_budget(model: nn.Module, space: PruneSpace, keep: dict[str, float]) -> float:

@@ -32,8 +32,13 @@ def _temporary_beside(path: Path) -> str:
 
 
 def check_writable(path: str | Path) -> None:
-    """Fail now, not after minutes of work, if `path` cannot be written."""
-    os.remove(_temporary_beside(Path(path)))
+    """Fail now, not after minutes of work, if `path` cannot be written; folders created for the
+    probe are removed again."""
+    path = Path(path)
+    missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
+    os.remove(_temporary_beside(path))
+    for folder in missing:
+        folder.rmdir()
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
