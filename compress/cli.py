@@ -130,6 +130,11 @@ def _model(arch: str | None, checkpoint: str | None):
     raise click.UsageError("give --arch or --checkpoint")
 
 
+def _require_unpruned(checkpoint: str | None, kept: dict | None, why: str) -> None:
+    if kept:
+        raise CompressError(f"{checkpoint} is already pruned; {why}")
+
+
 def _read_policy(path: str) -> tuple[dict[str, float], int]:
     """A search file's best keep ratios and the channel multiple they were searched with."""
     from compress.store import read_json
@@ -176,8 +181,7 @@ def search(checkpoint: str, arch: str | None, target: float, method: str, episod
 
     _check_latency_pair(latency_path, min_speedup)
     model, info = load_checkpoint(checkpoint, arch)
-    if info["kept"] is not None:
-        raise CompressError(f"{checkpoint} is already pruned; search from the unpruned baseline")
+    _require_unpruned(checkpoint, info["kept"], "search from the unpruned baseline")
     space = build_space(model, channel_multiple=channel_multiple)
     latency_fn = load_predictor(latency_path, model, space, info["arch"]) if latency_path else None
     scfg = SearchConfig(method=method, target=target, episodes=episodes, seed=seed, min_speedup=min_speedup)
@@ -217,8 +221,7 @@ def latency_table(arch: str | None, checkpoint: str | None, threads: int, channe
     from compress.store import check_writable, write_json
 
     model, name, kept = _model(arch, checkpoint)
-    if kept is not None:
-        raise CompressError(f"{checkpoint} is already pruned; measure the unpruned architecture")
+    _require_unpruned(checkpoint, kept, "measure the unpruned architecture")
     check_writable(out_path)
     table = measure_model(model, name, threads, channel_multiple, passes, progress=True)
     write_json(out_path, table.to_json())
@@ -298,8 +301,7 @@ def export(checkpoint: str | None, arch: str | None, out_path: str, opset: int, 
 
     model, _, kept = _model(arch, checkpoint)
     if policy:
-        if kept:
-            raise CompressError(f"{checkpoint} is already pruned; --policy needs an unpruned model")
+        _require_unpruned(checkpoint, kept, "--policy needs an unpruned model")
         keep, multiple = _read_policy(policy)
         model = apply_policy(model, build_space(model, channel_multiple=multiple), keep)
     probe = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
@@ -335,7 +337,7 @@ def bench(onnx_files: tuple[str, ...], runs: int, warmup: int, rounds: int, json
     """onnxruntime CPU latency at batch 1 with 1 and 2 threads; speed-ups against the first file."""
     import statistics
 
-    from compress.export import interleaved_latency, machine_info
+    from compress.export import interleaved_latency, machine_info, speedups_vs_first
     from compress.store import write_json
     from pipeinfer_cpu.stats import markdown_table
 
@@ -344,10 +346,7 @@ def bench(onnx_files: tuple[str, ...], runs: int, warmup: int, rounds: int, json
     machine = machine_info()
     per = interleaved_latency(onnx_files, rounds=rounds, runs=runs, warmup=warmup)
     median = {f: {t: statistics.median(v) for t, v in d.items()} for f, d in per.items()}
-    # Speed-up within each round, then the median: load that drifts between rounds cancels out.
-    first = per[onnx_files[0]]
-    speedup = {f: {t: statistics.median(a / b for a, b in zip(first[t], v)) for t, v in d.items()}
-               for f, d in per.items()}
+    speedup = speedups_vs_first(per)
     rows = [{"model": f, "1 thread (ms)": round(median[f][1], 3), "2 threads (ms)": round(median[f][2], 3),
              "speed-up 1 thread": round(speedup[f][1], 2), "speed-up 2 threads": round(speedup[f][2], 2)}
             for f in per]

@@ -125,6 +125,14 @@ def interleaved_latency(paths: Sequence[str | Path], threads: Sequence[int] = (1
     return per
 
 
+def speedups_vs_first(per: dict[str, dict[int, list[float]]]) -> dict[str, dict[int, float]]:
+    """Each model's speed-up over the first of `interleaved_latency`'s results: the ratio within
+    each round, then the median over rounds, so load that drifts between rounds cancels out."""
+    first = next(iter(per.values()))
+    return {f: {t: statistics.median(a / b for a, b in zip(first[t], v)) for t, v in d.items()}
+            for f, d in per.items()}
+
+
 def _parallel_convs_model(in_channels: int, out_channels: int, kernel: int, stride: int, padding: int,
                           groups: int, height: int, width: int, branches: int) -> bytes:
     """`branches` copies of one Conv + Relu (fused by onnxruntime, as in an exported CNN), all reading
