@@ -10,9 +10,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Inference only: builds llama.cpp from source through llama-cpp-python (about 3-4 minutes on 2 cores).
+# llama.cpp is built once for every x86-64 CPU: each variant of its CPU backend (Haswell/AVX2 up to
+# Sapphire Rapids/AMX) is a module of its own, and each rank loads the best one its CPU runs
+# (pipeinfer_cpu/cpubackend.py). --no-cache-dir: pip would otherwise reuse a wheel it built before
+# with other flags, say a -march=native one, whatever CPU it was built for.
+LLAMA_CMAKE_ARGS := -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DGGML_NATIVE=OFF -DGGML_BACKEND_DIR=llama_cpp/lib \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+# Inference only: builds llama.cpp from source through llama-cpp-python (about 15 minutes on 2 cores).
 $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet --no-cache-dir -e .
+	$(BIN)/pipeinfer-cpu cpu
 	touch $@
 
 # Tests and the compress extra. torch is pinned first so pip takes the CPU build, not a CUDA one.

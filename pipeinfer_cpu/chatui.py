@@ -63,7 +63,7 @@ def run_chat(setup, options: ChatOptions, argv: list[str]) -> int:
         if transport.rank != 0:
             from .worker import worker_main
 
-            code = worker_main(transport)
+            code = worker_main(transport, settings.cpu_variant)
             transport.finalize()
             return code
         body = _serve_stdio if "--serve" in argv else _chat_here

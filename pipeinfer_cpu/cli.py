@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -101,7 +102,10 @@ def engine_options(command):
                           "cells, which changes its CPU attention results slightly (see README)."),
         click.option("--adaptive/--fixed-length", default=True, show_default=True,
                      help="Adapt the draft length to the acceptance observed."),
-        click.option("--verbose", "-v", is_flag=True, help="Say what is being set up."),
+        click.option("--cpu-variant", envvar="PIPEINFER_CPU_VARIANT",
+                     help="Force this llama.cpp CPU backend variant on every rank, e.g. haswell (AVX2 only); "
+                          "default: the best one each CPU runs (see `pipeinfer-cpu cpu`)."),
+        click.option("--verbose", "-v", is_flag=True, help="Say what is being set up, and each rank's CPU backend."),
         click.option("--debug", is_flag=True, help="Tracebacks and mpiexec's own output on errors."),
     ]
 
@@ -109,7 +113,7 @@ def engine_options(command):
     def wrapper(**kwargs):
         keys = ("hostfile", "model", "mode", "stages", "weights", "threads", "n_ctx", "n_batch", "timeout_s",
                 "shard_dir", "draft", "draft_ranks", "draft_host", "draft_max", "max_inflight", "p_accept",
-                "p_recovery", "p_decay", "p_split", "adaptive", "verbose")
+                "p_recovery", "p_decay", "p_split", "adaptive", "verbose", "cpu_variant")
         engine = {key: kwargs.pop(key) for key in keys}
         return command(setup=make_setup(debug=kwargs.pop("debug"), **engine), **kwargs)
 
@@ -138,12 +142,12 @@ class Setup:
 
 def make_setup(hostfile, model, mode, stages, weights, threads, n_ctx, n_batch, timeout_s, shard_dir, draft,
                draft_ranks, draft_host, draft_max, max_inflight, p_accept, p_recovery, p_decay, p_split, adaptive,
-               verbose, debug) -> Setup:
+               verbose, debug, cpu_variant=None) -> Setup:
     topo = speculative_topology(hostfile, stages, weights, mode, draft, draft_ranks, draft_host)
     settings = engine_settings(model, mode, topo.weights, threads, n_ctx, n_batch, timeout_s, shard_dir, verbose,
                                draft, draft_ranks, draft_max, max_inflight, p_accept, p_recovery, p_decay, adaptive,
                                p_split)
-    return Setup(settings, topo, debug)
+    return Setup(dataclasses.replace(settings, cpu_variant=cpu_variant or None), topo, debug)
 
 
 def sampling_options(command):
@@ -325,6 +329,26 @@ def shard(model, stages, weights, out_dir, debug):
     for s in plan.shards:
         click.echo(f"stage {s.index}: layers [{s.start}, {s.end})  {s.size_bytes / 1e6:.1f} MB  {s.path}")
     click.echo(f"manifest: {out_dir / 'manifest.json'}")
+
+
+@main.command("cpu")
+@click.option("--cpu-variant", envvar="PIPEINFER_CPU_VARIANT", help="Check this variant instead of choosing one.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--debug", is_flag=True)
+@friendly_errors
+def cpu(cpu_variant, as_json, debug):
+    """Which llama.cpp CPU backend this machine runs, and why (run it on each node)."""
+    import json
+
+    from .llamacpp import LIB_DIR, cpu_backend
+    from .cpubackend import installed_variants
+
+    report = cpu_backend(cpu_variant or None)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=1))
+        return
+    click.echo(report.summary())
+    click.echo(f"installed variants: {' '.join(v.name for v in installed_variants(LIB_DIR)) or 'none (built in)'}")
 
 
 # -- models ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import protocol as P
+from .cpubackend import BackendReport
 from .errors import ClusterError
 from .protocol import HEAD, Tag
 from .shards import ShardPlan
@@ -47,6 +48,7 @@ class Cluster:
         self.hosts: dict[int, str] = {HEAD: "head"}
         self._bytes_sent: dict[int, int] = {}
         self.cpus: dict[int, int] = {}
+        self.backends: dict[int, BackendReport] = {}  # the llama.cpp CPU backend each worker loaded
 
     @property
     def workers(self) -> range:
@@ -56,11 +58,18 @@ class Cluster:
         return self.hosts.get(rank, "?")
 
     def greet(self) -> None:
-        """Collect every worker's hello (its host name)."""
+        """Collect every worker's hello: its host, cores, wire format and CPU backend."""
         for rank in self.workers:
             reply = self.expect(rank, "hello", HELLO_TIMEOUT_S)
             self.hosts[rank] = reply["host"]
             self.cpus[rank] = reply["cpus"]
+            try:
+                P.check_version(reply.get("wire", 1), "its hello")
+            except P.WireVersionError as exc:
+                raise ClusterError(f"rank {rank} ({self.host(rank)}): {exc}") from None
+            if "backend_error" in reply:
+                raise ClusterError(f"rank {rank} ({self.host(rank)}): {reply['backend_error']}")
+            self.backends[rank] = BackendReport.from_json(reply["backend"])
 
     def threads_for(self, rank: int, requested: int) -> int:
         """The requested thread count, or (0 = auto) the host's cores shared by the computing ranks on it.

@@ -22,7 +22,9 @@ from .drafter import Drafter, LocalDraftClient, RemoteDraftClient
 from .decoding import Decoder, Generation
 from .errors import UserError
 from .executors import Executor, LocalExecutor, PipelineExecutor
-from .llamacpp import Stage, StageConfig, Vocab
+from .cpubackend import BackendReport, NoUsableVariant
+from .llamacpp import Stage, StageConfig, Vocab, cpu_backend
+from .protocol import HEAD
 from .models import ModelInfo, check_supported, read_model_info, resolve_model
 from .planning import split_layers
 from .sampling import SamplingConfig
@@ -53,6 +55,7 @@ class EngineSettings:
     draft: Path | None = None
     draft_in_head: bool = False  # draft in the head's process instead of a dedicated rank
     spec: SpecSettings | None = None
+    cpu_variant: str | None = None  # a llama.cpp CPU backend variant to force on every rank (None: auto)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -75,8 +78,9 @@ class Engine:
 
     def __init__(self, settings: EngineSettings, info: ModelInfo, vocab: Vocab, executor: Executor,
                  cluster: Cluster | None, stage_ranks: list[int], local_stage: Stage | None,
-                 draft: DraftClient | None = None) -> None:
+                 draft: DraftClient | None = None, backends: dict[int, BackendReport] | None = None) -> None:
         self.settings = settings
+        self.backends = backends or {}  # rank -> the llama.cpp CPU backend it runs
         self.info = info
         self.vocab = vocab
         self.executor = executor
@@ -95,17 +99,34 @@ class Engine:
         if settings.draft is not None:
             check_draft(info, read_model_info(resolve_model(settings.draft)))
         if settings.mode == "single":
-            return Engine._start_single(settings, info)
-        if transport is None or transport.size < 2:
+            engine = Engine._start_single(settings, info)
+        elif transport is None or transport.size < 2:
             raise UserError("pipeline mode needs at least one worker rank (start it with --hostfile or mpiexec)")
-        return Engine._start_pipeline(settings, info, transport)
+        else:
+            engine = Engine._start_pipeline(settings, info, transport)
+        if settings.verbose:
+            for line in engine.backend_lines():
+                print(line, file=sys.stderr, flush=True)
+        return engine
 
     @staticmethod
     def _start_single(settings: EngineSettings, info: ModelInfo) -> "Engine":
+        head = _head_backend(settings.cpu_variant)
         threads = settings.n_threads or _default_threads(1)
         stage = Stage(StageConfig(info.path, True, True, settings.n_ctx, settings.n_batch, threads, 1))
         vocab = Vocab(info.path)
-        return Engine(settings, info, vocab, LocalExecutor(stage), None, [], stage)
+        return Engine(settings, info, vocab, LocalExecutor(stage), None, [], stage, backends={HEAD: head})
+
+    def backend_lines(self) -> list[str]:
+        """One line per rank: its host, CPU, the CPU backend variant it loaded and its features."""
+        return [f"rank {rank} ({self._host(rank)}): {report.summary()}" for rank, report in sorted(self.backends.items())]
+
+    def backends_json(self) -> list[dict]:
+        return [{"rank": rank, "host": self._host(rank), **report.to_json()}
+                for rank, report in sorted(self.backends.items())]
+
+    def _host(self, rank: int) -> str:
+        return socket.gethostname() if rank == HEAD or self.cluster is None else self.cluster.host(rank)
 
     @staticmethod
     def _start_pipeline(settings: EngineSettings, info: ModelInfo, transport: Transport) -> "Engine":
@@ -118,7 +139,8 @@ class Engine:
         if len(weights) != len(stage_ranks):
             raise UserError(f"{len(weights)} stage weights for {len(stage_ranks)} stages")
         ranges = split_layers(info.n_layer, weights)
-        cluster.greet()
+        cluster.greet()  # first: a worker that cannot run llama.cpp is named before anything else starts
+        backends = {HEAD: _head_backend(settings.cpu_variant), **cluster.backends}
         plan = shard_model(info, ranges, out_dir=settings.shard_dir, progress=_progress(settings.verbose))
         cancellation = settings.mode == "pipeinfer"
         stage_settings = StageSettings(settings.n_ctx, settings.n_batch, settings.n_threads,
@@ -129,7 +151,7 @@ class Engine:
             draft = _start_draft(settings, cluster, stage_settings, dedicated_draft)
         vocab = Vocab(info.path)
         executor = PipelineExecutor(cluster, stage_ranks, settings.timeout_s)
-        return Engine(settings, info, vocab, executor, cluster, stage_ranks, None, draft)
+        return Engine(settings, info, vocab, executor, cluster, stage_ranks, None, draft, backends)
 
     # -- text ---------------------------------------------------------------------------------
 
@@ -237,6 +259,14 @@ def _start_draft(settings: EngineSettings, cluster: Cluster, stage_settings: Sta
     threads = settings.n_threads or 1
     stage = Stage(StageConfig(resolve_model(settings.draft), True, True, settings.n_ctx, settings.n_batch, threads, 1))
     return LocalDraftClient(Drafter(stage, settings.n_batch))
+
+
+def _head_backend(cpu_variant: str | None) -> BackendReport:
+    """Load the head's own CPU backend; a failure names this host like a worker's would."""
+    try:
+        return cpu_backend(cpu_variant)
+    except NoUsableVariant as exc:
+        raise NoUsableVariant(f"rank {HEAD} ({socket.gethostname()}): {exc}") from None
 
 
 def _default_threads(stages_here: int) -> int:

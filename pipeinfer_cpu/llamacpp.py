@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,17 @@ from typing import Sequence
 import numpy as np
 
 import llama_cpp
-from llama_cpp import _ggml
+from llama_cpp import llama_cpp as _llama_module
 
+from .cpubackend import VARIANT_ENV, BackendReport, NoUsableVariant, read_cpu, select
 from .errors import ModelError
 from .native import Capture, load_callbacks
+from .tinymodel import TinyShape
 from .shards import default_cache_dir
 
-_ggml_lib = _ggml.libggml
+# ggml's functions through libllama's own handle: llama_cpp._ggml opens another copy of libggml
+# (wheels hold libggml.so and libggml.so.0 as two files), whose backend registry llama.cpp never sees.
+_ggml_lib = _llama_module._lib
 _ggml_lib.ggml_get_name.restype = ctypes.c_char_p
 _ggml_lib.ggml_get_name.argtypes = [ctypes.c_void_p]
 _ggml_lib.ggml_nbytes.restype = ctypes.c_size_t
@@ -32,9 +37,26 @@ _ggml_lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
 _ggml_lib.ggml_backend_tensor_get.restype = None
 _ggml_lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
 
+_ggml_lib.ggml_backend_load.restype = ctypes.c_void_p
+_ggml_lib.ggml_backend_load.argtypes = [ctypes.c_char_p]
+_ggml_lib.ggml_backend_reg_count.restype = ctypes.c_size_t
+_ggml_lib.ggml_backend_reg_count.argtypes = []
+_ggml_lib.ggml_backend_reg_get.restype = ctypes.c_void_p
+_ggml_lib.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
+_ggml_lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+_ggml_lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ; a context also asserts n_seq_max <= n_batch
 _DECODE_ABORTED = 2
-_initialised = False
+LIB_DIR = Path(_llama_module._base_path)  # llama-cpp-python's libraries (or $LLAMA_CPP_LIB_PATH)
+PROBE_SHAPE = TinyShape(n_vocab=1024, n_layer=2, n_embd=256, n_head=4, n_head_kv=4, n_ff=512, quant="Q4_0")
+
+
+class _Feature(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
+
+
+_GetFeatures = ctypes.CFUNCTYPE(ctypes.POINTER(_Feature), ctypes.c_void_p)
 
 
 @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
@@ -42,14 +64,80 @@ def _quiet_log(level: int, text: bytes, user_data: int) -> None:
     """llama.cpp logs every tensor it loads to stderr; keep the terminal for the user."""
 
 
-def _init_backend() -> None:
-    global _initialised  # llama_backend_init must run once per process
-    if _initialised:
-        return
+_loaded: dict[str | None, BackendReport] = {}  # this process's CPU backend, by the variant asked for
+
+
+def cpu_backend(forced: str | None = None) -> BackendReport:
+    """Load llama.cpp's CPU backend into this process (once) and say which one it is.
+
+    With the README's build every CPU variant is a module of its own and `cpubackend.select`
+    picks one (`forced`: a variant name, else the best that passes its probe). A llama.cpp built
+    without dynamic backends has its CPU backend built in ("built-in"). Raises NoUsableVariant.
+    """
+    if _loaded:  # ggml's registry is per process: load once
+        if forced not in _loaded:
+            raise RuntimeError(f"the CPU backend is already loaded ({next(iter(_loaded.values())).variant})")
+        return _loaded[forced]
     if not os.environ.get("PIPEINFER_LLAMA_LOG"):
         llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p())
+    rejected: tuple[str, ...] = ()
+    if _ggml_lib.ggml_backend_reg_count() == 0:  # dynamic backends: none loaded until we say which
+        variant, rejected, cpu = select(LIB_DIR, default_cache_dir(), forced)
+        if not _ggml_lib.ggml_backend_load(str(variant.path).encode()):
+            raise NoUsableVariant(f"llama.cpp could not load its CPU backend {variant.path}")
+        name, model = variant.name, cpu.model
+    elif forced:
+        raise NoUsableVariant(f"CPU backend variant {forced} was asked for, but this llama.cpp build has "
+                              "one CPU backend built in (reinstall with the README's command)")
+    else:
+        name, model = "built-in", read_cpu().model
+    llama_cpp.llama_backend_init()  # after the load: with no backend registered it would load any
+    _loaded[forced] = BackendReport(model, name, _cpu_features(), rejected, bool(forced))
+    return _loaded[forced]
+
+
+def _cpu_features() -> tuple[str, ...]:
+    """The features the loaded CPU backend reports using (ggml_backend_get_features)."""
+    reg = _ggml_lib.ggml_backend_reg_get(0)
+    address = _ggml_lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_get_features")
+    if not address:
+        return ()
+    features, found = _GetFeatures(address)(reg), []
+    for i in itertools.count():
+        if not features[i].name:
+            return tuple(found)
+        value = features[i].value.decode()
+        name = features[i].name.decode()
+        found.append(name if value == "1" else f"{name}={value}")
+
+
+def _init_backend() -> None:
+    """The CPU backend for code that did not choose one (the `PIPEINFER_CPU_VARIANT` default)."""
+    if not _loaded:
+        cpu_backend(os.environ.get(VARIANT_ENV) or None)
+
+
+def exercise_variant(path: Path) -> None:
+    """The probe's work, in a process of its own: load one variant, decode a batch and a few tokens
+    with a tiny Q4_0 model (a type with AMX and AVX-512 kernels), and fail if llama.cpp reports an
+    error or the logits are junk."""
+    from .tinymodel import write_tiny_llama
+
+    if not os.environ.get("PIPEINFER_LLAMA_LOG"):
+        llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p())
+    if not _ggml_lib.ggml_backend_load(str(path).encode()):
+        raise NoUsableVariant("ggml refuses to load it here (its own cpuid check)")
     llama_cpp.llama_backend_init()
-    _initialised = True
+    model = default_cache_dir() / "probe" / f"{PROBE_SHAPE.quant}-{PROBE_SHAPE.n_embd}.gguf"
+    if not model.exists():
+        write_tiny_llama(model, PROBE_SHAPE)
+    stage = Stage(StageConfig(model, True, True, n_ctx=128, n_batch=64, n_threads=2))
+    logits = stage.decode(list(range(48)), [(0,)] * 48, tokens=[3 + i * 7 for i in range(48)])
+    for position in range(48, 52):
+        logits = stage.decode([position], [(0,)], tokens=[int(np.argmax(logits[-1]))])
+    if logits is None or not np.isfinite(logits).all():
+        raise ModelError("the test decode gave non-finite logits")
+    stage.close()
 
 
 def _load_model(path: Path, vocab_only: bool) -> llama_cpp.llama_model_p:
@@ -291,7 +379,7 @@ class Stage:
 
 @functools.cache
 def _native_callbacks() -> ctypes.CDLL | None:
-    return load_callbacks(Path(llama_cpp.__file__).parent / "lib", default_cache_dir())
+    return load_callbacks(LIB_DIR, default_cache_dir())
 
 
 def plain_greedy_tokens_per_s(path: Path, prompt: list[int], n_tokens: int, n_threads: int) -> float:
@@ -299,6 +387,7 @@ def plain_greedy_tokens_per_s(path: Path, prompt: list[int], n_tokens: int, n_th
     the `single` mode is compared with in benchmarks."""
     import time
 
+    _init_backend()  # before Llama(), which would otherwise let ggml pick a variant unprobed
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_batch=256, n_threads=n_threads,
                           n_threads_batch=n_threads, logits_all=False, verbose=False)
     llm.eval(prompt)

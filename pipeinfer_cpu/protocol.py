@@ -8,11 +8,14 @@ same order relative to the runs, with one message per decision.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
 import numpy as np
+
+from .errors import PipeinferError
 
 HEAD = 0
 
@@ -78,18 +81,41 @@ class RunMessage:
         return RunMessage(-1, kv_ops=self.kv_ops)
 
 
-_HEADER = 8
+# A run message is one uint8 buffer: an int64 header, int64 sections, then the payload's raw bytes.
+# The header's first int64 is the format version (so its first byte is the version byte); change
+# WIRE_VERSION whenever the layout changes: a rank never guesses at another version's layout.
+WIRE_VERSION = 2
+TEST_VERSION_ENV = "PIPEINFER_TEST_WIRE_VERSION"  # tests only: the version this process writes
+_HEADER_FIELDS = ("version", "run_id", "n_tokens", "n_seq_ids", "n_token_ids", "n_kv_ops", "output_kind",
+                  "payload_kind", "payload_rows", "payload_cols")
+_HEADER = len(_HEADER_FIELDS)
 _PAYLOAD_NONE, _PAYLOAD_F32, _PAYLOAD_I32 = 0, 1, 2
+_PAYLOAD_DTYPES = {_PAYLOAD_F32: np.float32, _PAYLOAD_I32: np.int32}
+_NO_COLUMNS = -1  # a 1-D payload (argmax ids); a 2-D one with 0 columns stays 2-D
+
+
+class WireVersionError(PipeinferError):
+    """A message in another format version (a rank of another pipeinfer-cpu version, or corruption)."""
+
+
+def written_version() -> int:
+    return int(os.environ.get(TEST_VERSION_ENV, WIRE_VERSION))
+
+
+def check_version(version: int, what: str) -> None:
+    if version != WIRE_VERSION:
+        raise WireVersionError(f"{what} is in wire format version {version}, but this rank speaks version "
+                               f"{WIRE_VERSION}: install the same pipeinfer-cpu version on every node")
 
 
 def encode_run(msg: RunMessage) -> np.ndarray:
-    """Flatten a run into one uint8 buffer: an int64 header, int64 sections, then the payload."""
+    """Flatten a run into one uint8 buffer (see above)."""
     counts = [len(ids) for ids in msg.seq_ids]
     flat_ids = [s for ids in msg.seq_ids for s in ids]
     ops = [v for op in msg.kv_ops for v in (int(op.kind), op.a, op.b, op.p0, op.p1)]
     payload_kind, rows, cols = _payload_shape(msg.payload)
-    header = [msg.run_id, msg.n_tokens, len(flat_ids), len(msg.tokens), len(msg.kv_ops),
-              int(msg.output_kind), payload_kind, rows * 65536 + cols if payload_kind else 0]
+    header = [written_version(), msg.run_id, msg.n_tokens, len(flat_ids), len(msg.tokens), len(msg.kv_ops),
+              int(msg.output_kind), payload_kind, rows, cols]
     ints = np.array(header + list(msg.positions) + counts + flat_ids + list(msg.tokens)
                     + [int(o) for o in msg.outputs] + ops, dtype=np.int64)
     parts = [ints.view(np.uint8)]
@@ -101,18 +127,19 @@ def encode_run(msg: RunMessage) -> np.ndarray:
 def _payload_shape(payload: np.ndarray | None) -> tuple[int, int, int]:
     if payload is None:
         return _PAYLOAD_NONE, 0, 0
-    kind = _PAYLOAD_F32 if payload.dtype == np.float32 else _PAYLOAD_I32
-    if payload.dtype not in (np.float32, np.int32):
-        raise TypeError(f"payload must be float32 or int32, got {payload.dtype}")
-    rows, cols = (payload.shape[0], payload.shape[1]) if payload.ndim == 2 else (payload.shape[0], 0)
-    if cols >= 65536 * 64 or rows >= 65536 * 64:
-        raise ValueError("payload too large for a run message")
-    return kind, rows, cols
+    kind = next((k for k, dtype in _PAYLOAD_DTYPES.items() if payload.dtype == dtype), None)
+    if kind is None or payload.ndim not in (1, 2):
+        raise TypeError(f"payload must be a 1-D or 2-D float32 or int32 array, got {payload.dtype} {payload.shape}")
+    cols = payload.shape[1] if payload.ndim == 2 else _NO_COLUMNS
+    return kind, payload.shape[0], cols
 
 
 def decode_run(data: np.ndarray) -> RunMessage:
-    head = data[: _HEADER * 8].view(np.int64)
-    run_id, n, n_ids, n_tok, n_ops, output_kind, payload_kind, shape = (int(v) for v in head)
+    if data.nbytes < _HEADER * 8:
+        raise WireVersionError(f"a run message of {data.nbytes} bytes is shorter than any version's header")
+    header = dict(zip(_HEADER_FIELDS, (int(v) for v in data[: _HEADER * 8].view(np.int64))))
+    check_version(header["version"], "a run message")
+    n, n_ids, n_tok, n_ops = (header[k] for k in ("n_tokens", "n_seq_ids", "n_token_ids", "n_kv_ops"))
     n_ints = _HEADER + 3 * n + n_ids + n_tok + 5 * n_ops
     ints = data[: n_ints * 8].view(np.int64)
     at = _HEADER
@@ -126,17 +153,17 @@ def decode_run(data: np.ndarray) -> RunMessage:
     for count in counts:
         seq_ids.append(tuple(int(v) for v in flat[start:start + count]))
         start += count
-    payload = _decode_payload(data[n_ints * 8:], payload_kind, shape)
-    return RunMessage(run_id, positions, tuple(seq_ids), tokens, outputs, ops, Output(output_kind), payload)
+    payload = _decode_payload(data[n_ints * 8:], header["payload_kind"], header["payload_rows"],
+                              header["payload_cols"])
+    return RunMessage(header["run_id"], positions, tuple(seq_ids), tokens, outputs, ops,
+                      Output(header["output_kind"]), payload)
 
 
-def _decode_payload(raw: np.ndarray, kind: int, shape: int) -> np.ndarray | None:
+def _decode_payload(raw: np.ndarray, kind: int, rows: int, cols: int) -> np.ndarray | None:
     if kind == _PAYLOAD_NONE:
         return None
-    rows, cols = divmod(shape, 65536)
-    dtype = np.float32 if kind == _PAYLOAD_F32 else np.int32
-    array = raw.view(dtype)
-    return array.reshape(rows, cols) if cols else array.reshape(rows)
+    array = raw.view(_PAYLOAD_DTYPES[kind])
+    return array.reshape(rows) if cols == _NO_COLUMNS else array.reshape(rows, cols)
 
 
 def encode_json(obj: dict[str, Any]) -> np.ndarray:

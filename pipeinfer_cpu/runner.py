@@ -39,7 +39,7 @@ def run_job(settings: EngineSettings, request: GenerateRequest, debug: bool) -> 
     if transport.rank != HEAD_RANK:
         from .worker import worker_main
 
-        code = worker_main(transport)
+        code = worker_main(transport, settings.cpu_variant)
         transport.finalize()
         return code
     return as_head(lambda: _generate(Engine.start(settings, transport), request), transport, debug)
@@ -107,7 +107,8 @@ def _answer(engine: Engine, request: GenerateRequest, prompt: str) -> dict:
     if request.save_logits is not None and generation.first_logits is not None:
         _save_npy(request.save_logits, generation.first_logits)
     return {**stats.to_json_dict(), "prompt_tokens": list(generation.prompt_tokens),
-            "tokens": list(generation.tokens), "stopped_by": generation.stopped_by}
+            "tokens": list(generation.tokens), "stopped_by": generation.stopped_by,
+            "cpu_backends": engine.backends_json()}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -20,7 +20,8 @@ import numpy as np
 import psutil
 
 from . import protocol as P
-from .llamacpp import Stage, StageConfig
+from .cpubackend import NoUsableVariant
+from .llamacpp import Stage, StageConfig, cpu_backend
 from .drafter import Drafter, serve_drafts
 from .kvcache import apply_kv_ops
 from .protocol import HEAD, Output, RunMessage, Tag
@@ -90,13 +91,18 @@ def send_json(transport: Transport, dest: int, tag: Tag, obj: dict) -> None:
     transport.send(dest, int(tag), P.encode_json(obj))
 
 
-def worker_main(transport: Transport) -> int:
+def worker_main(transport: Transport, cpu_variant: str | None = None) -> int:
     """Run one worker rank to completion; returns the process exit code."""
-    send_json(transport, HEAD, Tag.REPLY, {"type": "hello", "host": socket.gethostname(), "pid": os.getpid(),
-                                              "cpus": os.cpu_count() or 1})
+    hello = {"type": "hello", "host": socket.gethostname(), "pid": os.getpid(), "cpus": os.cpu_count() or 1,
+             "wire": P.WIRE_VERSION}
+    try:
+        hello["backend"] = cpu_backend(cpu_variant).to_json()
+    except NoUsableVariant as exc:  # the head names this host and stops the job
+        hello["backend_error"] = str(exc)
+    send_json(transport, HEAD, Tag.REPLY, hello)
     try:
         message = wait(transport, [(HEAD, Tag.CONTROL)], ASSIGN_TIMEOUT_S)
-        if message is None:
+        if message is None or "backend_error" in hello:
             return 1
         command = P.decode_json(message.data)
         if command["type"] != "assign":

@@ -1,4 +1,8 @@
-"""Real MPI processes, real llama.cpp: a pipeline's greedy output equals the whole model's."""
+"""Real MPI processes, real llama.cpp: a pipeline's greedy output equals the whole model's.
+
+Twice: with the CPU backend variant each rank chooses, and with the lowest one forced (haswell,
+AVX2 only) on the same installed files. (On an AVX2-only CPU both are haswell.)
+"""
 
 import numpy as np
 import pytest
@@ -12,27 +16,38 @@ PROMPTS = [
 ]
 
 
-def generate(cli, tmp_path, prompt, *args):
+def generate(cli, tmp_path, prompt, *args, variant=""):
     stats, logits = tmp_path / "stats.json", tmp_path / "logits.npy"
     done = cli("run", "--hostfile", "hosts/local.txt", "-p", prompt, "-n", "64", "--stats-json", str(stats),
-               "--save-logits", str(logits), *args)
+               "--save-logits", str(logits), *args, env={"PIPEINFER_CPU_VARIANT": variant})
     assert done.returncode == 0, done.stderr
     return read_json(stats), np.load(logits), done
 
 
+@pytest.fixture(scope="module", params=["", "haswell"], ids=["auto-variant", "forced-haswell"])
+def variant(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def reference(cli, tmp_path_factory):
+def reference(cli, tmp_path_factory, variant):
     runs = {}
     for prompt in PROMPTS:
-        runs[prompt] = generate(cli, tmp_path_factory.mktemp("single"), prompt, "--mode", "single", "-t", "1")
+        runs[prompt] = generate(cli, tmp_path_factory.mktemp("single"), prompt, "--mode", "single", "-t", "1",
+                                variant=variant)
     return runs
 
 
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_pipeline_equals_single(cli, tmp_path, reference, stages, prompt):
+def test_pipeline_equals_single(cli, tmp_path, reference, variant, stages, prompt):
     expected_stats, expected_logits, expected_run = reference[prompt]
-    stats, logits, done = generate(cli, tmp_path, prompt, "--mode", "pipeline", "--stages", str(stages))
+    stats, logits, done = generate(cli, tmp_path, prompt, "--mode", "pipeline", "--stages", str(stages),
+                                   variant=variant)
+    backends = stats["cpu_backends"]
+    assert [b["rank"] for b in backends] == list(range(stages + 1))
+    assert len({b["variant"] for b in backends}) == 1 and all(b["forced"] == bool(variant) for b in backends)
+    assert backends[0]["variant"] == (variant or expected_stats["cpu_backends"][0]["variant"])
     assert stats["tokens"] == expected_stats["tokens"]
     assert len(stats["tokens"]) == 64 or stats["stopped_by"] == "eos"
     assert np.array_equal(logits, expected_logits)  # bit-identical, not merely close

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from pipeinfer_cpu import protocol as P
 from pipeinfer_cpu.protocol import KvKind, KvOp, Output, RunMessage
@@ -29,3 +30,27 @@ def test_argmax_payload_and_ops_only_messages():
 def test_json_and_id_messages():
     assert P.decode_json(P.encode_json({"type": "stats", "x": [1, 2]})) == {"type": "stats", "x": [1, 2]}
     assert P.decode_ids(P.encode_ids([3, 1, 4])) == [3, 1, 4]
+
+
+def test_logits_of_large_vocabularies_keep_their_shape():
+    """Qwen's 151,936 and Gemma 3's 262,144 columns (the old header packed rows * 65536 + cols)."""
+    for rows, cols in ((1, 151_936), (3, 262_144), (70_000, 2)):
+        logits = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
+        back = roundtrip(RunMessage(1, output_kind=Output.LOGITS, payload=logits))
+        assert back.payload.shape == (rows, cols) and np.array_equal(back.payload, logits)
+
+
+def test_the_first_byte_is_the_format_version_and_another_version_is_refused():
+    data = P.encode_run(RunMessage(4, (0,), ((0,),), (9,), (True,)))
+    assert data[0] == P.WIRE_VERSION
+    data[0] = P.WIRE_VERSION + 1
+    with pytest.raises(P.WireVersionError, match=f"version {P.WIRE_VERSION + 1}.*speaks version {P.WIRE_VERSION}"):
+        P.decode_run(data)
+    with pytest.raises(P.WireVersionError, match="shorter"):
+        P.decode_run(data[:12])
+
+
+def test_payloads_other_than_float32_or_int32_vectors_and_matrices_are_refused():
+    for bad in (np.zeros(3, dtype=np.float64), np.zeros((1, 2, 3), dtype=np.float32)):
+        with pytest.raises(TypeError):
+            P.encode_run(RunMessage(1, payload=bad))
