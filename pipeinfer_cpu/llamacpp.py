@@ -64,6 +64,11 @@ def _quiet_log(level: int, text: bytes, user_data: int) -> None:
     """llama.cpp logs every tensor it loads to stderr; keep the terminal for the user."""
 
 
+def _quiet_llama_logs() -> None:
+    if not os.environ.get("PIPEINFER_LLAMA_LOG"):
+        llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p())
+
+
 _loaded: dict[str | None, BackendReport] = {}  # this process's CPU backend, by the variant asked for
 
 
@@ -78,8 +83,7 @@ def cpu_backend(forced: str | None = None) -> BackendReport:
         if forced not in _loaded:
             raise RuntimeError(f"the CPU backend is already loaded ({next(iter(_loaded.values())).variant})")
         return _loaded[forced]
-    if not os.environ.get("PIPEINFER_LLAMA_LOG"):
-        llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p())
+    _quiet_llama_logs()
     rejected: tuple[str, ...] = ()
     if _ggml_lib.ggml_backend_reg_count() == 0:  # dynamic backends: none loaded until we say which
         variant, rejected, cpu = select(LIB_DIR, default_cache_dir(), forced)
@@ -123,8 +127,7 @@ def exercise_variant(path: Path) -> None:
     error or the logits are junk."""
     from .tinymodel import write_tiny_llama
 
-    if not os.environ.get("PIPEINFER_LLAMA_LOG"):
-        llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p())
+    _quiet_llama_logs()
     if not _ggml_lib.ggml_backend_load(str(path).encode()):
         raise NoUsableVariant("ggml refuses to load it here (its own cpuid check)")
     llama_cpp.llama_backend_init()
