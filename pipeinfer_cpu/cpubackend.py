@@ -137,8 +137,8 @@ def missing_features(features: Iterable[str], cpu: CpuInfo) -> tuple[str, ...]:
 
 
 def variant_dirs(lib_dir: Path) -> tuple[Path, ...]:
-    """Where an install puts the variants: beside libggml (built with GGML_BACKEND_DIR=llama_cpp/lib,
-    as the Makefile does), or in the install prefix's bin/ (site-packages/bin: ggml's default)."""
+    """Where an install puts the variants: beside libllama, or in the install prefix's bin/
+    (site-packages/bin: where ggml installs them in a llama-cpp-python wheel, the Makefile's build)."""
     return lib_dir, lib_dir.parent.parent / "bin"
 
 

@@ -17,7 +17,7 @@ NO_AVX2 = "sse4_2 avx f16c fma"  # an Ivy Bridge's view of the world, for PIPEIN
 
 
 def one_error_line(done, *fragments):
-    assert done.returncode != 0
+    assert done.returncode == 1, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip() and not is_mpi_noise(line)]
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("error: ") and all(f in lines[0] for f in fragments), lines[0]

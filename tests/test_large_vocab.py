@@ -33,6 +33,6 @@ def test_every_mode_samples_the_same_text_as_single(cli, tmp_path, tiny_pair):
     target, draft = tiny_pair
     expected = tokens(cli, tmp_path, target, "single")
     assert len(expected) == 24
-    assert tokens(cli, tmp_path, target, "pipeline", "--stages", "3") == expected
+    assert tokens(cli, tmp_path, target, "pipeline", "--stages", "2") == expected  # one shard plan for all
     for mode in ("speculative", "pipeinfer"):
         assert tokens(cli, tmp_path, target, mode, "--stages", "2", "--draft", str(draft)) == expected, mode
