@@ -13,8 +13,8 @@ $(BIN)/python:
 # llama.cpp is built once for every x86-64 CPU: each variant of its CPU backend (Haswell/AVX2 up to
 # Sapphire Rapids/AMX) is a module of its own, and each rank loads the best one its CPU runs
 # (pipeinfer_cpu/cpubackend.py). They land in site-packages/bin/ (ggml's install default; a relative
-# GGML_BACKEND_DIR would be made absolute by CMake and miss the wheel). --no-cache-dir: pip would otherwise reuse a wheel it built before
-# with other flags, say a -march=native one, whatever CPU it was built for.
+# GGML_BACKEND_DIR would be made absolute by CMake and miss the wheel). --no-cache-dir: pip would
+# otherwise reuse a wheel it built before with other flags (say -march=native), whatever the CPU.
 LLAMA_CMAKE_ARGS := -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DGGML_NATIVE=OFF \
 	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
