@@ -144,7 +144,13 @@ def make_setup(hostfile, model, mode, stages, weights, threads, n_ctx, n_batch, 
                draft_ranks, draft_host, draft_max, max_inflight, p_accept, p_recovery, p_decay, p_split, adaptive,
                verbose, debug, cpu_variant=None) -> Setup:
     topo = speculative_topology(hostfile, stages, weights, mode, draft, draft_ranks, draft_host)
-    settings = engine_settings(model, mode, topo.weights, threads, n_ctx, n_batch, timeout_s, shard_dir, verbose,
+    # Under the user's own `mpiexec -n N` with nothing said about stages, the stages are the ranks it
+    # started (an equal split), not the one-host default topology.
+    from .launcher import LAUNCHED_ENV
+
+    own_mpiexec = under_mpi() and not os.environ.get(LAUNCHED_ENV)
+    split = None if own_mpiexec and hostfile is None and stages is None and weights is None else topo.weights
+    settings = engine_settings(model, mode, split, threads, n_ctx, n_batch, timeout_s, shard_dir, verbose,
                                draft, draft_ranks, draft_max, max_inflight, p_accept, p_recovery, p_decay, adaptive,
                                p_split)
     return Setup(dataclasses.replace(settings, cpu_variant=cpu_variant or None), topo, debug)

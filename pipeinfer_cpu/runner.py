@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from .stats import write_json
 from .transport import MpiTransport, under_mpi
 
 HEAD_RANK = 0
+STOP_GRACE_S = 3.0  # after an error, how long the head lets the workers leave before aborting the job
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,22 @@ def _stop_all(transport: MpiTransport | None, code: int) -> int:
     for rank in range(1, transport.size):
         transport.send(rank, int(P.Tag.CONTROL), P.encode_json({"type": "shutdown"}))
     transport.flush(2.0)
+    _await_goodbyes(transport, STOP_GRACE_S)  # meanwhile mpiexec passes the head's error line on
     transport.abort(code)  # kills any rank that is stuck; mpiexec then exits with `code`
     return code
+
+
+def _await_goodbyes(transport: MpiTransport, grace_s: float) -> None:
+    """Wait, at most `grace_s` in all, until every worker has said bye (skipping its other replies)."""
+    from . import protocol as P
+    from .transport import wait
+
+    deadline = time.perf_counter() + grace_s
+    for rank in range(1, transport.size):
+        while (left := deadline - time.perf_counter()) > 0:
+            message = wait(transport, [(rank, P.Tag.REPLY)], left)
+            if message is None or P.decode_json(message.data).get("type") == "bye":
+                break
 
 
 def _generate(engine: Engine, request: GenerateRequest) -> None:

@@ -31,6 +31,7 @@ from .transport import Transport, Waiter, wait
 
 ASSIGN_TIMEOUT_S = 3600.0  # the head may be writing shards of a large model meanwhile
 FILE_CHUNK_TIMEOUT_S = 120.0
+HEAD_STOP_WAIT_S = 30.0  # after reporting an error, how long a worker waits for the head to stop the job
 
 
 @dataclass(frozen=True)
@@ -100,13 +101,16 @@ def worker_main(transport: Transport, cpu_variant: str | None = None) -> int:
     except NoUsableVariant as exc:  # the head names this host and stops the job
         hello["backend_error"] = str(exc)
     send_json(transport, HEAD, Tag.REPLY, hello)
+    if "backend_error" in hello:
+        return leave_when_the_head_stops(transport)
     try:
         message = wait(transport, [(HEAD, Tag.CONTROL)], ASSIGN_TIMEOUT_S)
-        if message is None or "backend_error" in hello:
+        if message is None:
             return 1
         command = P.decode_json(message.data)
-        if command["type"] != "assign":
-            return 0  # the head gave up before assigning work (bad input): leave quietly
+        if command["type"] != "assign":  # the head gave up before assigning work (bad input)
+            send_json(transport, HEAD, Tag.REPLY, {"type": "bye"})
+            return 0
         assignment = Assignment.from_json(command["assignment"])
         path = obtain_shard(transport, assignment.shard)
         stage = Stage(StageConfig(path, assignment.start == 0, assignment.end == assignment.n_layer,
@@ -122,7 +126,19 @@ def worker_main(transport: Transport, cpu_variant: str | None = None) -> int:
     except Exception as exc:  # report any failure to the head, which tells the user and stops the job
         detail = traceback.format_exc() if os.environ.get("PIPEINFER_DEBUG") else ""
         send_json(transport, HEAD, Tag.REPLY, {"type": "error", "message": f"{exc}", "detail": detail})
+        return leave_when_the_head_stops(transport)
+
+
+def leave_when_the_head_stops(transport: Transport) -> int:
+    """After reporting a failure: wait (bounded) for the head's word, then leave quietly.
+
+    A worker that exits non-zero at once makes mpiexec kill the whole job, the head too, perhaps
+    before the head's one-line explanation reaches the user; the head sets the job's exit code.
+    """
+    if wait(transport, [(HEAD, Tag.CONTROL)], HEAD_STOP_WAIT_S) is None:
         return 1
+    send_json(transport, HEAD, Tag.REPLY, {"type": "bye"})
+    return 0
 
 
 def obtain_shard(transport: Transport, shard: ShardFile) -> Path:

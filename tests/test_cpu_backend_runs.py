@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -22,6 +23,9 @@ def one_error_line(done, *fragments):
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("error: ") and all(f in lines[0] for f in fragments), lines[0]
     assert "Traceback" not in done.stderr
+    deadline = time.time() + 10  # mpiexec may return while its proxy is still ending the ranks
+    while processes_tagged(done.tag) and time.time() < deadline:
+        time.sleep(0.2)
     assert not processes_tagged(done.tag), "a rank was left running"
 
 

@@ -78,3 +78,23 @@ def test_sampling_is_reproducible_with_a_seed(cli, tmp_path):
     other, _, _ = generate(cli, tmp_path, PROMPTS[2], "--mode", "pipeline", *args[:-1], "8")
     assert first["tokens"] == second["tokens"] == single["tokens"]
     assert other["tokens"] != first["tokens"]
+
+
+def test_your_own_mpiexec_makes_one_stage_per_worker_rank(cli, tmp_path, cache_dir):
+    """`mpiexec -n 3 pipeinfer-cpu run ...` (the README's example): 2 stages, the same text as single."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO
+
+    stats = tmp_path / "own.json"
+    env = dict(os.environ, PIPEINFER_CACHE=str(cache_dir), PIPEINFER_CPU_VARIANT="")
+    done = subprocess.run([str(Path(sys.executable).parent / "mpiexec"), "-n", "3", sys.executable, "-m",
+                           "pipeinfer_cpu", "run", "-p", PROMPTS[0], "-n", "16", "--stats-json", str(stats)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    single, _, _ = generate(cli, tmp_path, PROMPTS[0], "--mode", "single", "-t", "1")
+    assert [s["layers"] for s in read_json(stats)["stages"]] == _layers(2)
+    assert read_json(stats)["tokens"] == single["tokens"][:16]
