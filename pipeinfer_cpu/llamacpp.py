@@ -130,7 +130,6 @@ def exercise_variant(path: Path) -> None:
     _quiet_llama_logs()
     if not _ggml_lib.ggml_backend_load(str(path).encode()):
         raise NoUsableVariant("ggml refuses to load it here (its own cpuid check)")
-    llama_cpp.llama_backend_init()
     model = default_cache_dir() / "probe" / f"{PROBE_SHAPE.quant}-{PROBE_SHAPE.n_embd}.gguf"
     if not model.exists():
         write_tiny_llama(model, PROBE_SHAPE)
