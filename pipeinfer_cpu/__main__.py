@@ -1,3 +1,3 @@
-from .cli import main
+from pipeinfer_cpu.app.cli import main
 
 main()

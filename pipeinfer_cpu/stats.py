@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import atomic_write_text
+from pipeinfer_cpu.files import atomic_write_text
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeinfer_cpu.llamacpp import Stage, StageConfig
+from pipeinfer_cpu.llama.runtime import Stage, StageConfig
 
 SIZES = (1, 2, 3, 4, 6, 8)
 PROMPT = list(range(100, 140))

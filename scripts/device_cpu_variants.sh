@@ -26,8 +26,8 @@ fi
 mkdir -p /tmp/m
 python3 - <<'PY'
 from pathlib import Path
-from pipeinfer_cpu.llamacpp import requantize_q4_0
-from pipeinfer_cpu.tinymodel import TinyShape, write_tiny_llama
+from pipeinfer_cpu.llama.runtime import requantize_q4_0
+from pipeinfer_cpu.modelfiles.tinymodel import TinyShape, write_tiny_llama
 shape = TinyShape(n_vocab=32000, n_layer=22, n_embd=2048, n_head=32, n_head_kv=4, n_ff=5632)
 requantize_q4_0(write_tiny_llama(Path("/tmp/m/f16.gguf"), shape), Path("/tmp/m/tinyllama-shape-q4_0.gguf"))
 PY

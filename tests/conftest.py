@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def default_model() -> Path:
-    from pipeinfer_cpu.models import default_model_path
+    from pipeinfer_cpu.modelfiles.models import default_model_path
 
     return default_model_path()
 

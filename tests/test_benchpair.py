@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeinfer_cpu.benchpair import (
+from pipeinfer_cpu.app.benchpair import (
     CALIBRATION_PROMPTS,
     DRAFT_NAME,
     NORMS,
@@ -30,8 +30,8 @@ from pipeinfer_cpu.benchpair import (
     write_pair,
 )
 from pipeinfer_cpu.errors import UserError
-from pipeinfer_cpu.llamacpp import Stage, StageConfig, Vocab
-from pipeinfer_cpu.models import open_gguf, read_model_info
+from pipeinfer_cpu.llama.runtime import Stage, StageConfig, Vocab
+from pipeinfer_cpu.modelfiles.models import open_gguf, read_model_info
 
 PROMPTS = CALIBRATION_PROMPTS[:2]
 THREADS = 1  # CI has 2 cores; one thread per llama.cpp context stays fast when something else runs

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeinfer_cpu.chat import (ChatServer, Conversation, LineReader, ServerSettings, Turn, answer_reserve,
+from pipeinfer_cpu.head.chatserver import (ChatServer, Conversation, LineReader, ServerSettings, Turn, answer_reserve,
                                 common_prefix, conversation_from_json, conversation_to_json, fit_window,
                                 json_line_writer, plain_template, plan_feed, serve_json_lines)
-from pipeinfer_cpu.chatui import ChatOptions, ChatSession, format_stats, read_transcript
-from pipeinfer_cpu.decoding import Generation
+from pipeinfer_cpu.app.chat import ChatOptions, ChatSession, format_stats, read_transcript
+from pipeinfer_cpu.head.decoding import Generation
 from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.sampling import SamplingConfig
 from pipeinfer_cpu.stats import RunStats, StageStats

@@ -15,7 +15,7 @@ import pexpect
 import psutil
 import pytest
 
-from pipeinfer_cpu.chat import conversation_from_json
+from pipeinfer_cpu.head.chatserver import conversation_from_json
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT = ["-m", "pipeinfer_cpu", "chat", "--hostfile", "hosts/local.txt"]

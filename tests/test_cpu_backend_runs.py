@@ -9,9 +9,9 @@ import uuid
 from pathlib import Path
 
 from conftest import REPO, processes_tagged
-from pipeinfer_cpu.cpubackend import installed_variants, ranked_candidates, read_cpu
-from pipeinfer_cpu.launcher import is_mpi_noise
-from pipeinfer_cpu.llamacpp import LIB_DIR
+from pipeinfer_cpu.llama.cpubackend import installed_variants, ranked_candidates, read_cpu
+from pipeinfer_cpu.app.launcher import is_mpi_noise
+from pipeinfer_cpu.llama.runtime import LIB_DIR
 
 RUN = ("run", "--hostfile", "hosts/local.txt", "-p", "Hello", "-n", "4")
 NO_AVX2 = "sse4_2 avx f16c fma"  # an Ivy Bridge's view of the world, for PIPEINFER_CPU_FLAGS

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from pipeinfer_cpu import cpubackend as C
-from pipeinfer_cpu.cpubackend import CpuInfo, NoUsableVariant, Variant
+from pipeinfer_cpu.llama import cpubackend as C
+from pipeinfer_cpu.llama.cpubackend import CpuInfo, NoUsableVariant, Variant
 
 AVX2 = frozenset("sse4_2 avx f16c fma avx2 bmi2".split())
 AVX512 = AVX2 | {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512vbmi", "avx512_vnni",
@@ -83,7 +83,7 @@ def test_verdicts_are_probed_once_per_cpu_and_file(tmp_path):
 
 def test_our_scores_and_verdicts_match_ggml_on_the_installed_variants():
     """llama.cpp as the oracle: each installed variant's own ggml_backend_score() on this CPU."""
-    from pipeinfer_cpu.llamacpp import LIB_DIR
+    from pipeinfer_cpu.llama.runtime import LIB_DIR
 
     installed = C.installed_variants(LIB_DIR)
     if not installed:
@@ -97,7 +97,7 @@ def test_our_scores_and_verdicts_match_ggml_on_the_installed_variants():
 
 def test_a_variant_that_dies_with_sigill_is_skipped_for_the_next_best(tmp_path, monkeypatch):
     """What an AMX VM does to the sapphirerapids variant, played by a variant that traps on load."""
-    from pipeinfer_cpu.llamacpp import LIB_DIR
+    from pipeinfer_cpu.llama.runtime import LIB_DIR
 
     haswell = next((v for v in C.installed_variants(LIB_DIR) if v.name == "haswell"), None)
     if haswell is None:

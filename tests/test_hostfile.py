@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from pipeinfer_cpu.errors import HostfileError
-from pipeinfer_cpu.hostfile import Host, machinefile_lines, parse_hostfile, parse_line
+from pipeinfer_cpu.app.hostfile import Host, machinefile_lines, parse_hostfile, parse_line
 
 REPO = Path(__file__).resolve().parent.parent
 

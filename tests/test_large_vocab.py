@@ -8,7 +8,7 @@ floats must arrive intact for the sampled text to equal `single`'s.
 import pytest
 
 from conftest import read_json
-from pipeinfer_cpu.tinymodel import TinyShape, write_tiny_llama
+from pipeinfer_cpu.modelfiles.tinymodel import TinyShape, write_tiny_llama
 
 SAMPLING = ("--temp", "0.8", "--seed", "5")
 

@@ -1,7 +1,7 @@
 import pytest
 
 from pipeinfer_cpu.errors import UserError
-from pipeinfer_cpu.planning import LayerRange, parse_weights, split_layers
+from pipeinfer_cpu.modelfiles.planning import LayerRange, parse_weights, split_layers
 
 
 @pytest.mark.parametrize("n_layer, weights, sizes", [

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeinfer_cpu import protocol as P
-from pipeinfer_cpu.protocol import KvKind, KvOp, Output, RunMessage
+from pipeinfer_cpu.wire import runs as P
+from pipeinfer_cpu.wire.runs import KvKind, KvOp, Output, RunMessage
 
 
 def roundtrip(message: RunMessage) -> RunMessage:

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeinfer_cpu.llamacpp import Stage, StageConfig
-from pipeinfer_cpu.models import open_gguf, read_model_info
-from pipeinfer_cpu.planning import split_layers
-from pipeinfer_cpu.shards import ShardPlan, shard_model
+from pipeinfer_cpu.llama.runtime import Stage, StageConfig
+from pipeinfer_cpu.modelfiles.models import open_gguf, read_model_info
+from pipeinfer_cpu.modelfiles.planning import split_layers
+from pipeinfer_cpu.modelfiles.shards import ShardPlan, shard_model
 
 
 @pytest.fixture(scope="module")

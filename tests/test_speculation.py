@@ -10,9 +10,9 @@ from itertools import count
 import numpy as np
 import pytest
 
-from pipeinfer_cpu.kvcache import COMMITTED_SEQ
-from pipeinfer_cpu.protocol import KvKind, KvOp
-from pipeinfer_cpu.speculation import MAX_BRANCHES_PER_RUN, Branch, Chain, DraftPolicy, Launch, branch_candidates
+from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
+from pipeinfer_cpu.wire.runs import KvKind, KvOp
+from pipeinfer_cpu.head.speculation import MAX_BRANCHES_PER_RUN, Branch, Chain, DraftPolicy, Launch, branch_candidates
 
 
 def target_next(context: list[int]) -> int:
@@ -202,7 +202,7 @@ def test_policy_adapts_run_length_and_cutoff():
 
 
 def test_switch_tries_each_strategy_then_keeps_the_fastest_and_still_explores():
-    from pipeinfer_cpu.speculation import STRATEGIES, SpeculationSwitch
+    from pipeinfer_cpu.head.speculation import STRATEGIES, SpeculationSwitch
 
     speed = {"eager": 40.0, "joint": 80.0, "off": 60.0}
     switch = SpeculationSwitch(window=16, explore_every=4)
@@ -222,7 +222,7 @@ def test_switch_tries_each_strategy_then_keeps_the_fastest_and_still_explores():
 
 
 def test_switch_explores_less_while_the_leader_holds_and_again_when_it_is_beaten():
-    from pipeinfer_cpu.speculation import SpeculationSwitch
+    from pipeinfer_cpu.head.speculation import SpeculationSwitch
 
     speed = {"eager": 40.0, "joint": 80.0, "off": 60.0}
     switch = SpeculationSwitch(explore_every=4, max_explore_every=32)
@@ -236,7 +236,7 @@ def test_switch_explores_less_while_the_leader_holds_and_again_when_it_is_beaten
         switch.observe(16, 16 / speed[switch.strategy])
     assert chosen[-50:].count("eager") >= 45  # found at the next exploration, then kept
 def test_joint_feeding_is_only_tried_on_a_one_stage_pipeline():
-    from pipeinfer_cpu.speculation import SpeculationSwitch
+    from pipeinfer_cpu.head.speculation import SpeculationSwitch
 
     assert "joint" in SpeculationSwitch.for_stages(1).strategies
     four = SpeculationSwitch.for_stages(4)

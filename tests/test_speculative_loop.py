@@ -12,13 +12,13 @@ from itertools import count
 import numpy as np
 import pytest
 
-from pipeinfer_cpu.drafter import DraftReply
-from pipeinfer_cpu.executors import RunResult
-from pipeinfer_cpu.kvcache import COMMITTED_SEQ
-from pipeinfer_cpu.protocol import KvKind, Output
+from pipeinfer_cpu.rank.drafter import DraftReply
+from pipeinfer_cpu.head.executors import RunResult
+from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
+from pipeinfer_cpu.wire.runs import KvKind, Output
 from pipeinfer_cpu.sampling import SamplingConfig
-from pipeinfer_cpu.specdecode import SpeculativeLoop, SpecSettings
-from pipeinfer_cpu.speculation import SpeculationSwitch
+from pipeinfer_cpu.head.specdecode import SpeculativeLoop, SpecSettings
+from pipeinfer_cpu.head.speculation import SpeculationSwitch
 
 from test_speculation import target_continuation, target_next
 

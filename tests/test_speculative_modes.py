@@ -22,7 +22,7 @@ PROMPTS = ["Write a Python function that checks whether a number is prime.",
 
 @pytest.fixture(scope="session")
 def draft(tmp_path_factory, default_model) -> Path:
-    from pipeinfer_cpu.llamacpp import requantize_q4_0
+    from pipeinfer_cpu.llama.runtime import requantize_q4_0
 
     path = tmp_path_factory.mktemp("pair") / "SmolLM2-135M-Instruct.Q4_0.gguf"
     requantize_q4_0(default_model, path)

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeinfer_cpu.decoding import Decoder
-from pipeinfer_cpu.drafter import DraftReply, DraftRequest
-from pipeinfer_cpu.engine import Engine, EngineSettings
-from pipeinfer_cpu.executors import LocalExecutor
-from pipeinfer_cpu.llamacpp import Stage, StageConfig
+from pipeinfer_cpu.head.decoding import Decoder
+from pipeinfer_cpu.rank.drafter import DraftReply, DraftRequest
+from pipeinfer_cpu.head.engine import Engine, EngineSettings
+from pipeinfer_cpu.head.executors import LocalExecutor
+from pipeinfer_cpu.llama.runtime import Stage, StageConfig
 from pipeinfer_cpu.sampling import SamplingConfig
-from pipeinfer_cpu.specdecode import SpecSettings
-from pipeinfer_cpu.transport import MpiTransport
-from pipeinfer_cpu.worker import worker_main
+from pipeinfer_cpu.head.specdecode import SpecSettings
+from pipeinfer_cpu.wire.transport import MpiTransport
+from pipeinfer_cpu.rank.worker import worker_main
 
 GREEDY = SamplingConfig()
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .decoding import TextStream
-from .engine import Engine, EngineSettings
-from .errors import PipeinferError
-from .sampling import SamplingConfig
-from .stats import write_json
-from .transport import MpiTransport, under_mpi
+from pipeinfer_cpu.head.decoding import TextStream
+from pipeinfer_cpu.head.engine import Engine, EngineSettings
+from pipeinfer_cpu.errors import PipeinferError
+from pipeinfer_cpu.sampling import SamplingConfig
+from pipeinfer_cpu.stats import write_json
+from pipeinfer_cpu.wire.transport import MpiTransport, under_mpi
 
 HEAD_RANK = 0
 STOP_GRACE_S = 3.0  # after an error, how long the head lets the workers leave before aborting the job
@@ -39,7 +39,7 @@ def run_job(settings: EngineSettings, request: GenerateRequest, debug: bool) -> 
         return as_head(lambda: _generate(Engine.start(settings), request), None, debug)
     transport = MpiTransport()
     if transport.rank != HEAD_RANK:
-        from .worker import worker_main
+        from pipeinfer_cpu.rank.worker import worker_main
 
         code = worker_main(transport, settings.cpu_variant)
         transport.finalize()
@@ -71,7 +71,7 @@ def as_head(body, transport: MpiTransport | None, debug: bool) -> int:
 def _stop_all(transport: MpiTransport | None, code: int) -> int:
     if transport is None:
         return code
-    from . import protocol as P
+    from pipeinfer_cpu.wire import runs as P
 
     for rank in range(1, transport.size):
         transport.send(rank, int(P.Tag.CONTROL), P.encode_json({"type": "shutdown"}))
@@ -83,8 +83,8 @@ def _stop_all(transport: MpiTransport | None, code: int) -> int:
 
 def _await_goodbyes(transport: MpiTransport, grace_s: float) -> None:
     """Wait, at most `grace_s` in all, until every worker has said bye (skipping its other replies)."""
-    from . import protocol as P
-    from .transport import wait
+    from pipeinfer_cpu.wire import runs as P
+    from pipeinfer_cpu.wire.transport import wait
 
     deadline = time.perf_counter() + grace_s
     for rank in range(1, transport.size):
@@ -128,7 +128,7 @@ def _answer(engine: Engine, request: GenerateRequest, prompt: str) -> dict:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    from .files import atomic_output
+    from pipeinfer_cpu.files import atomic_output
 
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as handle:

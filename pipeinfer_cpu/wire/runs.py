@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PipeinferError
+from pipeinfer_cpu.errors import PipeinferError
 
 HEAD = 0
 

@@ -35,8 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .kvcache import COMMITTED_SEQ
-from .protocol import KvKind, KvOp
+from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
+from pipeinfer_cpu.wire.runs import KvKind, KvOp
 
 MAX_BRANCHES_PER_RUN = 2
 

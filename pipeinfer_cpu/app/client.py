@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Callable, Protocol
 
-from .chat import ChatServer
+from pipeinfer_cpu.head.chatserver import ChatServer
 
 QUIT_WAIT_S = 15.0
 
@@ -106,7 +106,7 @@ class JobClient:
 
     def _show(self, line: str) -> None:
         """Pass a line of the job's output on, minus mpiexec's noise (kept: why a rank died)."""
-        from .launcher import is_mpi_noise
+        from pipeinfer_cpu.app.launcher import is_mpi_noise
 
         if self.debug or not is_mpi_noise(line):
             sys.stderr.write(line)

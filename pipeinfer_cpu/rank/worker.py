@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from . import protocol as P
-from .cpubackend import NoUsableVariant
-from .llamacpp import Stage, StageConfig, cpu_backend
-from .drafter import Drafter, serve_drafts
-from .kvcache import apply_kv_ops
-from .protocol import HEAD, Output, RunMessage, Tag
-from .files import atomic_output
-from .shards import ShardFile, check_readable, default_cache_dir, verify_shard
-from .transport import Transport, Waiter, wait
+from pipeinfer_cpu.wire import runs as P
+from pipeinfer_cpu.llama.cpubackend import NoUsableVariant
+from pipeinfer_cpu.llama.runtime import Stage, StageConfig, cpu_backend
+from pipeinfer_cpu.rank.drafter import Drafter, serve_drafts
+from pipeinfer_cpu.llama.kvcache import apply_kv_ops
+from pipeinfer_cpu.wire.runs import HEAD, Output, RunMessage, Tag
+from pipeinfer_cpu.files import atomic_output
+from pipeinfer_cpu.modelfiles.shards import ShardFile, check_readable, default_cache_dir, verify_shard
+from pipeinfer_cpu.wire.transport import Transport, Waiter, wait
 
 ASSIGN_TIMEOUT_S = 3600.0  # the head may be writing shards of a large model meanwhile
 FILE_CHUNK_TIMEOUT_S = 120.0

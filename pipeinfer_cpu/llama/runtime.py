@@ -21,11 +21,11 @@ import numpy as np
 import llama_cpp
 from llama_cpp import llama_cpp as _llama_module
 
-from .cpubackend import VARIANT_ENV, BackendReport, NoUsableVariant, read_cpu, select
-from .errors import ModelError
-from .native import Capture, load_callbacks
-from .tinymodel import TinyShape
-from .shards import default_cache_dir
+from pipeinfer_cpu.llama.cpubackend import VARIANT_ENV, BackendReport, NoUsableVariant, read_cpu, select
+from pipeinfer_cpu.errors import ModelError
+from pipeinfer_cpu.llama.native import Capture, load_callbacks
+from pipeinfer_cpu.modelfiles.tinymodel import TinyShape
+from pipeinfer_cpu.modelfiles.shards import default_cache_dir
 
 # ggml's functions through libllama's own handle: llama_cpp._ggml opens another copy of libggml
 # (wheels hold libggml.so and libggml.so.0 as two files), whose backend registry llama.cpp never sees.
@@ -125,7 +125,7 @@ def exercise_variant(path: Path) -> None:
     """The probe's work, in a process of its own: load one variant, decode a batch and a few tokens
     with a tiny Q4_0 model (a type with AMX and AVX-512 kernels), and fail if llama.cpp reports an
     error or the logits are junk."""
-    from .tinymodel import write_tiny_llama
+    from pipeinfer_cpu.modelfiles.tinymodel import write_tiny_llama
 
     _quiet_llama_logs()
     if not _ggml_lib.ggml_backend_load(str(path).encode()):

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HostfileError
+from pipeinfer_cpu.errors import HostfileError
 
 _HOST = r"(?P<host>[A-Za-z0-9_.\-]+?)"
 _LINE = re.compile(

@@ -13,10 +13,10 @@ from typing import Callable
 
 import numpy as np
 
-from .executors import Executor, RunResult
-from .kvcache import COMMITTED_SEQ
-from .protocol import KvKind, KvOp, Output, RunMessage
-from .sampling import SamplingConfig, make_rng, sample
+from pipeinfer_cpu.head.executors import Executor, RunResult
+from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
+from pipeinfer_cpu.wire.runs import KvKind, KvOp, Output, RunMessage
+from pipeinfer_cpu.sampling import SamplingConfig, make_rng, sample
 
 
 

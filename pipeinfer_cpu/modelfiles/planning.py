@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import UserError
+from pipeinfer_cpu.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import UserError
-from .files import atomic_output, atomic_write_text
-from .models import ModelInfo, file_sha256, open_gguf
-from .planning import LayerRange
+from pipeinfer_cpu.errors import UserError
+from pipeinfer_cpu.files import atomic_output, atomic_write_text
+from pipeinfer_cpu.modelfiles.models import ModelInfo, file_sha256, open_gguf
+from pipeinfer_cpu.modelfiles.planning import LayerRange
 
 MANIFEST_NAME = "manifest.json"
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable, Protocol
 
-from .protocol import KvKind, KvOp
+from pipeinfer_cpu.wire.runs import KvKind, KvOp
 
 COMMITTED_SEQ = 0  # the KV sequence that holds the fed tokens on every stage
 

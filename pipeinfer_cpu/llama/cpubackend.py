@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import UserError
-from .files import atomic_write_text
+from pipeinfer_cpu.errors import UserError
+from pipeinfer_cpu.files import atomic_write_text
 
 # ggml's feature names -> the /proc/cpuinfo flags ggml-cpu's x86 score function checks for each.
 FEATURE_FLAGS: dict[str, tuple[str, ...]] = {
@@ -234,7 +234,7 @@ def describe_exit(returncode: int) -> str:
 
 def probe_variant(variant: Variant) -> str | None:
     """Load `variant` in a fresh process and decode a batch with it: None if that worked, else why not."""
-    command = [sys.executable, "-m", "pipeinfer_cpu.cpubackend", "probe", str(variant.path)]
+    command = [sys.executable, "-m", "pipeinfer_cpu.llama.cpubackend", "probe", str(variant.path)]
     env = {k: v for k, v in os.environ.items() if k != VARIANT_ENV}  # the probe loads just this one
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
@@ -297,8 +297,8 @@ def select(lib_dir: Path, cache_dir: Path, forced: str | None) -> tuple[Variant,
 
 def _probe_main(path: str) -> int:
     """The probe subprocess: load this one variant, decode a batch and a few tokens, exit 0."""
-    from .errors import PipeinferError
-    from .llamacpp import exercise_variant
+    from pipeinfer_cpu.errors import PipeinferError
+    from pipeinfer_cpu.llama.runtime import exercise_variant
 
     try:
         exercise_variant(Path(path))
@@ -311,4 +311,4 @@ def _probe_main(path: str) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "probe":
         sys.exit(_probe_main(sys.argv[2]))
-    sys.exit("usage: python -m pipeinfer_cpu.cpubackend probe LIBGGML_CPU_VARIANT.so")
+    sys.exit("usage: python -m pipeinfer_cpu.llama.cpubackend probe LIBGGML_CPU_VARIANT.so")

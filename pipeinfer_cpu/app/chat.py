@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .chat import (ChatServer, Conversation, LineReader, ServerSettings, conversation_from_json,
+from pipeinfer_cpu.head.chatserver import (ChatServer, Conversation, LineReader, ServerSettings, conversation_from_json,
                    conversation_to_json, json_line_writer, serve_json_lines)
-from .chatclient import Client, JobClient, JobEnded, LocalClient
-from .errors import UserError
-from .sampling import SamplingConfig
-from .stats import RunStats
-from .transport import under_mpi
+from pipeinfer_cpu.app.client import Client, JobClient, JobEnded, LocalClient
+from pipeinfer_cpu.errors import UserError
+from pipeinfer_cpu.sampling import SamplingConfig
+from pipeinfer_cpu.stats import RunStats
+from pipeinfer_cpu.wire.transport import under_mpi
 
 HELP = """commands:
   /help          this list
@@ -53,15 +53,15 @@ class ChatOptions:
 
 def run_chat(setup, options: ChatOptions, argv: list[str]) -> int:
     """Entry point of `pipeinfer-cpu chat` in every process; returns the exit code."""
-    from .runner import as_head
+    from pipeinfer_cpu.app.runner import as_head
 
     settings = setup.settings
     if under_mpi():
-        from .transport import MpiTransport
+        from pipeinfer_cpu.wire.transport import MpiTransport
 
         transport = MpiTransport()
         if transport.rank != 0:
-            from .worker import worker_main
+            from pipeinfer_cpu.rank.worker import worker_main
 
             code = worker_main(transport, settings.cpu_variant)
             transport.finalize()
@@ -74,7 +74,7 @@ def run_chat(setup, options: ChatOptions, argv: list[str]) -> int:
 
 
 def _server(settings, options: ChatOptions, transport) -> ChatServer:
-    from .engine import Engine
+    from pipeinfer_cpu.head.engine import Engine
 
     engine = Engine.start(settings, transport)
     return ChatServer(engine, ServerSettings(options.max_tokens, options.sampling, options.system))
@@ -95,8 +95,8 @@ def _chat_here(settings, options: ChatOptions, transport) -> int:
 
 
 def _chat_with_job(setup, options: ChatOptions, argv: list[str]) -> int:
-    from . import launcher
-    from .cli import preflight
+    from pipeinfer_cpu.app import launcher
+    from pipeinfer_cpu.app.cli import preflight
 
     preflight(setup.settings, setup.topology)
     tmp = tempfile.TemporaryDirectory(prefix="pipeinfer-chat-")
@@ -254,7 +254,7 @@ class ChatSession:
         return True
 
     def _save(self, arg: str) -> bool:
-        from .shards import atomic_write_text
+        from pipeinfer_cpu.modelfiles.shards import atomic_write_text
 
         try:
             atomic_write_text(Path(arg).expanduser(), json.dumps(conversation_to_json(self.conversation),

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
-from .errors import UserError
-from .files import atomic_write_text
-from .stats import markdown_table, write_json
+from pipeinfer_cpu.errors import UserError
+from pipeinfer_cpu.files import atomic_write_text
+from pipeinfer_cpu.stats import markdown_table, write_json
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -96,8 +96,8 @@ def run_modes(config: BenchConfig, model: Path | None, draft: Path | None, label
 
 def plain_row(model: Path | None, config: BenchConfig) -> dict:
     """A bare llama-cpp-python greedy loop on the same model and threads: the yardstick for `single`."""
-    from .llamacpp import Vocab, plain_greedy_tokens_per_s
-    from .models import resolve_model
+    from pipeinfer_cpu.llama.runtime import Vocab, plain_greedy_tokens_per_s
+    from pipeinfer_cpu.modelfiles.models import resolve_model
 
     path = resolve_model(model)
     vocab = Vocab(path)
@@ -113,7 +113,7 @@ def plain_row(model: Path | None, config: BenchConfig) -> dict:
 
 def agreement_sweep(config: BenchConfig, levels: list[float], cost_ratio: float, out_dir: Path) -> str:
     """Build a SYNTHETIC bench pair per agreement level and benchmark every mode on it."""
-    from .benchpair import batched_source, build_bench_pair, check_request
+    from pipeinfer_cpu.app.benchpair import batched_source, build_bench_pair, check_request
 
     for level in levels:
         check_request(cost_ratio, level)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_output
+from pipeinfer_cpu.files import atomic_output
 
 _SPECIALS = ("<unk>", "<s>", "</s>")
 _UNKNOWN, _NORMAL, _CONTROL, _BYTE = 2, 1, 3, 6  # llama.cpp's token types

@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LaunchError
-from .hostfile import machinefile_lines
+from pipeinfer_cpu.errors import LaunchError
+from pipeinfer_cpu.app.hostfile import machinefile_lines
 
 LAUNCHED_ENV = "PIPEINFER_LAUNCHED"
 SSH_TIMEOUT_S = 8

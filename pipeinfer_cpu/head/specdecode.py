@@ -27,14 +27,14 @@ from typing import Callable
 
 import numpy as np
 
-from .decoding import Generation
-from .drafter import DraftReply, DraftRequest
-from .errors import ClusterError
-from .executors import Executor, RunResult
-from .protocol import Output, RunMessage
-from .sampling import SamplingConfig, make_rng, sample
-from .speculation import MAX_BRANCHES_PER_RUN, Chain, DraftPolicy, Launch, SpeculationSwitch, branch_candidates
-from .transport import Backoff
+from pipeinfer_cpu.head.decoding import Generation
+from pipeinfer_cpu.rank.drafter import DraftReply, DraftRequest
+from pipeinfer_cpu.errors import ClusterError
+from pipeinfer_cpu.head.executors import Executor, RunResult
+from pipeinfer_cpu.wire.runs import Output, RunMessage
+from pipeinfer_cpu.sampling import SamplingConfig, make_rng, sample
+from pipeinfer_cpu.head.speculation import MAX_BRANCHES_PER_RUN, Chain, DraftPolicy, Launch, SpeculationSwitch, branch_candidates
+from pipeinfer_cpu.wire.transport import Backoff
 
 
 @dataclass(frozen=True)

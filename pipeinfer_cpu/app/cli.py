@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .errors import PipeinferError, UserError
-from .hostfile import Host, parse_hostfile
-from .transport import under_mpi
+from pipeinfer_cpu.errors import PipeinferError, UserError
+from pipeinfer_cpu.app.hostfile import Host, parse_hostfile
+from pipeinfer_cpu.wire.transport import under_mpi
 
 if TYPE_CHECKING:
-    from .engine import EngineSettings
+    from pipeinfer_cpu.head.engine import EngineSettings
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -134,7 +134,7 @@ class Setup:
         """Outside MPI: check what can be checked here, then re-run `argv` as the MPI job."""
         import subprocess
 
-        from .launcher import launch
+        from pipeinfer_cpu.app.launcher import launch
 
         preflight(self.settings, self.topology)
         return launch(self.topology.placement, argv, self.debug, stdin if stdin is not None else subprocess.DEVNULL)
@@ -146,7 +146,7 @@ def make_setup(hostfile, model, mode, stages, weights, threads, n_ctx, n_batch, 
     topo = speculative_topology(hostfile, stages, weights, mode, draft, draft_ranks, draft_host)
     # Under the user's own `mpiexec -n N` with nothing said about stages, the stages are the ranks it
     # started (an equal split), not the one-host default topology.
-    from .launcher import LAUNCHED_ENV
+    from pipeinfer_cpu.app.launcher import LAUNCHED_ENV
 
     own_mpiexec = under_mpi() and not os.environ.get(LAUNCHED_ENV)
     split = None if own_mpiexec and hostfile is None and stages is None and weights is None else topo.weights
@@ -167,7 +167,7 @@ def sampling_options(command):
 
     @functools.wraps(command)
     def wrapper(**kwargs):
-        from .sampling import SamplingConfig
+        from pipeinfer_cpu.sampling import SamplingConfig
 
         values = {key: kwargs.pop(key) for key in ("temperature", "top_k", "top_p", "seed")}
         try:
@@ -198,7 +198,7 @@ class Topology:
 
 
 def topology(hostfile: Path | None, stages: int | None, weights: str | None, draft_host: str | None = None) -> Topology:
-    from .planning import parse_weights
+    from pipeinfer_cpu.modelfiles.planning import parse_weights
 
     hosts: tuple[Host, ...] = parse_hostfile(hostfile) if hostfile else (Host("localhost"),)
     n_stages = stages if stages is not None else len(hosts)
@@ -221,9 +221,9 @@ def speculative_topology(hostfile, stages, weights, mode, draft, draft_ranks, dr
 def engine_settings(model, mode, weights, threads, n_ctx, n_batch, timeout_s, shard_dir, verbose, draft=None,
                     draft_ranks="dedicated", draft_max=8, max_inflight=4, p_accept=0.4, p_recovery=0.05,
                     p_decay=0.02, adaptive=True, p_split=1.0):
-    from .engine import EngineSettings
-    from .llamacpp import MAX_SEQUENCES
-    from .specdecode import SpecSettings
+    from pipeinfer_cpu.head.engine import EngineSettings
+    from pipeinfer_cpu.llama.runtime import MAX_SEQUENCES
+    from pipeinfer_cpu.head.specdecode import SpecSettings
 
     if threads < 0:
         raise UserError(f"--threads must be 0 (auto) or more, got {threads}")
@@ -252,10 +252,10 @@ def engine_settings(model, mode, weights, threads, n_ctx, n_batch, timeout_s, sh
 
 def preflight(settings, topo: Topology) -> None:
     """Check what can be checked before any process starts: the model and the split."""
-    from .models import check_supported, read_model_info, resolve_model
-    from .planning import split_layers
+    from pipeinfer_cpu.modelfiles.models import check_supported, read_model_info, resolve_model
+    from pipeinfer_cpu.modelfiles.planning import split_layers
 
-    from .engine import check_draft
+    from pipeinfer_cpu.head.engine import check_draft
 
     info = read_model_info(resolve_model(settings.model))
     check_supported(info)
@@ -302,7 +302,7 @@ def read_prompts(prompt: str | None, prompt_file: Path | None, prompts_file: Pat
 def run(setup: Setup, sampling, prompt, prompt_file, prompts_file, max_tokens, chat_template, system, stats_json,
         save_logits):
     """Generate text from a prompt, streaming it to stdout."""
-    from .runner import GenerateRequest, run_job
+    from pipeinfer_cpu.app.runner import GenerateRequest, run_job
 
     if max_tokens < 1:
         raise UserError(f"-n must be at least 1, got {max_tokens}")
@@ -324,9 +324,9 @@ def run(setup: Setup, sampling, prompt, prompt_file, prompts_file, max_tokens, c
 @friendly_errors
 def shard(model, stages, weights, out_dir, debug):
     """Write one GGUF per stage (contiguous layer ranges) and a manifest."""
-    from .models import check_supported, read_model_info, resolve_model
-    from .planning import parse_weights, split_layers
-    from .shards import shard_model
+    from pipeinfer_cpu.modelfiles.models import check_supported, read_model_info, resolve_model
+    from pipeinfer_cpu.modelfiles.planning import parse_weights, split_layers
+    from pipeinfer_cpu.modelfiles.shards import shard_model
 
     info = read_model_info(resolve_model(model))
     check_supported(info)
@@ -346,8 +346,8 @@ def cpu(cpu_variant, as_json, debug):
     """Which llama.cpp CPU backend this machine runs, and why (run it on each node)."""
     import json
 
-    from .llamacpp import LIB_DIR, cpu_backend
-    from .cpubackend import installed_variants
+    from pipeinfer_cpu.llama.runtime import LIB_DIR, cpu_backend
+    from pipeinfer_cpu.llama.cpubackend import installed_variants
 
     report = cpu_backend(cpu_variant or None)
     if as_json:
@@ -368,7 +368,7 @@ def models() -> None:
 @click.option("--dir", "dirs", multiple=True, type=click.Path(path_type=Path), help="Also list GGUF files here.")
 def models_list(dirs):
     """Show the embedded default model and any GGUF files in the given folders."""
-    from .models import VERIFIED_ARCHITECTURES, list_local_models
+    from pipeinfer_cpu.modelfiles.models import VERIFIED_ARCHITECTURES, list_local_models
 
     infos = list_local_models(tuple(dirs) + (Path("models"),))
     if not infos:
@@ -392,7 +392,7 @@ def models_list(dirs):
 @click.option("--debug", is_flag=True)
 def models_bench_pair(cost_ratio, agreement, seed, quant, out_dir, debug):
     """Build a SYNTHETIC target/draft pair of known cost ratio and agreement (for benchmarks only)."""
-    from .benchpair import batched_source, build_bench_pair, check_request
+    from pipeinfer_cpu.app.benchpair import batched_source, build_bench_pair, check_request
 
     check_request(cost_ratio, agreement)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -430,7 +430,7 @@ BENCH_MODES = ("plain", "single", "pipeline", "speculative", "pipeinfer")
 def bench(hostfile, model, draft, agreements, cost_ratio, modes, stages, threads, n_tokens, prompts_file, out_dir,
           merge, debug):
     """Run the same prompts through several modes; write bench.json, bench.md (and bench.png for sweeps)."""
-    from . import bench as B
+    from pipeinfer_cpu.app import bench as B
 
     if merge:
         click.echo(B.merge_reports(list(merge), out_dir))
@@ -464,7 +464,7 @@ def bench(hostfile, model, draft, agreements, cost_ratio, modes, stages, threads
 @click.option("--serve", is_flag=True, hidden=True, help="Internal: the MPI job's head speaks JSON lines on stdio.")
 def chat(setup: Setup, sampling, system, transcript, max_tokens, serve):
     """Talk to the model in the terminal; the cluster stays up between turns."""
-    from .chatui import ChatOptions, run_chat
+    from pipeinfer_cpu.app.chat import ChatOptions, run_chat
 
     if max_tokens < 1:
         raise UserError(f"-n must be at least 1, got {max_tokens}")

@@ -17,23 +17,23 @@ from typing import Callable
 
 import dataclasses
 
-from .cluster import Cluster, StageSettings
-from .drafter import Drafter, LocalDraftClient, RemoteDraftClient
-from .decoding import Decoder, Generation
-from .errors import UserError
-from .executors import Executor, LocalExecutor, PipelineExecutor
-from .cpubackend import BackendReport, NoUsableVariant
-from .llamacpp import Stage, StageConfig, Vocab, cpu_backend
-from .protocol import HEAD
-from .models import ModelInfo, check_supported, read_model_info, resolve_model
-from .planning import split_layers
-from .sampling import SamplingConfig
-from .shards import shard_model
-from .specdecode import DraftClient, SpeculativeLoop, SpecSettings
-from .speculation import SpeculationSwitch
-from .stats import RunStats, StageStats
-from .transport import Transport
-from .worker import peak_rss_bytes
+from pipeinfer_cpu.head.cluster import Cluster, StageSettings
+from pipeinfer_cpu.rank.drafter import Drafter, LocalDraftClient, RemoteDraftClient
+from pipeinfer_cpu.head.decoding import Decoder, Generation
+from pipeinfer_cpu.errors import UserError
+from pipeinfer_cpu.head.executors import Executor, LocalExecutor, PipelineExecutor
+from pipeinfer_cpu.llama.cpubackend import BackendReport, NoUsableVariant
+from pipeinfer_cpu.llama.runtime import Stage, StageConfig, Vocab, cpu_backend
+from pipeinfer_cpu.wire.runs import HEAD
+from pipeinfer_cpu.modelfiles.models import ModelInfo, check_supported, read_model_info, resolve_model
+from pipeinfer_cpu.modelfiles.planning import split_layers
+from pipeinfer_cpu.sampling import SamplingConfig
+from pipeinfer_cpu.modelfiles.shards import shard_model
+from pipeinfer_cpu.head.specdecode import DraftClient, SpeculativeLoop, SpecSettings
+from pipeinfer_cpu.head.speculation import SpeculationSwitch
+from pipeinfer_cpu.stats import RunStats, StageStats
+from pipeinfer_cpu.wire.transport import Transport
+from pipeinfer_cpu.rank.worker import peak_rss_bytes
 
 MODES = ("single", "pipeline", "speculative", "pipeinfer")
 SPECULATIVE_MODES = ("speculative", "pipeinfer")

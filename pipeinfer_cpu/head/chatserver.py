@@ -25,10 +25,10 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
-from .decoding import TextStream
-from .engine import SPECULATIVE_MODES, Engine
-from .errors import ModelError, UserError
-from .sampling import SamplingConfig
+from pipeinfer_cpu.head.decoding import TextStream
+from pipeinfer_cpu.head.engine import SPECULATIVE_MODES, Engine
+from pipeinfer_cpu.errors import ModelError, UserError
+from pipeinfer_cpu.sampling import SamplingConfig
 
 ROLES = ("user", "assistant")
 Message = tuple[str, str]

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import protocol as P
-from .cpubackend import BackendReport
-from .errors import ClusterError
-from .protocol import HEAD, Tag
-from .shards import ShardPlan
-from .stats import StageStats
-from .transport import Transport, wait
-from .worker import Assignment
+from pipeinfer_cpu.wire import runs as P
+from pipeinfer_cpu.llama.cpubackend import BackendReport
+from pipeinfer_cpu.errors import ClusterError
+from pipeinfer_cpu.wire.runs import HEAD, Tag
+from pipeinfer_cpu.modelfiles.shards import ShardPlan
+from pipeinfer_cpu.stats import StageStats
+from pipeinfer_cpu.wire.transport import Transport, wait
+from pipeinfer_cpu.rank.worker import Assignment
 
 FILE_CHUNK_BYTES = 4 << 20
 HELLO_TIMEOUT_S = 60.0
@@ -117,8 +117,8 @@ class Cluster:
 
     def load_draft(self, rank: int, path: Path, settings: StageSettings) -> None:
         """Start the whole draft model on its own rank."""
-        from .models import file_sha256, read_model_info
-        from .shards import ShardFile
+        from pipeinfer_cpu.modelfiles.models import file_sha256, read_model_info
+        from pipeinfer_cpu.modelfiles.shards import ShardFile
 
         info = read_model_info(path)
         shard = ShardFile(-1, 0, info.n_layer, str(path.resolve()), path.stat().st_size, file_sha256(path))

@@ -12,10 +12,10 @@ from typing import Callable
 
 import numpy as np
 
-from . import protocol as P
-from .llamacpp import Stage
-from .protocol import HEAD, Tag
-from .transport import Transport, wait
+from pipeinfer_cpu.wire import runs as P
+from pipeinfer_cpu.llama.runtime import Stage
+from pipeinfer_cpu.wire.runs import HEAD, Tag
+from pipeinfer_cpu.wire.transport import Transport, wait
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""GGUF files: headers and checks, the layer split, shards."""
