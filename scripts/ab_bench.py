@@ -117,8 +117,8 @@ def ratio(new: float | None, old: float | None) -> float | None:
     return new / old if new is not None and old else None
 
 
-def fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def main() -> None:
@@ -154,7 +154,7 @@ def main() -> None:
                             "runs": by_tree})
             per_round = {t: " / ".join(fmt(m["decode_tok_s"]) for m in runs) for t, runs in by_tree.items()}
             table.append([name, mode, fmt(medians["old"]["decode_tok_s"]), fmt(medians["new"]["decode_tok_s"]),
-                          fmt(ratios["decode_tok_s"]), fmt(medians["old"]["itl_mean_ms"]),
+                          fmt(ratios["decode_tok_s"], 3), fmt(medians["old"]["itl_mean_ms"]),
                           fmt(medians["new"]["itl_mean_ms"]), per_round["old"], per_round["new"]])
     headers = ["suite", "mode", "old tok/s (median)", "new tok/s (median)", "new/old", "old ITL ms (median)",
                "new ITL ms (median)", "old tok/s per round", "new tok/s per round"]

@@ -100,7 +100,7 @@ def _generate(engine: Engine, request: GenerateRequest) -> None:
     with engine:
         for index, prompt in enumerate(request.prompts):
             if index:
-                engine.decoder.reset()
+                engine.reset_context()
             records.append(_answer(engine, request, prompt))
     if request.stats_json is not None:
         write_json(records[0] if len(records) == 1 else {"runs": records}, request.stats_json)

@@ -232,8 +232,8 @@ class ChatServer:
         conversation = self.conversation.with_turn("user", text)
         reserve = answer_reserve(n_ctx, self.settings.max_tokens, self._slack())
         first, prompt = fit_window(self.render, conversation, self.first, n_ctx, reserve)
-        plan = plan_feed(self.engine.decoder.kv_tokens, prompt)
-        self.engine.decoder.truncate(plan.keep)
+        plan = plan_feed(self.engine.context_tokens, prompt)
+        self.engine.truncate_context(plan.keep)
         budget = min(self.settings.max_tokens, n_ctx - len(prompt) - self._slack())
         shown: list[str] = []
         stream = TextStream(self.engine.vocab.piece)

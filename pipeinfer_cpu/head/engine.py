@@ -163,9 +163,22 @@ class Engine:
             return self.vocab.tokenize(text, add_special=False, parse_special=True)
         return self.vocab.tokenize(text, add_special=True, parse_special=False)
 
+    @property
+    def context_tokens(self) -> tuple[int, ...]:
+        """The tokens whose KV entries every stage holds (the committed context)."""
+        return tuple(self.decoder.kv_tokens)
+
+    def reset_context(self) -> None:
+        """Forget the committed context on every stage."""
+        self.decoder.reset()
+
+    def truncate_context(self, n_keep: int) -> None:
+        """Keep only the first `n_keep` committed tokens on every stage."""
+        self.decoder.truncate(n_keep)
+
     def check_fits(self, n_prompt: int) -> int:
         """Raise if the prompt does not fit; return how many tokens may follow it in the context."""
-        room = self.settings.n_ctx - len(self.decoder.kv_tokens)
+        room = self.settings.n_ctx - len(self.context_tokens)
         if n_prompt >= room:
             raise UserError(f"the prompt has {n_prompt} tokens but the context has room for {room - 1} "
                             f"(--ctx-size {self.settings.n_ctx})")
