@@ -167,6 +167,13 @@ class FakeEngine:
         self.stage_ranks: list[int] = []
         self.fed: list[list[int]] = []
 
+    @property
+    def context_tokens(self) -> tuple[int, ...]:
+        return tuple(self.decoder.kv_tokens)
+
+    def truncate_context(self, n_keep: int) -> None:
+        self.decoder.truncate(n_keep)
+
     def generate(self, tokens, max_tokens, sampling, on_token, should_stop):
         self.fed.append(list(tokens))
         self.decoder.kv_tokens.extend(tokens)
