@@ -1,6 +1,6 @@
 """Statistics of one generation, their JSON form, and benchmark tables.
 
-Pure: no clocks are read here; the runtime records times and hands them in.
+Pure but for `peak_rss_bytes`: no clocks are read here; the runtime records times and hands them in.
 Undefined derived values (an inter-token latency with fewer than two tokens,
 an acceptance rate with nothing drafted) are ``None``, and ``null`` in JSON.
 """
@@ -10,14 +10,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import resource
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from pipeinfer_cpu.files import atomic_write_text
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (the kernel's high-water mark, or psutil's reading)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(peak, psutil.Process().memory_info().rss)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,8 @@
 """`pipeinfer-cpu chat`: the terminal front end, and how it reaches the model.
 
-Three ways it runs:
-- inside the MPI job: workers serve their stage; the head (rank 0, `--serve`) answers JSON-line
-  requests on stdin with JSON-line events on stdout (chat.serve_json_lines);
-- `--mode single` (or a job started with your own mpiexec, without `--serve`): the ChatServer in
-  this process, no JSON at all;
+This process owns the conversation (and the transcript, and the last answer's statistics); the
+model answers each turn given the whole conversation (head/server.py). Two ways it runs:
+- `--mode single` (or rank 0 of your own mpiexec): the EngineServer in this process, no JSON at all;
 - otherwise: this process starts the MPI job (in its own session, so Ctrl-C at the terminal
   reaches only us), talks JSON lines to its head and forwards its stderr minus mpiexec's noise.
 
@@ -16,20 +14,22 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pipeinfer_cpu.head.chatserver import (ChatServer, Conversation, LineReader, ServerSettings, conversation_from_json,
-                   conversation_to_json, json_line_writer, serve_json_lines)
 from pipeinfer_cpu.app.client import Client, JobClient, JobEnded, LocalClient
+from pipeinfer_cpu.app.options import EngineOptions
+from pipeinfer_cpu.conversation import Conversation, conversation_from_json, conversation_to_json
 from pipeinfer_cpu.errors import UserError
+from pipeinfer_cpu.files import atomic_write_text
+from pipeinfer_cpu.head.engine import Engine
+from pipeinfer_cpu.head.job import as_head
+from pipeinfer_cpu.head.server import EngineServer, sampling_json
 from pipeinfer_cpu.sampling import SamplingConfig
 from pipeinfer_cpu.stats import RunStats
-from pipeinfer_cpu.wire.transport import under_mpi
+from pipeinfer_cpu.wire.transport import MpiTransport, under_mpi
 
 HELP = """commands:
   /help          this list
@@ -51,59 +51,14 @@ class ChatOptions:
     sampling: SamplingConfig
 
 
-def run_chat(setup, options: ChatOptions, argv: list[str]) -> int:
-    """Entry point of `pipeinfer-cpu chat` in every process; returns the exit code."""
-    from pipeinfer_cpu.app.runner import as_head
-
-    settings = setup.settings
-    if under_mpi():
-        from pipeinfer_cpu.wire.transport import MpiTransport
-
-        transport = MpiTransport()
-        if transport.rank != 0:
-            from pipeinfer_cpu.rank.worker import worker_main
-
-            code = worker_main(transport, settings.cpu_variant)
-            transport.finalize()
-            return code
-        body = _serve_stdio if "--serve" in argv else _chat_here
-        return as_head(lambda: body(settings, options, transport), transport, setup.debug)
-    if settings.mode == "single":
-        return as_head(lambda: _chat_here(settings, options, None), None, setup.debug)
-    return _chat_with_job(setup, options, argv)
-
-
-def _server(settings, options: ChatOptions, transport) -> ChatServer:
-    from pipeinfer_cpu.head.engine import Engine
-
-    engine = Engine.start(settings, transport)
-    return ChatServer(engine, ServerSettings(options.max_tokens, options.sampling, options.system))
-
-
-def _serve_stdio(settings, options: ChatOptions, transport) -> None:
-    """The job's head: JSON lines on stdio. Stray prints (ours or a library's) go to stderr."""
-    events = os.fdopen(os.dup(1), "w", encoding="utf-8")
-    os.dup2(2, 1)
-    server = _server(settings, options, transport)
-    with server.engine:
-        serve_json_lines(server, LineReader(sys.stdin.fileno()), json_line_writer(events))
-
-
-def _chat_here(settings, options: ChatOptions, transport) -> int:
-    client = LocalClient(_server(settings, options, transport))
-    return chat_session(client, options, settings.timeout_s)
-
-
-def _chat_with_job(setup, options: ChatOptions, argv: list[str]) -> int:
-    from pipeinfer_cpu.app import launcher
-    from pipeinfer_cpu.app.cli import preflight
-
-    preflight(setup.settings, setup.topology)
-    tmp = tempfile.TemporaryDirectory(prefix="pipeinfer-chat-")
-    job_argv = argv if "--serve" in argv else [*argv, "--serve"]
-    process = launcher.start(setup.topology.placement, job_argv, Path(tmp.name), stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE)
-    return chat_session(JobClient(process, setup.debug, tmp), options, setup.settings.timeout_s)
+def run_chat(options: EngineOptions, chat: ChatOptions) -> int:
+    """`pipeinfer-cpu chat`: returns the exit code."""
+    if under_mpi() or options.mode == "single":  # the model in this process (rank 0 of your own mpiexec)
+        transport = MpiTransport() if under_mpi() else None
+        client = lambda: LocalClient(EngineServer(Engine.start(options.settings, transport)))  # noqa: E731
+        return as_head(lambda: chat_session(client(), chat, options.timeout_s), transport, options.debug)
+    options.preflight()
+    return chat_session(JobClient.launch(options), chat, options.timeout_s)
 
 
 def chat_session(client: Client, options: ChatOptions, timeout_s: float) -> int:
@@ -149,6 +104,8 @@ class ChatSession:
         self.conversation = Conversation(options.system or None)
         self.transcript = Transcript(options.transcript) if options.transcript else None
         self.dropped = 0  # turns the model no longer sees (the context limit)
+        self.first = 0  # the first turn the model saw last time (0 again after /reset, /system, /load)
+        self.last_stats: dict | None = None  # the last answer's statistics, for /stats
         if self.transcript and options.system:
             self.transcript.append({"role": "system", "content": options.system})
         self.commands: dict[str, Callable[[str], bool]] = {
@@ -188,7 +145,10 @@ class ChatSession:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        request = {"type": "turn", "text": text, "interrupt": self.interactive and typed_ctrl_c()}
+        asked = self.conversation.with_turn("user", text)
+        request = {"type": "turn", "conversation": conversation_to_json(asked), "first": self.first,
+                   "max_tokens": self.options.max_tokens, "sampling": sampling_json(self.options.sampling),
+                   "interrupt": self.interactive and typed_ctrl_c()}
         try:
             final = self.client.ask(request, show, self.answer_wait_s)
         except JobEnded:
@@ -200,6 +160,7 @@ class ChatSession:
             return
         sys.stdout.write("\n")
         self._record(text, final["answer"], final["stopped_by"])
+        self.last_stats = final["stats"]
         if final["stopped_by"] == "interrupt":
             say("[interrupted]")
         elif final["stopped_by"] in ("length", "context"):
@@ -207,7 +168,7 @@ class ChatSession:
         dropped = final.get("dropped_turns", 0)
         if dropped > self.dropped:
             say(f"[the {dropped} oldest turns no longer fit the context: the model does not see them]")
-        self.dropped = dropped
+        self.dropped = self.first = dropped
         sys.stdout.write("\n" if self.interactive else "")  # a blank line before the next prompt
         sys.stdout.flush()
 
@@ -217,12 +178,10 @@ class ChatSession:
             self.transcript.append({"role": "user", "content": user})
             self.transcript.append({"role": "assistant", "content": answer, "stopped_by": stopped_by})
 
-    def _request(self, request: dict) -> dict | None:
-        final = self.client.ask(request, lambda piece: None, self.answer_wait_s)
-        if final["event"] == "error":
-            say(f"error: {final['message']}")
-            return None
-        return final
+    def _replace(self, conversation: Conversation) -> None:
+        """A new conversation; the stages' KV cache is brought in line lazily, by the next turn's prefix."""
+        self.conversation = conversation
+        self.first = 0
 
     # -- commands: each returns False to end the session --
 
@@ -231,31 +190,26 @@ class ChatSession:
         return True
 
     def _stats(self, arg: str) -> bool:
-        final = self._request({"type": "stats"})
-        if final is not None:
-            say("\n".join(format_stats(final.get("stats"))))
+        say("\n".join(format_stats(self.last_stats)))
         return True
 
     def _reset(self, arg: str) -> bool:
-        if self._request({"type": "reset"}) is not None:
-            self.conversation = self.conversation.cleared()
-            self.dropped = 0
-            self._note({"reset": True})
-            say("(conversation cleared)")
+        self._replace(self.conversation.cleared())
+        self.dropped = 0
+        self._note({"reset": True})
+        say("(conversation cleared)")
         return True
 
     def _system(self, arg: str) -> bool:
         if not arg:
             say(f"system message: {self.conversation.system!r}")
-        elif self._request({"type": "system", "text": arg}) is not None:
-            self.conversation = self.conversation.with_system(arg)
-            self._note({"role": "system", "content": arg})
-            say("(system message set)")
+            return True
+        self._replace(self.conversation.with_system(arg))
+        self._note({"role": "system", "content": arg})
+        say("(system message set)")
         return True
 
     def _save(self, arg: str) -> bool:
-        from pipeinfer_cpu.modelfiles.shards import atomic_write_text
-
         try:
             atomic_write_text(Path(arg).expanduser(), json.dumps(conversation_to_json(self.conversation),
                                                                  indent=2, ensure_ascii=False) + "\n")
@@ -271,11 +225,10 @@ class ChatSession:
         except UserError as exc:
             say(f"error: {exc}")
             return True
-        if self._request({"type": "load", **conversation_to_json(conversation)}) is not None:
-            self.conversation = conversation
-            self.dropped = 0
-            self._note({"loaded": arg})
-            say(f"(loaded {len(conversation.turns)} turns from {arg})")
+        self._replace(conversation)
+        self.dropped = 0
+        self._note({"loaded": arg})
+        say(f"(loaded {len(conversation.turns)} turns from {arg})")
         return True
 
     def _note(self, record: dict) -> None:

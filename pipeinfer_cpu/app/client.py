@@ -1,5 +1,6 @@
-"""How the chat front end reaches the model: a ChatServer in this process, or the MPI job's head
-over JSON lines (one thread reads its events, another forwards its stderr minus mpiexec's noise)."""
+"""How the user-facing process reaches the model: an EngineServer in this process, or the head of
+an MPI job it starts, over JSON lines (one thread reads its events, another forwards its stderr
+minus mpiexec's noise). Either way the requests and events are those of head/server.py."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Protocol
 
-from pipeinfer_cpu.head.chatserver import ChatServer
+from pipeinfer_cpu.app import launcher
+from pipeinfer_cpu.app.options import EngineOptions
+from pipeinfer_cpu.head.server import EngineServer
 
 QUIT_WAIT_S = 15.0
 
@@ -46,9 +50,9 @@ class _SigintFlag:
 
 
 class LocalClient:
-    """The ChatServer in this process."""
+    """The EngineServer in this process."""
 
-    def __init__(self, server: ChatServer) -> None:
+    def __init__(self, server: EngineServer) -> None:
         self.server = server
 
     def start(self, wait_s: float) -> dict:
@@ -75,12 +79,23 @@ class LocalClient:
 class JobClient:
     """The MPI job's head, over JSON lines; a thread reads its events, another forwards its stderr."""
 
+    @staticmethod
+    def launch(options: EngineOptions) -> "JobClient":
+        """Start the job (head beside the first stage, then the stages, then any draft rank) and send
+        it the engine settings; `start` then waits until it is ready."""
+        tmp = tempfile.TemporaryDirectory(prefix="pipeinfer-job-")
+        process = launcher.start(options.topology.placement, Path(tmp.name))
+        client = JobClient(process, options.debug, tmp)
+        client._send({"type": "start", "settings": options.settings.to_json(), "debug": options.debug})
+        return client
+
     def __init__(self, process: subprocess.Popen, debug: bool, tmp: tempfile.TemporaryDirectory) -> None:
         self.process = process
         self.debug = debug
         self.tmp = tmp
         self.events: queue.Queue[dict] = queue.Queue()
         self.death: str | None = None  # mpiexec's word on a rank that died
+        self.reported = False  # did a rank already explain a failure in an `error:` line?
         self._threads = [threading.Thread(target=target, daemon=True)
                          for target in (self._read_events, self._forward_stderr)]
         for thread in self._threads:
@@ -106,9 +121,8 @@ class JobClient:
 
     def _show(self, line: str) -> None:
         """Pass a line of the job's output on, minus mpiexec's noise (kept: why a rank died)."""
-        from pipeinfer_cpu.app.launcher import is_mpi_noise
-
-        if self.debug or not is_mpi_noise(line):
+        if self.debug or not launcher.is_mpi_noise(line):
+            self.reported |= line.startswith("error: ")
             sys.stderr.write(line)
             sys.stderr.flush()
         elif "EXIT STRING" in line or "exited on signal" in line:

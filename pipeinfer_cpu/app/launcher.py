@@ -1,8 +1,9 @@
-"""Starting the MPI job: find mpiexec, check the hosts, place the ranks, run, report failures.
+"""Starting the MPI job: find mpiexec, check the hosts, place the ranks, start them.
 
-`pipeinfer-cpu run --hostfile H` (not yet under MPI) re-runs its own command line under mpiexec with
-one rank per stage plus the head. mpiexec's own chatter on failure (banners, abort notices) is
-filtered out of stderr unless --debug, so the user sees the head's one-line error.
+Rank 0 runs `python -m pipeinfer_cpu.head` (its stdin/stdout are the front end's pipe), every
+other rank `python -m pipeinfer_cpu.rank`; neither sees the user's command line. mpiexec's own
+chatter on failure (banners, abort notices) is for the front end to filter out of stderr unless
+--debug, so the user sees the head's one-line error.
 """
 
 from __future__ import annotations
@@ -10,11 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import shlex
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ from pathlib import Path
 from pipeinfer_cpu.errors import LaunchError
 from pipeinfer_cpu.app.hostfile import machinefile_lines
 
-LAUNCHED_ENV = "PIPEINFER_LAUNCHED"
 SSH_TIMEOUT_S = 8
 _MPI_NOISE = ("[mpiexec@", "[proxy:", "=====", "=   ", "YOUR APPLICATION TERMINATED", "This typically refers",
               "Please see the FAQ", "Abort(", "application called MPI_Abort", "--------", "prterun",
@@ -87,27 +85,19 @@ def _ssh_problem(host: str) -> str | None:
     return None
 
 
-def mpiexec_command(mpi: MpiExec, placement: tuple[str, ...], machinefile: Path, argv: list[str]) -> list[str]:
-    """The mpiexec command line that starts rank i on placement[i] and runs `argv` in each rank."""
-    program = [sys.executable, "-m", "pipeinfer_cpu", *argv]
+def mpiexec_command(mpi: MpiExec, placement: tuple[str, ...], machinefile: Path) -> list[str]:
+    """The mpiexec command line that starts rank i on placement[i]: the head, then the other ranks."""
+    head = ["-n", "1", sys.executable, "-m", "pipeinfer_cpu.head"]
+    ranks = [":", "-n", str(len(placement) - 1), sys.executable, "-m", "pipeinfer_cpu.rank"] if len(placement) > 1 else []
     extra_args = shlex.split(os.environ.get("PIPEINFER_MPIEXEC_ARGS", ""))  # e.g. "-bind-to core"
     if mpi.flavour == "openmpi":
         extra = ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
-        return [mpi.path, *extra, *extra_args, "--hostfile", str(machinefile), "--map-by", "slot", "-n",
-                str(len(placement)), *program]
-    return [mpi.path, *extra_args, "-f", str(machinefile), "-n", str(len(placement)), *program]
+        return [mpi.path, *extra, *extra_args, "--hostfile", str(machinefile), "--map-by", "slot", *head, *ranks]
+    return [mpi.path, *extra_args, "-f", str(machinefile), *head, *ranks]
 
 
-def launch(placement: tuple[str, ...], argv: list[str], debug: bool, stdin=subprocess.DEVNULL) -> int:
-    """Run `pipeinfer-cpu <argv>` as an MPI job with rank i on placement[i]; return its exit code."""
-    with tempfile.TemporaryDirectory(prefix="pipeinfer-") as tmp:
-        process = start(placement, argv, Path(tmp), stdin=stdin)
-        return _supervise(process, debug)
-
-
-def start(placement: tuple[str, ...], argv: list[str], tmp: Path, stdin=subprocess.DEVNULL,
-          stdout=None) -> subprocess.Popen:
-    """Start the MPI job and return at once (stderr is a text pipe: filter it with `stderr_lines`).
+def start(placement: tuple[str, ...], tmp: Path) -> subprocess.Popen:
+    """Start the MPI job and return at once, with text pipes to the head's stdin/stdout and the job's stderr.
 
     The job runs in its own session, so a Ctrl-C at the terminal reaches only this process, which
     decides what to do with it. `tmp` must outlive the job (it holds the machinefile).
@@ -119,39 +109,11 @@ def start(placement: tuple[str, ...], argv: list[str], tmp: Path, stdin=subproce
     if mpi.flavour == "openmpi":  # host:n is MPICH's syntax; Open MPI fills `host slots=n` in order the same way
         lines = [line.replace(":", " slots=") for line in lines]
     machinefile.write_text("\n".join(lines) + "\n")
-    command = mpiexec_command(mpi, placement, machinefile, argv)
-    env = dict(os.environ, **{LAUNCHED_ENV: "1"})
-    return subprocess.Popen(command, env=env, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    command = mpiexec_command(mpi, placement, machinefile)
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
 
 
 def is_mpi_noise(line: str) -> bool:
     """mpiexec's own banners and abort notices (shown only with --debug)."""
     return line.startswith(_MPI_NOISE)
-
-
-def _supervise(process: subprocess.Popen, debug: bool) -> int:
-    """Pass the job's stderr through (without MPI noise) and forward Ctrl-C as a clean stop."""
-    def forward(signum, frame):
-        try:
-            os.killpg(process.pid, signal.SIGINT)
-        except ProcessLookupError:
-            pass
-
-    previous = signal.signal(signal.SIGINT, forward)
-    reported = False  # did a rank already explain the failure in one line?
-    try:
-        assert process.stderr is not None
-        for line in process.stderr:
-            if debug or not is_mpi_noise(line):
-                reported |= line.startswith("error: ")
-                sys.stderr.write(line)
-                sys.stderr.flush()
-        code = process.wait()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if code != 0 and not reported:
-        why = f"signal {-code}" if code < 0 else f"mpiexec exit code {code}"
-        print(f"error: a rank of the MPI job stopped unexpectedly ({why}); run with --debug for mpiexec's report",
-              file=sys.stderr)
-    return code if code >= 0 else 128 - code

@@ -7,20 +7,21 @@ Every wait here is bounded; a rank that reports an error or stops answering beco
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeinfer_cpu.wire import runs as P
+from pipeinfer_cpu.wire import control as C
 from pipeinfer_cpu.llama.cpubackend import BackendReport
 from pipeinfer_cpu.errors import ClusterError
-from pipeinfer_cpu.wire.runs import HEAD, Tag
-from pipeinfer_cpu.modelfiles.shards import ShardPlan
+from pipeinfer_cpu.wire.control import Assignment, Role
+from pipeinfer_cpu.wire.runs import HEAD, WIRE_VERSION, Tag, WireVersionError
+from pipeinfer_cpu.modelfiles.models import ModelInfo
+from pipeinfer_cpu.modelfiles.shards import ShardFile, ShardPlan, default_cache_dir, source_hash
 from pipeinfer_cpu.stats import StageStats
 from pipeinfer_cpu.wire.transport import Transport, wait
-from pipeinfer_cpu.rank.worker import Assignment
 
 FILE_CHUNK_BYTES = 4 << 20
 HELLO_TIMEOUT_S = 60.0
@@ -57,19 +58,20 @@ class Cluster:
     def host(self, rank: int) -> str:
         return self.hosts.get(rank, "?")
 
-    def greet(self) -> None:
-        """Collect every worker's hello: its host, cores, wire format and CPU backend."""
+    def greet(self, cpu_variant: str | None) -> None:
+        """Tell every worker how to set up llama.cpp; collect its hello: host, cores, wire format, CPU backend."""
+        self.broadcast(C.Setup(cpu_variant))
         for rank in self.workers:
-            reply = self.expect(rank, "hello", HELLO_TIMEOUT_S)
-            self.hosts[rank] = reply["host"]
-            self.cpus[rank] = reply["cpus"]
-            try:
-                P.check_version(reply.get("wire", 1), "its hello")
-            except P.WireVersionError as exc:
-                raise ClusterError(f"rank {rank} ({self.host(rank)}): {exc}") from None
-            if "backend_error" in reply:
-                raise ClusterError(f"rank {rank} ({self.host(rank)}): {reply['backend_error']}")
-            self.backends[rank] = BackendReport.from_json(reply["backend"])
+            hello = self.expect(rank, C.Hello, HELLO_TIMEOUT_S)
+            self.hosts[rank] = hello.host
+            self.cpus[rank] = hello.cpus
+            if hello.wire != WIRE_VERSION:
+                raise ClusterError(f"rank {rank} ({self.host(rank)}): its hello is in wire format version "
+                                   f"{hello.wire}, but this rank speaks version {WIRE_VERSION}: install the "
+                                   "same pipeinfer-cpu version on every node")
+            if hello.backend is None:
+                raise ClusterError(f"rank {rank} ({self.host(rank)}): {hello.backend_error}")
+            self.backends[rank] = hello.backend
 
     def threads_for(self, rank: int, requested: int) -> int:
         """The requested thread count, or (0 = auto) the host's cores shared by the computing ranks on it.
@@ -82,19 +84,24 @@ class Cluster:
         sharing = sum(1 for r in self.workers if self.hosts[r] == self.hosts[rank])
         return max(1, self.cpus[rank] // sharing)
 
-    def expect(self, rank: int, kind: str | tuple[str, ...], timeout_s: float | None = None) -> dict:
-        """Wait for a reply of `kind` (or one of several) from `rank`; raise ClusterError on an
-        error, a timeout or junk."""
+    def expect(self, rank: int, kind: type | tuple[type, ...], timeout_s: float | None = None):
+        """Wait for a reply of `kind` (or one of several) from `rank`; raise ClusterError on a
+        failure, a timeout or junk."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         message = wait(self.transport, [(rank, Tag.REPLY)], timeout_s)
         if message is None:
             raise ClusterError(f"rank {rank} ({self.host(rank)}) did not answer within {timeout_s:.0f} s")
-        reply = P.decode_json(message.data)
-        if reply["type"] == "error":
-            detail = f"\n{reply['detail']}" if reply.get("detail") else ""
-            raise ClusterError(f"rank {rank} ({self.host(rank)}): {reply['message']}{detail}")
-        if reply["type"] not in ((kind,) if isinstance(kind, str) else kind):
-            raise ClusterError(f"rank {rank} ({self.host(rank)}): expected {kind!r}, got {reply['type']!r}")
+        try:
+            reply = C.decode(message.data)
+        except WireVersionError as exc:
+            raise ClusterError(f"rank {rank} ({self.host(rank)}): {exc}") from None
+        if isinstance(reply, C.Failure):
+            detail = f"\n{reply.detail}" if reply.detail else ""
+            raise ClusterError(f"rank {rank} ({self.host(rank)}): {reply.message}{detail}")
+        if not isinstance(reply, kind):
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            raise ClusterError(f"rank {rank} ({self.host(rank)}): expected {' or '.join(k.kind for k in kinds)}, "
+                               f"got {reply.kind}")
         return reply
 
     def load_stages(self, plan: ShardPlan, stage_ranks: list[int], settings: StageSettings) -> None:
@@ -107,27 +114,24 @@ class Cluster:
                                     settings.n_batch, self.threads_for(rank, settings.n_threads),
                                     settings.n_seq_max, upstream,
                                     downstream, settings.cancellation)
-            self.send_control(rank, {"type": "assign", "assignment": asdict(assignment)})
+            self.send_control(rank, C.Assign(assignment))
         for index, rank in enumerate(stage_ranks):
-            reply = self.expect(rank, ("have-file", "need-file"))
-            if reply["type"] == "need-file":
+            if isinstance(self.expect(rank, (C.HaveFile, C.NeedFile)), C.NeedFile):
                 self._send_file(rank, Path(plan.shards[index].path))
         for rank in stage_ranks:
-            self.expect(rank, "ready", LOAD_TIMEOUT_S)
+            self.expect(rank, C.Ready, LOAD_TIMEOUT_S)
 
-    def load_draft(self, rank: int, path: Path, settings: StageSettings) -> None:
-        """Start the whole draft model on its own rank."""
-        from pipeinfer_cpu.modelfiles.models import file_sha256, read_model_info
-        from pipeinfer_cpu.modelfiles.shards import ShardFile
-
-        info = read_model_info(path)
-        shard = ShardFile(-1, 0, info.n_layer, str(path.resolve()), path.stat().st_size, file_sha256(path))
+    def load_draft(self, rank: int, info: ModelInfo, settings: StageSettings) -> None:
+        """Start the whole draft model on its own rank (its hash is remembered, not recomputed each start)."""
+        path = info.path
+        digest = source_hash(path, default_cache_dir())
+        shard = ShardFile(-1, 0, info.n_layer, str(path.resolve()), path.stat().st_size, digest)
         assignment = Assignment(-1, 0, info.n_layer, info.n_layer, shard, settings.n_ctx, settings.n_batch,
-                                self.threads_for(rank, settings.n_threads), 1, HEAD, HEAD, False, "draft")
-        self.send_control(rank, {"type": "assign", "assignment": asdict(assignment)})
-        if self.expect(rank, ("have-file", "need-file"))["type"] == "need-file":
+                                self.threads_for(rank, settings.n_threads), 1, HEAD, HEAD, False, Role.DRAFT)
+        self.send_control(rank, C.Assign(assignment))
+        if isinstance(self.expect(rank, (C.HaveFile, C.NeedFile)), C.NeedFile):
             self._send_file(rank, path)
-        self.expect(rank, "ready", LOAD_TIMEOUT_S)
+        self.expect(rank, C.Ready, LOAD_TIMEOUT_S)
 
     def _send_file(self, rank: int, path: Path) -> None:
         size = path.stat().st_size
@@ -138,29 +142,23 @@ class Cluster:
                 self.transport.flush(self.timeout_s)
                 bar.update(len(chunk))
 
-    def send_control(self, rank: int, command: dict) -> None:
-        self.transport.send(rank, int(Tag.CONTROL), P.encode_json(command))
+    def send_control(self, rank: int, command: C.ControlMessage) -> None:
+        self.transport.send(rank, int(Tag.CONTROL), C.encode(command))
 
-    def broadcast(self, command: dict, ranks=None) -> None:
+    def broadcast(self, command: C.ControlMessage, ranks=None) -> None:
         for rank in self.workers if ranks is None else ranks:
             self.send_control(rank, command)
 
     def reset_stats(self) -> None:
-        self.broadcast({"type": "reset-stats"})
+        self.broadcast(C.ResetStats())
 
     def stage_stats(self, ranks: list[int]) -> tuple[StageStats, ...]:
-        self.broadcast({"type": "stats"}, ranks)
+        self.broadcast(C.StatsRequest(), ranks)
         stats = []
         for rank in ranks:
-            r = self.expect(rank, "stats")
-            stats.append(StageStats(rank=rank, host=r["host"], layers=tuple(r["layers"]),
-                                    compute_s=r["compute_s"], wall_s=r["wall_s"],
-                                    peak_rss_bytes=r["peak_rss_bytes"], runs_computed=r["runs_computed"],
-                                    runs_cancelled_before=r["runs_cancelled_before"],
-                                    runs_cancelled_during=r["runs_cancelled_during"],
-                                    compute_saved_s=r["compute_saved_s"], prefill_tokens=r["prefill_tokens"],
-                                    idle_cpu_s=r["idle_cpu_s"], idle_wall_s=r["idle_wall_s"]))
-            self._bytes_sent[rank] = r["bytes_sent"]
+            report = self.expect(rank, C.StageReport)
+            stats.append(report.stats)
+            self._bytes_sent[rank] = report.bytes_sent
         return tuple(stats)
 
     def worker_bytes_sent(self) -> int:
@@ -168,14 +166,13 @@ class Cluster:
         return sum(self._bytes_sent.values())
 
     def kv_usage(self, rank: int, seqs: list[int]) -> dict[int, tuple[int, int]]:
-        self.send_control(rank, {"type": "kv-usage", "seqs": seqs})
-        reply = self.expect(rank, "kv-usage")
-        return {int(k): (v[0], v[1]) for k, v in reply["seqs"].items()}
+        self.send_control(rank, C.KvUsageRequest(tuple(seqs)))
+        return self.expect(rank, C.KvUsage).seqs
 
     def shutdown(self) -> None:
         """Stop every worker and wait (bounded) until each says goodbye: a stuck rank is an error,
         so the job is aborted rather than left waiting for it."""
-        self.broadcast({"type": "shutdown"})
+        self.broadcast(C.Shutdown())
         for rank in self.workers:
             self._await_bye(rank)
         self.transport.flush(5.0)
@@ -187,7 +184,7 @@ class Cluster:
             message = wait(self.transport, [(rank, Tag.REPLY)], max(0.0, deadline - time.perf_counter()))
             if message is None:
                 raise ClusterError(f"rank {rank} ({self.host(rank)}) did not stop within {SHUTDOWN_TIMEOUT_S:.0f} s")
-            if P.decode_json(message.data)["type"] == "bye":
+            if isinstance(C.decode(message.data), C.Bye):
                 return
 
 

@@ -18,7 +18,8 @@ from typing import Callable
 import dataclasses
 
 from pipeinfer_cpu.head.cluster import Cluster, StageSettings
-from pipeinfer_cpu.rank.drafter import Drafter, LocalDraftClient, RemoteDraftClient
+from pipeinfer_cpu.head.draft_clients import DraftClient, LocalDraftClient, RemoteDraftClient
+from pipeinfer_cpu.llama.drafter import Drafter
 from pipeinfer_cpu.head.decoding import Decoder, Generation
 from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.head.executors import Executor, LocalExecutor, PipelineExecutor
@@ -29,11 +30,10 @@ from pipeinfer_cpu.modelfiles.models import ModelInfo, check_supported, read_mod
 from pipeinfer_cpu.modelfiles.planning import split_layers
 from pipeinfer_cpu.sampling import SamplingConfig
 from pipeinfer_cpu.modelfiles.shards import shard_model
-from pipeinfer_cpu.head.specdecode import DraftClient, SpeculativeLoop, SpecSettings
+from pipeinfer_cpu.head.specdecode import SpeculativeLoop, SpecSettings
 from pipeinfer_cpu.head.speculation import SpeculationSwitch
-from pipeinfer_cpu.stats import RunStats, StageStats
+from pipeinfer_cpu.stats import RunStats, StageStats, peak_rss_bytes
 from pipeinfer_cpu.wire.transport import Transport
-from pipeinfer_cpu.rank.worker import peak_rss_bytes
 
 MODES = ("single", "pipeline", "speculative", "pipeinfer")
 SPECULATIVE_MODES = ("speculative", "pipeinfer")
@@ -71,6 +71,25 @@ class EngineSettings:
     def speculation(self) -> SpecSettings:
         """The speculation settings (defaults when none were given)."""
         return self.spec or SpecSettings(self.mode)
+
+    def to_json(self) -> dict:
+        """As JSON data for the head of a job; paths made absolute here, in the user's directory."""
+        data = dataclasses.asdict(self)
+        for name in _PATHS:
+            data[name] = None if data[name] is None else str(Path(data[name]).resolve())
+        return data
+
+    @staticmethod
+    def from_json(data: dict) -> "EngineSettings":
+        data = dict(data)
+        for name in _PATHS:
+            data[name] = None if data[name] is None else Path(data[name])
+        data["weights"] = None if data["weights"] is None else tuple(data["weights"])
+        data["spec"] = None if data["spec"] is None else SpecSettings(**data["spec"])
+        return EngineSettings(**data)
+
+
+_PATHS = ("model", "shard_dir", "draft")
 
 
 class Engine:
@@ -139,7 +158,7 @@ class Engine:
         if len(weights) != len(stage_ranks):
             raise UserError(f"{len(weights)} stage weights for {len(stage_ranks)} stages")
         ranges = split_layers(info.n_layer, weights)
-        cluster.greet()  # first: a worker that cannot run llama.cpp is named before anything else starts
+        cluster.greet(settings.cpu_variant)  # first: a worker that cannot run llama.cpp is named before anything else starts
         backends = {HEAD: _head_backend(settings.cpu_variant), **cluster.backends}
         plan = shard_model(info, ranges, out_dir=settings.shard_dir, progress=_progress(settings.verbose))
         cancellation = settings.mode == "pipeinfer"
@@ -267,7 +286,7 @@ def _start_draft(settings: EngineSettings, cluster: Cluster, stage_settings: Sta
     assert settings.draft is not None
     if dedicated:
         rank = cluster.transport.size - 1
-        cluster.load_draft(rank, resolve_model(settings.draft), stage_settings)
+        cluster.load_draft(rank, read_model_info(resolve_model(settings.draft)), stage_settings)
         return RemoteDraftClient(cluster.transport, rank)
     threads = settings.n_threads or 1
     stage = Stage(StageConfig(resolve_model(settings.draft), True, True, settings.n_ctx, settings.n_batch, threads, 1))

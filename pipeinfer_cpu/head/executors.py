@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from pipeinfer_cpu.wire import control as C
 from pipeinfer_cpu.wire import runs as P
 from pipeinfer_cpu.head.cluster import Cluster
 from pipeinfer_cpu.errors import ClusterError
@@ -97,9 +98,10 @@ class PipelineExecutor:
                 f"no result from the pipeline within {self.timeout_s:.0f} s; last stage is rank "
                 f"{last} ({self.cluster.host(last)}); a stage may be stuck or dead")
         if message.tag == Tag.REPLY:
-            reply = P.decode_json(message.data)
+            reply = C.decode(message.data)
             rank = message.source
-            raise ClusterError(f"rank {rank} ({self.cluster.host(rank)}): {reply.get('message', reply['type'])}")
+            text = reply.message if isinstance(reply, C.Failure) else f"unexpected {reply.kind}"
+            raise ClusterError(f"rank {rank} ({self.cluster.host(rank)}): {text}")
         return _result(message.data)
 
     def cancel(self, run_ids: list[int]) -> None:

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from pipeinfer_cpu.head.decoding import Generation
-from pipeinfer_cpu.rank.drafter import DraftReply, DraftRequest
+from pipeinfer_cpu.wire.drafts import DraftReply, DraftRequest
 from pipeinfer_cpu.errors import ClusterError
 from pipeinfer_cpu.head.executors import Executor, RunResult
 from pipeinfer_cpu.wire.runs import Output, RunMessage

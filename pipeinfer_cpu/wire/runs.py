@@ -1,4 +1,4 @@
-"""What ranks say to each other: message tags, run messages (binary) and control messages (JSON).
+"""The wire's channels (tags), its format version, and run messages (binary).
 
 A *run* is one batch of tokens travelling head -> stage 1 -> ... -> last stage -> head. It carries
 the KV-cache operations each stage applies before computing it, so every stage applies them in the
@@ -7,11 +7,9 @@ same order relative to the runs, with one message per decision.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
 
 import numpy as np
 
@@ -21,12 +19,12 @@ HEAD = 0
 
 
 class Tag(IntEnum):
-    CONTROL = 10  # head -> worker: JSON commands (assign, stats, shutdown, reset)
-    REPLY = 11  # worker -> head: JSON answers (hello, ready, need-file, stats, error)
+    CONTROL = 10  # head -> rank: control messages (wire/control.py)
+    REPLY = 11  # rank -> head: their answers (wire/control.py)
     RUN = 12  # along the pipeline: RunMessage
     FILE = 13  # head -> worker: raw chunks of a shard file
     CANCEL = 14  # head -> every stage, directly: int64 run ids that became stale
-    DRAFT = 15  # head <-> draft rank: draft requests and replies
+    DRAFT = 15  # head <-> draft rank: draft requests and replies (wire/drafts.py)
 
 
 class KvKind(IntEnum):
@@ -164,14 +162,6 @@ def _decode_payload(raw: np.ndarray, kind: int, rows: int, cols: int) -> np.ndar
         return None
     array = raw.view(_PAYLOAD_DTYPES[kind])
     return array.reshape(rows) if cols == _NO_COLUMNS else array.reshape(rows, cols)
-
-
-def encode_json(obj: dict[str, Any]) -> np.ndarray:
-    return np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
-
-
-def decode_json(data: np.ndarray) -> dict[str, Any]:
-    return json.loads(data.tobytes().decode())
 
 
 def encode_ids(ids: list[int]) -> np.ndarray:

@@ -9,6 +9,7 @@ the longer a rank stays idle.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Iterable, Protocol
@@ -116,6 +117,14 @@ def under_mpi() -> bool:
     return any(name in os.environ for name in markers)
 
 
+def rank_from_environment() -> int | None:
+    """This process's rank as mpiexec announced it, before MPI is started (None: not known)."""
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return None
+
+
 class MpiTransport:
     """`Transport` over an MPI communicator (COMM_WORLD by default)."""
 
@@ -127,17 +136,22 @@ class MpiTransport:
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
         self.bytes_sent = 0
+        # Sends in progress, with the buffers MPI still reads. A stage's cancel watcher polls (and so
+        # reaps) from its own thread while the main thread sends: the lock makes this list one owner's.
         self._pending: list[tuple[object, np.ndarray]] = []
+        self._pending_lock = threading.Lock()
 
     def send(self, dest: int, tag: int, data: np.ndarray) -> None:
         buffer = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
-        request = self._comm.Isend([buffer, self._mpi.BYTE], dest=dest, tag=tag)
-        self._pending.append((request, buffer))  # the buffer must live until the send completes
-        self.bytes_sent += buffer.nbytes
+        with self._pending_lock:
+            request = self._comm.Isend([buffer, self._mpi.BYTE], dest=dest, tag=tag)
+            self._pending.append((request, buffer))  # the buffer must live until the send completes
+            self.bytes_sent += buffer.nbytes
         self._reap()
 
     def _reap(self) -> None:
-        self._pending = [(r, b) for r, b in self._pending if not r.Test()]
+        with self._pending_lock:
+            self._pending = [(r, b) for r, b in self._pending if not r.Test()]
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait (without spinning) until every send has completed; False on timeout."""

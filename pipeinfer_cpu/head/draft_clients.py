@@ -1,0 +1,46 @@
+"""How the head reaches the draft: in its own process, or on the dedicated draft rank (Tag.DRAFT)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pipeinfer_cpu.llama.drafter import Drafter
+from pipeinfer_cpu.wire.drafts import DraftReply, DraftRequest, decode_reply, encode_request
+from pipeinfer_cpu.wire.runs import Tag
+from pipeinfer_cpu.wire.transport import Transport
+
+
+class DraftClient(Protocol):
+    def request(self, request: DraftRequest) -> None: ...
+
+    def poll(self) -> DraftReply | None: ...
+
+
+class LocalDraftClient:
+    """Drafting in the head's own process (tests, and single-machine use without a draft rank)."""
+
+    def __init__(self, drafter: Drafter) -> None:
+        self.drafter = drafter
+        self._reply: DraftReply | None = None
+
+    def request(self, request: DraftRequest) -> None:
+        self._reply = self.drafter.draft(request)
+
+    def poll(self) -> DraftReply | None:
+        reply, self._reply = self._reply, None
+        return reply
+
+
+class RemoteDraftClient:
+    """Drafting on a dedicated rank: requests and replies travel on Tag.DRAFT."""
+
+    def __init__(self, transport: Transport, rank: int) -> None:
+        self.transport = transport
+        self.rank = rank
+
+    def request(self, request: DraftRequest) -> None:
+        self.transport.send(self.rank, int(Tag.DRAFT), encode_request(request))
+
+    def poll(self) -> DraftReply | None:
+        message = self.transport.poll([(self.rank, Tag.DRAFT)])
+        return None if message is None else decode_reply(message.data)
