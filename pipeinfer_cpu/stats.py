@@ -21,6 +21,8 @@ import psutil
 
 from pipeinfer_cpu.files import atomic_write_text
 
+STATS_SCHEMA = 1  # the version of the statistics JSON layout
+
 
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process (the kernel's high-water mark, or psutil's reading)."""
@@ -154,8 +156,9 @@ class RunStats:
         return self.bytes_sent / self.n_generated if self.n_generated else None
 
     def to_json_dict(self) -> dict[str, Any]:
-        """Raw fields plus derived ones, JSON-serialisable; stages as a list of dicts."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Raw fields plus derived ones, JSON-serialisable; stages as a list of dicts; `schema` names
+        the layout (README, "Statistics JSON"): keys are never renamed or dropped without a new number."""
+        out = {"schema": STATS_SCHEMA, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
         out["token_times_s"] = list(self.token_times_s)
         out["stages"] = [stage.to_json_dict() for stage in self.stages]
         for name in _DERIVED:

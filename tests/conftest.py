@@ -29,12 +29,13 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cli(cache_dir):
     """Run `pipeinfer-cpu ARGS` in a subprocess (real MPI when asked), returning CompletedProcess."""
-    def run(*args: str, timeout: float = 300, env: dict | None = None, input: str | None = None):
+    def run(*args: str, timeout: float = 300, env: dict | None = None, input: str | None = None,
+            cwd: Path = REPO):
         tag = uuid.uuid4().hex  # marks every process of this job, to find leftovers later
         full_env = dict(os.environ, PIPEINFER_CACHE=str(cache_dir), PIPEINFER_TEST_TAG=tag, **(env or {}))
         full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
         done = subprocess.run([sys.executable, "-m", "pipeinfer_cpu", *args], capture_output=True, text=True,
-                              timeout=timeout, env=full_env, cwd=REPO, input=input)
+                              timeout=timeout, env=full_env, cwd=cwd, input=input)
         done.tag = tag
         return done
     return run

@@ -15,7 +15,7 @@ import pexpect
 import psutil
 import pytest
 
-from pipeinfer_cpu.head.chatserver import conversation_from_json
+from pipeinfer_cpu.conversation import conversation_from_json
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT = ["-m", "pipeinfer_cpu", "chat", "--hostfile", "hosts/local.txt"]
@@ -64,8 +64,13 @@ class Terminal:
 def _job_processes(pid: int) -> list[psutil.Process]:
     """The processes of the chat started as `pid`: mpiexec, its proxy and every rank."""
     found = psutil.Process(pid).children(recursive=True)
-    assert any("pipeinfer_cpu" in " ".join(p.cmdline()) and "--serve" in p.cmdline() for p in found)
+    assert any(_is_rank(p) for p in found)
     return found
+
+
+def _is_rank(process: psutil.Process) -> bool:
+    """A rank of the job: the head (`python -m pipeinfer_cpu.head`) or another (`... pipeinfer_cpu.rank`)."""
+    return process.cmdline()[0] == sys.executable and bool({"pipeinfer_cpu.head", "pipeinfer_cpu.rank"} & set(process.cmdline()))
 
 
 def _still_running(processes: list[psutil.Process], timeout_s: float = 15) -> list[psutil.Process]:
@@ -159,8 +164,7 @@ def test_dead_job_is_one_error_line_and_a_non_zero_exit(chat_env, tmp_path):
     process.stdin.flush()
     assert process.stdout.readline().strip()  # the first answer
     job = _job_processes(process.pid)
-    ranks = sorted((p for p in job if "--serve" in p.cmdline() and p.cmdline()[0] == sys.executable),
-                   key=lambda p: p.pid)
+    ranks = sorted((p for p in job if _is_rank(p)), key=lambda p: p.pid)
     assert len(ranks) == 3  # the head and two stages
     ranks[-1].kill()  # a stage dies
     time.sleep(1)

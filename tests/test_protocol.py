@@ -1,6 +1,9 @@
 import numpy as np
 import pytest
 
+from pipeinfer_cpu.modelfiles.shards import ShardFile
+from pipeinfer_cpu.stats import StageStats
+from pipeinfer_cpu.wire import control as C
 from pipeinfer_cpu.wire import runs as P
 from pipeinfer_cpu.wire.runs import KvKind, KvOp, Output, RunMessage
 
@@ -27,9 +30,24 @@ def test_argmax_payload_and_ops_only_messages():
     assert back.is_ops_only and back.kv_ops == (KvOp(KvKind.CLEAR),) and back.payload is None
 
 
-def test_json_and_id_messages():
-    assert P.decode_json(P.encode_json({"type": "stats", "x": [1, 2]})) == {"type": "stats", "x": [1, 2]}
+def test_control_and_id_messages():
+    for message in (C.Setup("haswell"), C.KvUsage({0: (0, 7), 3: (-1, -1)}), C.KvUsageRequest((0, 3)),
+                    C.StageReport(StageStats(2, "node", (0, 15), 1.5, 2.0, 10, prefill_tokens=4), 99),
+                    C.Failure("boom"), C.Bye(), C.Hello("node", 1, 2, P.WIRE_VERSION, None, "no AVX2")):
+        assert C.decode(C.encode(message)) == message
     assert P.decode_ids(P.encode_ids([3, 1, 4])) == [3, 1, 4]
+
+
+def test_an_assignment_keeps_its_shard_and_role():
+    shard = ShardFile(1, 15, 30, "/x/stage1.gguf", 123, "ab" * 32)
+    assignment = C.Assignment(1, 15, 30, 30, shard, 2048, 256, 1, 1, 1, 0, True, C.Role.DRAFT)
+    back = C.decode(C.encode(C.Assign(assignment))).assignment
+    assert back == assignment and back.is_last and not back.is_first
+
+
+def test_an_unknown_control_message_is_a_wire_version_error():
+    with pytest.raises(P.WireVersionError):
+        C.decode(np.frombuffer(b'{"type": "from-the-future"}', dtype=np.uint8))
 
 
 def test_logits_of_large_vocabularies_keep_their_shape():

@@ -12,7 +12,7 @@ from itertools import count
 import numpy as np
 import pytest
 
-from pipeinfer_cpu.rank.drafter import DraftReply
+from pipeinfer_cpu.wire.drafts import DraftReply
 from pipeinfer_cpu.head.executors import RunResult
 from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
 from pipeinfer_cpu.wire.runs import KvKind, Output

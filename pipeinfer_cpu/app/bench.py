@@ -106,7 +106,7 @@ def plain_row(model: Path | None, config: BenchConfig) -> dict:
     finally:
         vocab.close()
     speeds = [plain_greedy_tokens_per_s(path, prompt, config.n_tokens, config.threads) for prompt in prompts]
-    command = f"llama_cpp.Llama(n_threads={config.threads}).eval() + argmax loop (llamacpp.plain_greedy_tokens_per_s)"
+    command = f"llama_cpp.Llama(n_threads={config.threads}).eval() + argmax loop (llama.runtime.plain_greedy_tokens_per_s)"
     return {"label": f"plain llama-cpp-python ({config.threads} thread)", "command": command, "runs": [],
             "summary": {"decode_tok_s": mean(speeds), "tokens": config.n_tokens * len(config.prompts)}}
 

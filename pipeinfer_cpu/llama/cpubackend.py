@@ -10,7 +10,7 @@ a VM that reports AMX, the AMX variant dies with SIGILL at its first `tilezero`.
 trusted only after a short-lived subprocess has loaded it and decoded a batch with it; candidates
 are tried best first and each verdict is cached per CPU and per installed file.
 
-Everything here but `probe_variant` and `VerdictCache` is pure; llamacpp.py does the loading.
+Everything here but `probe_variant` and `VerdictCache` is pure; llama/runtime.py does the loading, llama/probe.py the probing.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def describe_exit(returncode: int) -> str:
 
 def probe_variant(variant: Variant) -> str | None:
     """Load `variant` in a fresh process and decode a batch with it: None if that worked, else why not."""
-    command = [sys.executable, "-m", "pipeinfer_cpu.llama.cpubackend", "probe", str(variant.path)]
+    command = [sys.executable, "-m", "pipeinfer_cpu.llama.probe", str(variant.path)]
     env = {k: v for k, v in os.environ.items() if k != VARIANT_ENV}  # the probe loads just this one
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
@@ -293,22 +293,3 @@ def select(lib_dir: Path, cache_dir: Path, forced: str | None) -> tuple[Variant,
     verdict = VerdictCache(cache_dir, cpu).verdict_with(probe_variant)
     variant, rejected = choose_variant(installed_variants(lib_dir), cpu, forced, verdict)
     return variant, rejected, cpu
-
-
-def _probe_main(path: str) -> int:
-    """The probe subprocess: load this one variant, decode a batch and a few tokens, exit 0."""
-    from pipeinfer_cpu.errors import PipeinferError
-    from pipeinfer_cpu.llama.runtime import exercise_variant
-
-    try:
-        exercise_variant(Path(path))
-    except PipeinferError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "probe":
-        sys.exit(_probe_main(sys.argv[2]))
-    sys.exit("usage: python -m pipeinfer_cpu.llama.cpubackend probe LIBGGML_CPU_VARIANT.so")

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeinfer_cpu.head.decoding import Decoder
-from pipeinfer_cpu.rank.drafter import DraftReply, DraftRequest
+from pipeinfer_cpu.wire.drafts import DraftReply, DraftRequest
 from pipeinfer_cpu.head.engine import Engine, EngineSettings
 from pipeinfer_cpu.head.executors import LocalExecutor
 from pipeinfer_cpu.llama.runtime import Stage, StageConfig
 from pipeinfer_cpu.sampling import SamplingConfig
 from pipeinfer_cpu.head.specdecode import SpecSettings
 from pipeinfer_cpu.wire.transport import MpiTransport
-from pipeinfer_cpu.rank.worker import worker_main
+from pipeinfer_cpu.rank.main import serve
 
 GREEDY = SamplingConfig()
 
@@ -57,7 +57,7 @@ def main() -> None:
     target, draft, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     transport = MpiTransport()
     if transport.rank != 0:
-        sys.exit(worker_main(transport))
+        sys.exit(serve(transport))
     settings = EngineSettings(model=target, mode="pipeinfer", draft=draft, n_ctx=2048, timeout_s=60,
                               spec=SpecSettings("pipeinfer", draft_max=8, max_inflight=4, adaptive=False))
     engine = Engine.start(settings, transport)
