@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .errors import PipeinferError, UserError
+from .errors import PipeinferError, UserError, exit_with_error, one_line_errors
 from .hostfile import Host, parse_hostfile
 from .transport import under_mpi
 
@@ -20,25 +20,7 @@ if TYPE_CHECKING:
     from .engine import EngineSettings
 
 
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def friendly_errors(command):
-    """Show our errors as one line on stderr (a traceback only with --debug)."""
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        debug = kwargs.get("debug", False) or "--debug" in sys.argv or bool(os.environ.get("PIPEINFER_DEBUG"))
-        try:
-            return command(*args, **kwargs)
-        except PipeinferError as exc:
-            if debug:
-                raise
-            _fail(str(exc))
-        except KeyboardInterrupt:
-            sys.exit(130)
-    return wrapper
+friendly_errors = one_line_errors(PipeinferError)
 
 
 class _Commands(click.Group):
@@ -61,7 +43,7 @@ def _compress_missing(reason: str) -> click.Command:
     @click.command("compress", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
     def compress_missing():
         """Prune vision CNNs (needs: pip install 'pipeinfer-cpu[compress]')."""
-        _fail(f"compress needs its optional dependencies ({reason}): pip install 'pipeinfer-cpu[compress]'")
+        exit_with_error(f"compress needs its optional dependencies ({reason}): pip install 'pipeinfer-cpu[compress]'")
     return compress_missing
 
 
