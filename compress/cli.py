@@ -2,7 +2,8 @@
 reproduce, report.
 
 Errors the user can fix (bad data, unreachable budget, wrong checkpoint, untraceable model) print
-one line to stderr and exit with status 1; `--debug` shows the traceback instead.
+one line to stderr and exit with status 1, as pipeinfer-cpu's do (pipeinfer_cpu.errors); `--debug`
+shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -10,35 +11,35 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import click
 
 from compress.budget import DEFAULT_CHANNEL_MULTIPLE
 from compress.errors import CompressError
+from pipeinfer_cpu.errors import one_line_errors
 
 ARCHS = ("resnet20", "resnet56", "vgg16", "mobilenet_v1", "mobilenet_v2", "shufflenet_v2")
 METHOD_CHOICES = ("gnn", "gnn-skip", "gnn-layers", "mlp", "random", "uniform")
 
 
-class _Group(click.Group):
-    """Turns CompressError (and torch-free usage errors) into one line on stderr."""
+@one_line_errors(CompressError)
+def _run_verb(invoke: Callable[[click.Context], Any], ctx: click.Context, debug: bool) -> Any:
+    """`invoke(ctx)`; `debug`, the group's --debug, is passed for one_line_errors to read."""
+    return invoke(ctx)
 
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except CompressError as err:
-            if ctx.meta.get("compress.debug"):
-                raise
-            click.echo(f"error: {err}", err=True)
-            ctx.exit(1)
+
+class _Group(click.Group):
+    """Turns CompressError into one line on stderr, as pipeinfer-cpu's own commands do."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        return _run_verb(super().invoke, ctx, debug=ctx.params["debug"])
 
 
 @click.group(name="compress", cls=_Group)
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-@click.pass_context
-def compress_group(ctx: click.Context, debug: bool) -> None:
+def compress_group(debug: bool) -> None:
     """GNN + RL channel pruning of CIFAR-10 CNNs under a FLOPs budget, exported to ONNX."""
-    ctx.meta["compress.debug"] = debug
 
 
 def _data_option(f):

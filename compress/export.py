@@ -31,7 +31,7 @@ class Latency:
 
 
 def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...] = (1, 3, 32, 32),
-                opset: int = MIN_OPSET, verify: Callable[[str], object] | None = None) -> Path:
+                opset: int = MIN_OPSET, verify: Callable[[Path], object] | None = None) -> Path:
     """Export with the dynamo exporter (batch dimension dynamic), run onnx.checker and `verify`
     (e.g. a parity check) on the temporary file, and only then rename it into place."""
     import onnx
@@ -41,7 +41,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
     model = model.eval().cpu().to(memory_format=torch.contiguous_format)
     example = torch.randn(*input_shape)
 
-    def _write(tmp: str) -> None:
+    def _write(tmp: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
@@ -208,8 +208,8 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: np.
         def get_next(self):
             return next(self._it, None)
 
-    def _write(tmp: str) -> None:
-        pre = tmp + ".pre.onnx"
+    def _write(tmp: Path) -> None:
+        pre = f"{tmp}.pre.onnx"
         try:
             quant_pre_process(str(fp32_path), pre, skip_symbolic_shape=True)
             quantize_static(pre, tmp, _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,

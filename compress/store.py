@@ -1,11 +1,9 @@
-"""Files: atomic writes (temporary name, then os.replace) and checkpoints that know their
-architecture and, when pruned, the channel counts needed to rebuild their shapes."""
+"""Files: atomic writes (pipeinfer_cpu.files, with compress's one-line errors) and checkpoints that
+know their architecture and, when pruned, the channel counts needed to rebuild their shapes."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,51 +13,33 @@ from torch import nn
 from compress.errors import CheckpointError, CompressError
 from compress.models import build_model
 from compress.prune import build_space, prune_to_counts
+from pipeinfer_cpu import files
 
 FORMAT = "compress-checkpoint-v1"
 
 
-def _temporary_beside(path: Path) -> str:
-    """An empty temporary file in `path`'s folder (created if missing); a folder that cannot be
-    written is one CompressError."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise CompressError(f"cannot write {path}: {err.strerror or err}") from err
-    os.close(fd)
-    return tmp
-
-
 def check_writable(path: str | Path) -> None:
-    """Fail now, not after minutes of work, if `path` cannot be written; folders created for the
-    probe are removed again."""
+    """Fail now, not after minutes of work, if `path` cannot be written: one CompressError. Folders
+    created for the probe are removed again."""
     path = Path(path)
     missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
-    os.remove(_temporary_beside(path))
+    try:
+        files.temporary_beside(path).unlink()
+    except OSError as err:
+        raise CompressError(f"cannot write {path}: {err.strerror or err}") from err
     for folder in missing:
         folder.rmdir()
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call `write(tmp_path)` then rename onto `path`; on any failure nothing is left behind."""
-    path = Path(path)
-    tmp = _temporary_beside(path)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """pipeinfer_cpu.files.atomic_write, with a folder that cannot be written reported as one
+    CompressError (checked first) rather than an OSError's traceback."""
+    check_writable(path)
+    return files.atomic_write(path, write)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    def _write(tmp: str) -> None:
+    def _write(tmp: Path) -> None:
         with open(tmp, "w") as fh:
             json.dump(obj, fh, indent=2, sort_keys=True)
             fh.write("\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
 class atomic_output:
@@ -15,10 +16,7 @@ class atomic_output:
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(name)
+        self.tmp = temporary_beside(self.path)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -34,6 +32,15 @@ class atomic_output:
             raise
 
 
+def temporary_beside(path: Path) -> Path:
+    """A new empty file (mode 0600) in `path`'s folder, which is created if missing. Its name is
+    hidden and ends in .part, so that no reader takes it for the real file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -47,3 +54,14 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)`, then the rename: for writers that want a file name, not a handle (torch.save,
+    ONNX exporters, savefig). The temporary name has no real extension, so a writer that goes by it
+    must be told the format (savefig's format=; onnx falls back to protobuf, as wanted). Returns
+    `path`."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        write(tmp)
+    return path

@@ -3,36 +3,17 @@
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from pathlib import Path
 
 import click
 
 from pipeinfer_cpu.app.options import EngineOptions, engine_options
-from pipeinfer_cpu.errors import PipeinferError, UserError
+from pipeinfer_cpu.errors import PipeinferError, UserError, exit_with_error, one_line_errors
 from pipeinfer_cpu.wire.transport import rank_from_environment
 
 
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def friendly_errors(command):
-    """Show our errors as one line on stderr (a traceback only with --debug)."""
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        debug = kwargs.get("debug", False) or "--debug" in sys.argv or bool(os.environ.get("PIPEINFER_DEBUG"))
-        try:
-            return command(*args, **kwargs)
-        except PipeinferError as exc:
-            if debug:
-                raise
-            _fail(str(exc))
-        except KeyboardInterrupt:
-            sys.exit(130)
-    return wrapper
+friendly_errors = one_line_errors(PipeinferError)
 
 
 class _Commands(click.Group):
@@ -55,7 +36,7 @@ def _compress_missing(reason: str) -> click.Command:
     @click.command("compress", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
     def compress_missing():
         """Prune vision CNNs (needs: pip install 'pipeinfer-cpu[compress]')."""
-        _fail(f"compress needs its optional dependencies ({reason}): pip install 'pipeinfer-cpu[compress]'")
+        exit_with_error(f"compress needs its optional dependencies ({reason}): pip install 'pipeinfer-cpu[compress]'")
     return compress_missing
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run behind docs/compress.md: the three architectures of the results table in parallel
 # on one GPU, each under a wall-clock budget, then everything packed into $OUT (at most 8 files).
-# Usage (repo root, CIFAR-10 zips in $DATA): OUT=/some/dir DATA=.data/cifar10 bash compress/gpu_job.sh
+# Usage (repo root, CIFAR-10 zips in $DATA): OUT=/some/dir DATA=.data/cifar10 bash scripts/gpu_job.sh
 set -u -o pipefail
 PY=${PY:-python3}
 BUDGET=${BUDGET:-470}          # seconds per architecture for train + search + fine-tune

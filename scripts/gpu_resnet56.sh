@@ -4,9 +4,9 @@
 #   PHASE=search EPISODES=80 [MULTIPLE=8] [BASELINE=$RUN/baseline.pt] [METHODS="gnn mlp random uniform"]
 #                [LATENCY=table.json SPEEDUP=1.7]  (also bound the predicted latency on the table's CPU)
 #                -> $RUN/search_<method>.json (the searches at once; each records its channel multiple)
-#   then DIR=$RUN BASELINE=<the same baseline> EPOCHS=30 [DISTILL=0.5] bash compress/gpu_finetune.sh
+#   then DIR=$RUN BASELINE=<the same baseline> EPOCHS=30 [DISTILL=0.5] bash scripts/gpu_finetune.sh
 #   (fine-tuning of every policy + an unpruned control)
-# Usage (repo root, CIFAR-10 zips in $DATA): PHASE=... OUT=/some/dir DATA=.data/cifar10 bash compress/gpu_resnet56.sh
+# Usage (repo root, CIFAR-10 zips in $DATA): PHASE=... OUT=/some/dir DATA=.data/cifar10 bash scripts/gpu_resnet56.sh
 set -u -o pipefail
 PY=${PY:-python3}
 RUN=${RUN:-/tmp/resnet56-run}

@@ -6,7 +6,7 @@
 # after its first epoch, so counts then differ between jobs (each log and checkpoint records its own).
 # Usage (repo root, CIFAR-10 zips in $DATA):
 #   OUT=/some/dir DATA=.data/cifar10 [DIR=...] [BASELINE=...] [EPOCHS=30] [DISTILL=0.5] [CAP=400] \
-#     [MULTIPLE=16] [METHODS="gnn mlp"] [SEED=0] bash compress/gpu_finetune.sh
+#     [MULTIPLE=16] [METHODS="gnn mlp"] [SEED=0] bash scripts/gpu_finetune.sh
 set -u -o pipefail
 PY=${PY:-python3}
 EPOCHS=${EPOCHS:-30}
