@@ -18,7 +18,7 @@ from pipeinfer_cpu.app.chat import ChatOptions, ChatSession, format_stats, read_
 from pipeinfer_cpu.app.client import JobEnded, LocalClient
 from pipeinfer_cpu.conversation import (Conversation, Turn, answer_reserve, common_prefix, conversation_from_json,
                                         conversation_to_json, fit_window, plain_template, plan_feed)
-from pipeinfer_cpu.errors import UserError
+from pipeinfer_cpu.errors import ModelError, UserError
 from pipeinfer_cpu.head.decoding import Generation
 from pipeinfer_cpu.head.server import EngineServer, LineReader, json_line_writer, sampling_json, serve_json_lines
 from pipeinfer_cpu.sampling import SamplingConfig
@@ -119,3 +119,625 @@ def test_answer_reserve_is_bounded_by_a_quarter_of_the_context():
     assert answer_reserve(64, 512, 33) == 16 + 33
 
 
+# -- the engine server over a fake engine -----------------------------------------------------------
+
+class FakeVocab:
+    def __init__(self, template: str | None = "fake", broken: bool = False) -> None:
+        self.template = template
+        self.broken = broken  # llama.cpp does not know the template
+
+    def chat_template(self) -> str | None:
+        return self.template
+
+    def apply_chat_template(self, messages, add_assistant=True) -> str:
+        if self.broken:
+            raise ModelError("unknown chat template")
+        return "".join(f"<{r}>{c}|" for r, c in messages) + ("<assistant>" if add_assistant else "")
+
+    def tokenize(self, text, add_special=True, parse_special=True) -> list[int]:
+        return [ord(c) for c in text]
+
+    def piece(self, token: int) -> bytes:
+        return chr(token).encode()
+
+    def is_end(self, token: int) -> bool:
+        return token == END
+
+
+@dataclass
+class FakeDecoder:
+    kv_tokens: list[int] = field(default_factory=list)
+    truncations: list[int] = field(default_factory=list)
+
+    def truncate(self, n_keep: int) -> None:
+        self.truncations.append(n_keep)
+        self.kv_tokens = self.kv_tokens[:n_keep]
+
+
+@dataclass(frozen=True)
+class FakeSettings:
+    n_ctx: int = 4096
+    mode: str = "single"
+    spec: None = None
+
+
+@dataclass(frozen=True)
+class FakeInfo:
+    name: str = "fake"
+
+
+class FakeEngine:
+    """What EngineServer uses of an Engine. Answers every prompt with `answer` then the end token,
+    like the real decoder: the last token sampled stays pending (not in the KV cache)."""
+
+    def __init__(self, answer: str, n_ctx: int = 4096, vocab: FakeVocab | None = None) -> None:
+        self.answer = answer
+        self.settings = FakeSettings(n_ctx)
+        self.info = FakeInfo()
+        self.vocab = vocab or FakeVocab()
+        self.decoder = FakeDecoder()
+        self.stage_ranks: list[int] = []
+        self.fed: list[list[int]] = []
+        self.calls: list[dict] = []  # what each generate was given, and the context it found
+        self.resets = 0
+        self.closed = False
+        self.logits = np.array([0.5, -1.25, 3.0, 1e-3], dtype=np.float32)
+
+    @property
+    def context_tokens(self) -> tuple[int, ...]:
+        return tuple(self.decoder.kv_tokens)
+
+    def truncate_context(self, n_keep: int) -> None:
+        self.decoder.truncate(n_keep)
+
+    def reset_context(self) -> None:
+        self.resets += 1
+        self.decoder.kv_tokens = []
+
+    def encode(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:
+        if chat:
+            messages = ([("system", system)] if system else []) + [("user", text)]
+            text = self.vocab.apply_chat_template(messages, add_assistant=True)
+            return self.vocab.tokenize(text, add_special=False, parse_special=True)
+        return self.vocab.tokenize(text, add_special=True, parse_special=False)
+
+    def backends_json(self) -> list[dict]:
+        return [{"rank": 0, "variant": "fake"}]
+
+    def close(self) -> None:
+        self.closed = True
+
+    def generate(self, tokens, max_tokens, sampling, on_token, should_stop, keep_first_logits=False):
+        self.calls.append({"context": self.context_tokens, "max_tokens": max_tokens, "sampling": sampling,
+                           "keep_first_logits": keep_first_logits})
+        self.fed.append(list(tokens))
+        self.decoder.kv_tokens.extend(tokens)
+        produced: list[int] = []
+        stopped_by = "length"
+        for token in ([ord(c) for c in self.answer] + [END])[:max_tokens]:
+            if produced:
+                self.decoder.kv_tokens.append(produced[-1])
+            produced.append(token)
+            on_token(token)
+            if token == END:
+                stopped_by = "eos"
+                break
+            if should_stop():
+                stopped_by = "interrupt"
+                break
+        times = tuple(0.01 * (i + 1) for i in range(len(produced)))
+        stage = StageStats(0, "here", (0, 30), 0.5, 1.0, 1, prefill_tokens=len(tokens))
+        stats = RunStats("single", len(tokens), len(produced), 0.01, times[0], times, 0, (stage,), 1)
+        first_logits = self.logits.copy() if keep_first_logits else None
+        return Generation(tuple(tokens), tuple(produced), 0.01, times, first_logits, stopped_by), stats
+
+
+def turn_request(conversation: Conversation, first: int = 0, max_tokens: int = 64, interrupt: bool = False,
+                 sampling: SamplingConfig = SamplingConfig()) -> dict:
+    """A `turn` request as ChatSession sends it: the whole conversation, ending with the new user turn."""
+    return {"type": "turn", "conversation": conversation_to_json(conversation), "first": first,
+            "max_tokens": max_tokens, "sampling": sampling_json(sampling), "interrupt": interrupt}
+
+
+def complete_request(text: str, **fields) -> dict:
+    return {"type": "complete", "text": text, "max_tokens": 64, "sampling": sampling_json(SamplingConfig()), **fields}
+
+
+def _ask(server: EngineServer, request: dict, stop_after: int | None = None) -> list[dict]:
+    events: list[dict] = []
+    tokens = lambda: sum(e["event"] == "token" for e in events)  # noqa: E731
+    assert server.handle(request, events.append, lambda: stop_after is not None and tokens() >= stop_after)
+    assert [e["event"] for e in events[:-1]] == ["token"] * (len(events) - 1)  # one final event, tokens before it
+    return events
+
+
+def _shown(events: list[dict]) -> str:
+    return "".join(e["text"] for e in events if e["event"] == "token")
+
+
+def _error(server: EngineServer, request: dict) -> str:
+    """The message of the one error event a request gets."""
+    events = _ask(server, request)
+    assert len(events) == 1 and events[0]["event"] == "error", events
+    return events[0]["message"]
+
+
+def _text(tokens) -> str:
+    return "".join(map(chr, tokens))
+
+
+def test_ready_event_describes_the_engine():
+    assert EngineServer(FakeEngine("ok", n_ctx=512)).ready_event() == {
+        "event": "ready", "model": "fake", "mode": "single", "stages": 1, "n_ctx": 512, "notice": None}
+
+
+def test_second_turn_prefills_only_its_own_tokens():
+    engine = FakeEngine("Blue.")
+    server = EngineServer(engine)
+    asked = Conversation("S").with_turn("user", "My colour is blue.")
+    first = _ask(server, turn_request(asked))
+    assert _shown(first) == "Blue."
+    done = first[-1]
+    assert {k: v for k, v in done.items() if k != "stats"} == {
+        "event": "done", "stopped_by": "eos", "answer": "Blue.", "dropped_turns": 0}
+    assert done["stats"]["reused_tokens"] == 0 and done["stats"]["dropped_turns"] == 0
+    assert done["stats"]["stopped_by"] == "eos"
+    asked = asked.with_turn("assistant", done["answer"]).with_turn("user", "Which colour?")
+    second = _ask(server, turn_request(asked))[-1]
+    whole = engine.vocab.tokenize(engine.vocab.apply_chat_template(asked.messages()))
+    assert len(engine.fed[1]) < len(whole) / 2
+    assert _text(engine.fed[1]) == "|<user>Which colour?|<assistant>"  # the end token was pending
+    stats = second["stats"]
+    assert stats["reused_tokens"] + len(engine.fed[1]) == stats["context_tokens"] == len(whole)
+    assert stats["stages"][0]["prefill_tokens"] == len(engine.fed[1]) > 0
+
+
+def test_turn_takes_max_tokens_and_sampling_from_the_request():
+    engine = FakeEngine("Blue sky.")
+    server = EngineServer(engine)
+    sampling = SamplingConfig(temperature=0.7, top_k=5, top_p=0.9, seed=3)
+    done = _ask(server, turn_request(Conversation().with_turn("user", "hi"), max_tokens=3, sampling=sampling))[-1]
+    assert engine.calls[0]["sampling"] == sampling
+    assert engine.calls[0]["max_tokens"] == 3
+    assert done["stopped_by"] == "length" and done["answer"] == "Blu"
+
+
+def test_turn_starts_at_the_first_turn_the_request_names():
+    engine = FakeEngine("ok")
+    server = EngineServer(engine)
+    asked = _long_conversation(3)
+    done = _ask(server, turn_request(asked, first=2))[-1]
+    assert done["dropped_turns"] == done["stats"]["dropped_turns"] == 2
+    assert engine.fed[0] == render_chars(asked.messages(2))  # the system message, then turns[2:]
+
+
+def test_interrupted_answer_keeps_what_was_shown():
+    engine = FakeEngine("Once upon a time there was a dragon.")
+    server = EngineServer(engine)
+    asked = Conversation().with_turn("user", "A story")
+    events = _ask(server, turn_request(asked), stop_after=4)
+    assert events[-1]["stopped_by"] == events[-1]["stats"]["stopped_by"] == "interrupt"
+    assert events[-1]["answer"] == _shown(events) == "Once"
+    asked = asked.with_turn("assistant", "Once").with_turn("user", "Go on")  # the front end keeps it as shown
+    _ask(server, turn_request(asked))
+    assert _text(engine.fed[1]).startswith("e|<user>Go on")  # the pending token, then the turn
+
+
+def test_ctrl_c_typed_with_the_enter_stops_the_answer_at_once():
+    engine = FakeEngine("Once upon a time.")
+    done = _ask(EngineServer(engine), turn_request(Conversation().with_turn("user", "A story"), interrupt=True))[-1]
+    assert done["stopped_by"] == "interrupt" and done["answer"] == "O"
+
+
+def test_server_reports_bad_requests_and_goes_on():
+    engine = FakeEngine("ok", n_ctx=64)
+    server = EngineServer(engine)
+
+    def turn(asked: Conversation, **fields) -> dict:
+        return {**turn_request(asked, max_tokens=8), **fields}
+
+    assert _error(server, turn(Conversation().with_turn("user", "  "))).startswith("an empty message")
+    assert _error(server, turn(Conversation("S"))).startswith("an empty message")
+    assert _error(server, turn(Conversation().with_turn("user", "hi").with_turn("assistant", "yo"))).startswith(
+        "an empty message")
+    assert "too long" in _error(server, turn(Conversation().with_turn("user", "x" * 200)))
+    assert "transcript" in _error(server, turn(Conversation(), conversation={"turns": "no"}))
+    assert "transcript" in _error(server, {"type": "turn", "max_tokens": 8})
+    assert _error(server, {"type": "nonsense"}) == "unknown request 'nonsense'"
+    assert "unknown request" in _error(server, {"no": "type"})
+    assert engine.fed == [] and engine.context_tokens == () and engine.decoder.truncations == []  # nothing reached it
+    assert "bad sampling" in _error(server, turn(Conversation().with_turn("user", "hi"), sampling={"top_p": 0}))
+    assert "bad sampling" in _error(server, turn(Conversation().with_turn("user", "hi"), sampling={"colour": 1}))
+    assert "bad sampling" in _error(server, turn(Conversation().with_turn("user", "hi"), sampling=None))
+    assert engine.fed == [] and engine.context_tokens == ()
+    assert _ask(server, turn(Conversation().with_turn("user", "hi")))[-1]["event"] == "done"
+
+
+def test_a_refused_request_leaves_the_stages_cache_as_it_was():
+    engine = FakeEngine("ok")
+    server = EngineServer(engine)
+    _ask(server, turn_request(Conversation("S").with_turn("user", "hi")))
+    held = engine.context_tokens
+    other = Conversation("T").with_turn("user", "something else")
+    assert "bad sampling" in _error(server, {**turn_request(other), "sampling": {"top_p": 0}})
+    assert "bad sampling" in _error(server, complete_request("x", fresh=True, sampling={"top_p": 0}))
+    assert engine.context_tokens == held
+
+
+def test_server_holds_no_conversation_stats_reset_system_load_are_unknown():
+    engine = FakeEngine("ok")
+    server = EngineServer(engine)
+    _ask(server, turn_request(Conversation("S").with_turn("user", "hi")))
+    held = engine.context_tokens
+    for request in ({"type": "stats"}, {"type": "reset"}, {"type": "system", "text": "T"},
+                    {"type": "load", "system": None, "turns": [{"role": "user", "content": "x"}]}):
+        assert _error(server, request) == f"unknown request {request['type']!r}"
+    assert engine.context_tokens == held and engine.resets == 0  # the stages' cache is untouched
+    assert not hasattr(server, "conversation")
+    events: list[dict] = []
+    assert server.handle({"type": "interrupt"}, events.append, lambda: False) is True  # late: nothing to stop
+    assert events == []
+    assert server.handle({"type": "quit"}, events.append, lambda: False) is False
+    assert events == [{"event": "bye"}]
+
+
+@pytest.mark.parametrize("vocab, why", [(FakeVocab(template=None), "has no chat template"),
+                                        (FakeVocab(broken=True), "does not know this model's chat template")])
+def test_without_a_usable_chat_template_the_plain_format_is_used(vocab, why):
+    engine = FakeEngine("Sure.\nUser: and another question", vocab=vocab)
+    server = EngineServer(engine)
+    assert why in server.ready_event()["notice"]
+    done = _ask(server, turn_request(Conversation("S").with_turn("user", "hi")))[-1]
+    assert _text(engine.fed[0]) == plain_template([("system", "S"), ("user", "hi")])
+    assert done["answer"] == "Sure."  # stopped where the model began the user's next turn
+
+
+# -- complete: one prompt ---------------------------------------------------------------------------
+
+def test_complete_answers_raw_text():
+    engine = FakeEngine("Hello!")
+    server = EngineServer(engine)
+    events = _ask(server, complete_request("Say hi"))
+    assert _shown(events) == "Hello!"
+    done = events[-1]
+    assert done["event"] == "done" and done["stopped_by"] == "eos" and done["answer"] == "Hello!"
+    assert engine.fed == [[ord(c) for c in "Say hi"]]
+    stats = done["stats"]
+    assert stats["prompt_tokens"] == [ord(c) for c in "Say hi"]
+    assert stats["tokens"] == [ord(c) for c in "Hello!"] + [END]
+    assert stats["stopped_by"] == "eos"
+    assert stats["cpu_backends"] == engine.backends_json()
+    run = RunStats.from_json_dict(stats)
+    assert (run.n_prompt, run.n_generated) == (6, 7)
+    assert "first_logits" not in done and engine.calls[0]["keep_first_logits"] is False
+    assert engine.resets == 0
+
+
+def test_complete_renders_one_user_turn_with_the_chat_template():
+    engine = FakeEngine("ok")
+    _ask(EngineServer(engine), complete_request("hi", chat_template=True, system="S"))
+    assert _text(engine.fed[0]) == "<system>S|<user>hi|<assistant>"
+
+
+def test_complete_fresh_empties_the_context_first():
+    engine = FakeEngine("ok")
+    server = EngineServer(engine)
+    _ask(server, complete_request("one"))
+    held = engine.context_tokens
+    assert held
+    _ask(server, complete_request("two"))  # not fresh: the prompt follows what the stages hold
+    assert engine.calls[1]["context"] == held and engine.resets == 0
+    _ask(server, complete_request("three", fresh=True))
+    assert engine.resets == 1 and engine.calls[2]["context"] == ()
+    assert engine.fed[2] == [ord(c) for c in "three"]
+
+
+def test_complete_returns_the_first_logits_when_asked():
+    engine = FakeEngine("ok")
+    done = _ask(EngineServer(engine), complete_request("x", keep_first_logits=True))[-1]
+    assert engine.calls[0]["keep_first_logits"] is True
+    logits = np.frombuffer(base64.b64decode(done["first_logits"]), dtype="<f4")
+    np.testing.assert_array_equal(logits, engine.logits)
+
+
+def test_complete_takes_max_tokens_and_sampling_and_stops_on_request():
+    engine = FakeEngine("Hello there")
+    server = EngineServer(engine)
+    sampling = SamplingConfig(temperature=1.0, seed=7)
+    done = _ask(server, {**complete_request("x", max_tokens=3), "sampling": sampling_json(sampling)})[-1]
+    assert engine.calls[0]["sampling"] == sampling and engine.calls[0]["max_tokens"] == 3
+    assert done["stopped_by"] == done["stats"]["stopped_by"] == "length" and done["answer"] == "Hel"
+    done = _ask(server, complete_request("x"), stop_after=2)[-1]
+    assert done["stopped_by"] == "interrupt" and done["answer"] == "He"
+    assert "bad sampling" in _error(server, complete_request("x", sampling={"temperature": -1}))
+
+
+# -- JSON lines -------------------------------------------------------------------------------------
+
+def _serve(server: EngineServer, requests: list, tail: bytes = b"") -> list[dict]:
+    """Serve `requests` (dicts, or raw lines) written to a pipe at once, then its end; the events."""
+    read_fd, write_fd = os.pipe()
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in requests]
+    os.write(write_fd, "".join(line + "\n" for line in lines).encode() + tail)
+    os.close(write_fd)
+    written: list[str] = []
+
+    class Sink:
+        def write(self, text: str) -> None:
+            written.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    try:
+        serve_json_lines(server, LineReader(read_fd), json_line_writer(Sink()))
+    finally:
+        os.close(read_fd)
+    return [json.loads(line) for line in written]
+
+
+def test_json_lines_server_stops_an_answer_on_an_interrupt_line():
+    server = EngineServer(FakeEngine("A long answer that would go on."))
+    asked = Conversation().with_turn("user", "tell")
+    events = _serve(server, [turn_request(asked), {"type": "interrupt"}, {"type": "stats"}, {"type": "quit"}],
+                    tail=b"not json\n")
+    finals = [e["event"] for e in events if e["event"] != "token"]
+    assert finals == ["ready", "done", "error", "bye"]
+    assert events[0]["model"] == "fake"
+    done = next(e for e in events if e["event"] == "done")
+    assert done["stopped_by"] == "interrupt" and done["answer"] == "A"
+    assert next(e for e in events if e["event"] == "error")["message"] == "unknown request 'stats'"
+
+
+def test_json_lines_server_reports_a_bad_line_and_ends_at_the_end_of_input():
+    engine = FakeEngine("ok")
+    events = _serve(EngineServer(engine), ["not json", "[1, 2]", turn_request(Conversation().with_turn("user", "hi"))])
+    assert [e["event"] for e in events if e["event"] != "token"] == ["ready", "error", "error", "done"]
+    assert events[1]["message"] == events[2]["message"] == "unknown request 'invalid'"
+    assert events[-1]["stopped_by"] == "interrupt"  # the front end is gone (end of input): the answer stops
+    assert events[-1]["answer"] == "o"
+
+
+# -- the front end's commands, over a fake client ---------------------------------------------------
+
+STATS = {**RunStats("single", 7, 2, 0.01, 0.01, (0.01, 0.02), 0,
+                    (StageStats(0, "here", (0, 30), 0.5, 1.0, 1, prefill_tokens=7),), 1).to_json_dict(),
+         "context_tokens": 20, "reused_tokens": 13, "dropped_turns": 0, "stopped_by": "eos"}
+
+
+class FakeClient:
+    """Answers every turn with "Hi there" (or what `replies` says for the next ones)."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.replies: list[dict] = []
+
+    def start(self, wait_s: float) -> dict:
+        return {"event": "ready"}
+
+    def ask(self, request, on_token, wait_s) -> dict:
+        self.requests.append(request)
+        assert request["type"] == "turn"  # every command is the session's own business
+        reply = self.replies.pop(0) if self.replies else {}
+        if reply.get("event") == "error":
+            return reply
+        on_token("Hi ")
+        if "raise" in reply:
+            raise reply["raise"]
+        on_token("there")
+        return {"event": "done", "stopped_by": "eos", "answer": "Hi there", "dropped_turns": 0, "stats": STATS,
+                **reply}
+
+    def close(self) -> int:
+        return 0
+
+
+def _session(tmp_path: Path, transcript: bool = False) -> tuple[ChatSession, FakeClient]:
+    client = FakeClient()
+    options = ChatOptions("S", tmp_path / "t.jsonl" if transcript else None, 32, SamplingConfig())
+    return ChatSession(client, options, 5.0, interactive=False), client
+
+
+def _records(tmp_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+
+
+def test_bad_input_gets_a_message_and_the_session_goes_on(tmp_path, capsys):
+    session, client = _session(tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text('{"turns": [{"role": "wizard", "content": "x"}]}')
+    for line in ("", "/frobnicate", "/save", f"/load {bad}", f"/load {wrong}", f"/load {tmp_path / 'none'}"):
+        assert session.handle(line) is True
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("(empty message")
+    assert err[1] == "unknown command /frobnicate (try /help)"
+    assert err[2] == "usage: /save FILE"
+    assert "is not valid JSON" in err[3] and "turn 1 of the transcript" in err[4] and "cannot read" in err[5]
+    assert client.requests == []
+    assert session.conversation == Conversation("S")
+    assert session.handle("/quit") is False
+
+
+def test_each_turn_sends_the_whole_conversation(tmp_path, capsys):
+    session, client = _session(tmp_path)
+    session.handle("Hello")
+    session.handle("More")
+    assert capsys.readouterr().out == "Hi there\nHi there\n"
+    asked = Conversation("S", (Turn("user", "Hello"), Turn("assistant", "Hi there"), Turn("user", "More")))
+    assert client.requests[1] == {"type": "turn", "conversation": conversation_to_json(asked), "first": 0,
+                                  "max_tokens": 32, "sampling": sampling_json(SamplingConfig()), "interrupt": False}
+    assert session.conversation == asked.with_turn("assistant", "Hi there")
+
+
+def test_save_then_load_round_trip_and_transcript(tmp_path, capsys):
+    session, client = _session(tmp_path, transcript=True)
+    session.handle("Hello")
+    assert capsys.readouterr().out == "Hi there\n"
+    saved = tmp_path / "conv.json"
+    session.handle(f"/save {saved}")
+    session.handle("/reset")
+    assert session.conversation == Conversation("S")
+    session.handle(f"/load {saved}")
+    assert read_transcript(saved) == session.conversation
+    assert session.conversation.turns == (Turn("user", "Hello"), Turn("assistant", "Hi there"))
+    assert len(client.requests) == 1  # /save, /reset and /load ask nothing of the server
+    session.handle("Again")  # the next turn carries the loaded conversation
+    assert client.requests[-1]["conversation"] == conversation_to_json(
+        read_transcript(saved).with_turn("user", "Again"))
+    assert client.requests[-1]["first"] == 0
+    records = _records(tmp_path)
+    assert records[:3] == [{"role": "system", "content": "S"}, {"role": "user", "content": "Hello"},
+                           {"role": "assistant", "content": "Hi there", "stopped_by": "eos"}]
+    assert records[3:5] == [{"reset": True}, {"loaded": str(saved)}]
+
+
+def test_stats_reset_system_load_are_handled_by_the_session(tmp_path, capsys):
+    session, client = _session(tmp_path)
+    session.handle("/stats")
+    assert capsys.readouterr().err.strip() == "no answer yet"
+    session.handle("hi")
+    session.handle("/stats")
+    err = capsys.readouterr().err
+    assert err.splitlines() == format_stats(STATS)
+    assert "prefill 7 tokens" in err
+    session.handle("/reset")
+    assert session.conversation == Conversation("S")
+    session.handle("/system T")
+    assert session.conversation.system == "T"
+    session.handle("/system")
+    assert "system message: 'T'" in capsys.readouterr().err
+    session.handle("ho")  # the next turn carries the reset conversation and the new system message
+    assert client.requests[-1]["conversation"] == {"system": "T", "turns": [{"role": "user", "content": "ho"}]}
+    loaded = tmp_path / "x.json"
+    loaded.write_text(json.dumps({"system": None, "turns": [{"role": "user", "content": "x"},
+                                                            {"role": "assistant", "content": "y"}]}))
+    session.handle(f"/load {loaded}")
+    assert session.conversation == Conversation(None, (Turn("user", "x"), Turn("assistant", "y")))
+    assert [r["type"] for r in client.requests] == ["turn", "turn"]  # none of the commands reached the server
+    session.handle("z")
+    assert client.requests[-1]["conversation"] == {"system": None, "turns": [
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": "z"}]}
+
+
+def test_dropped_turns_are_announced_once_and_the_next_turn_starts_there(tmp_path, capsys):
+    session, client = _session(tmp_path)
+    client.replies = [{"dropped_turns": 2}, {"dropped_turns": 2}, {}, {"dropped_turns": 4}]
+    session.handle("a")
+    assert "[the 2 oldest turns no longer fit the context" in capsys.readouterr().err
+    session.handle("b")
+    assert client.requests[1]["first"] == 2
+    assert "oldest turns" not in capsys.readouterr().err
+    assert len(session.conversation.turns) == 4  # dropped turns stay in the history
+    session.handle("/reset")
+    session.handle("c")
+    assert client.requests[2]["first"] == 0
+    session.handle("d")
+    assert "[the 4 oldest turns" in capsys.readouterr().err
+
+
+def test_interrupted_or_cut_answers_are_kept_as_shown(tmp_path, capsys):
+    session, client = _session(tmp_path, transcript=True)
+    client.replies = [{"stopped_by": "interrupt", "answer": "Hi"}, {"stopped_by": "length"}]
+    session.handle("A story")
+    assert session.conversation.turns[-1] == Turn("assistant", "Hi")
+    assert "[interrupted]" in capsys.readouterr().err
+    session.handle("Go on")
+    assert "[stopped at the answer limit (length)]" in capsys.readouterr().err
+    assert [r.get("stopped_by") for r in _records(tmp_path)[1:]] == [None, "interrupt", None, "length"]
+
+
+def test_an_error_reply_leaves_the_conversation_as_it_was(tmp_path, capsys):
+    session, client = _session(tmp_path, transcript=True)
+    client.replies = [{"event": "error", "message": "this message is too long: ..."}]
+    session.handle("x" * 100)
+    out = capsys.readouterr()
+    assert out.out == "" and "error: this message is too long" in out.err
+    assert session.conversation == Conversation("S")
+    assert _records(tmp_path) == [{"role": "system", "content": "S"}]
+    session.handle("hi")
+    assert client.requests[-1]["conversation"]["turns"] == [{"role": "user", "content": "hi"}]
+
+
+def test_a_job_that_ends_mid_answer_keeps_what_was_shown(tmp_path, capsys):
+    session, client = _session(tmp_path, transcript=True)
+    client.replies = [{"raise": JobEnded("the MPI job ended")}]
+    with pytest.raises(JobEnded):
+        session.handle("Hello")
+    assert session.conversation.turns == (Turn("user", "Hello"), Turn("assistant", "Hi "))
+    assert _records(tmp_path)[-1] == {"role": "assistant", "content": "Hi ", "stopped_by": "error"}
+
+
+# -- the session over the engine server, in one process ---------------------------------------------
+
+class RecordingLocalClient(LocalClient):
+    """The in-process client, recording requests; `ctrl_c_after` tokens shown, Ctrl-C is pressed."""
+
+    def __init__(self, server: EngineServer, ctrl_c_after: int | None = None) -> None:
+        super().__init__(server)
+        self.requests: list[dict] = []
+        self.ctrl_c_after = ctrl_c_after
+
+    def ask(self, request, on_token, wait_s) -> dict:
+        self.requests.append(request)
+        shown: list[str] = []
+
+        def token(piece: str) -> None:
+            on_token(piece)
+            shown.append(piece)
+            if len(shown) == self.ctrl_c_after:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        return super().ask(request, token, wait_s)
+
+
+def _local_session(engine: FakeEngine, max_tokens: int = 64, **client) -> tuple[ChatSession, RecordingLocalClient]:
+    local = RecordingLocalClient(EngineServer(engine), **client)
+    return ChatSession(local, ChatOptions("S", None, max_tokens, SamplingConfig()), 5.0, interactive=False), local
+
+
+def test_session_over_the_engine_server_reuses_the_cache(capsys):
+    engine = FakeEngine("Blue.")
+    session, client = _local_session(engine)
+    session.handle("My colour is blue.")
+    session.handle("Which colour?")
+    assert capsys.readouterr().out == "Blue.\nBlue.\n"
+    assert _text(engine.fed[1]) == "|<user>Which colour?|<assistant>"
+    session.handle("/stats")
+    assert f"prompt: {len(engine.fed[1])} new tokens prefilled" in capsys.readouterr().err
+    session.handle("/reset")
+    assert len(engine.fed) == 2  # /reset reached no engine; the next turn brings the cache in line
+    session.handle("Hi")
+    assert engine.decoder.truncations[-1] == len("<system>S|<user>")
+    assert _text(engine.fed[2]) == "Hi|<assistant>"
+    assert client.close() == 0 and engine.closed
+
+
+def test_ctrl_c_through_the_local_client_stops_the_answer_and_keeps_it(capsys):
+    engine = FakeEngine("Once upon a time there was a dragon.")
+    before = signal.getsignal(signal.SIGINT)
+    session, client = _local_session(engine, ctrl_c_after=4)
+    session.handle("A story")
+    assert session.conversation.turns[-1] == Turn("assistant", "Once")
+    assert "[interrupted]" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before
+    client.ctrl_c_after = None
+    session.handle("Go on")
+    assert _text(engine.fed[1]).startswith("e|<user>Go on")
+
+
+def test_session_over_the_engine_server_drops_the_oldest_turns(capsys):
+    engine = FakeEngine("ok", n_ctx=160)
+    session, client = _local_session(engine, max_tokens=8)
+    for i in range(12):
+        session.handle(f"question number {i}")
+        if session.first:
+            break
+    dropped = session.first
+    assert dropped > 0 and session.conversation.turns[dropped].role == "user"
+    assert f"[the {dropped} oldest turns no longer fit the context" in capsys.readouterr().err
+    session.handle("one more")
+    assert client.requests[-1]["first"] == dropped
+    assert session.first >= dropped  # never back
+    assert len(session.conversation.turns) == 2 * (i + 2)  # the history keeps every turn

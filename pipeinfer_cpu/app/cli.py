@@ -41,9 +41,9 @@ def _compress_missing(reason: str) -> click.Command:
 
 
 def main() -> None:
-    """The `pipeinfer-cpu` entry point. Under your own `mpiexec -n N pipeinfer-cpu run ...`, every rank
-    but rank 0 becomes a worker at once: it takes its settings from the head, never from argv."""
-    if rank_from_environment() not in (None, 0):
+    """The `pipeinfer-cpu` entry point. Under your own `mpiexec -n N pipeinfer-cpu run|chat ...`, every
+    rank but rank 0 becomes a worker at once: it takes its settings from the head, never from argv."""
+    if sys.argv[1:2] in (["run"], ["chat"]) and rank_from_environment() not in (None, 0):
         from pipeinfer_cpu.rank.main import main as rank_main
 
         sys.exit(rank_main())

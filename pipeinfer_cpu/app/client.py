@@ -83,10 +83,11 @@ class JobClient:
     def launch(options: EngineOptions) -> "JobClient":
         """Start the job (head beside the first stage, then the stages, then any draft rank) and send
         it the engine settings; `start` then waits until it is ready."""
+        start = {"type": "start", "settings": options.settings.to_json(), "debug": options.debug}  # checks first
         tmp = tempfile.TemporaryDirectory(prefix="pipeinfer-job-")
         process = launcher.start(options.topology.placement, Path(tmp.name))
         client = JobClient(process, options.debug, tmp)
-        client._send({"type": "start", "settings": options.settings.to_json(), "debug": options.debug})
+        client._send(start)
         return client
 
     def __init__(self, process: subprocess.Popen, debug: bool, tmp: tempfile.TemporaryDirectory) -> None:

@@ -101,9 +101,12 @@ class EngineServer:
         conversation = conversation_from_json(request.get("conversation"))
         if not conversation.turns or conversation.turns[-1].role != "user" or not conversation.turns[-1].content.strip():
             raise UserError("an empty message: type something (or /help)")
-        n_ctx, max_tokens = self.engine.settings.n_ctx, int(request["max_tokens"])
+        first = _field(request, "first", int, 0)
+        if not 0 <= first < len(conversation.turns):
+            raise UserError(f"'first' must name one of the conversation's {len(conversation.turns)} turns, got {first}")
+        n_ctx, max_tokens, sampling = self.engine.settings.n_ctx, _field(request, "max_tokens", int), _sampling(request)
         reserve = answer_reserve(n_ctx, max_tokens, self._slack())
-        first, prompt = fit_window(self.render, conversation, int(request.get("first", 0)), n_ctx, reserve)
+        first, prompt = fit_window(self.render, conversation, first, n_ctx, reserve)
         plan = plan_feed(self.engine.context_tokens, prompt)
         self.engine.truncate_context(plan.keep)
         budget = min(max_tokens, n_ctx - len(prompt) - self._slack())
@@ -112,7 +115,7 @@ class EngineServer:
         def stop() -> bool:
             return should_stop() or (self.plain and "\nUser:" in "".join(answer.shown[-8:]))
 
-        generation, stats = self.engine.generate(list(plan.feed), budget, _sampling(request), answer.on_token, stop)
+        generation, stats = self.engine.generate(list(plan.feed), budget, sampling, answer.on_token, stop)
         text = answer.finish()
         text = text.split("\nUser:")[0] if self.plain else text
         record = {**stats.to_json_dict(), "context_tokens": len(prompt), "reused_tokens": plan.keep,
@@ -121,14 +124,14 @@ class EngineServer:
               "stats": record})
 
     def _complete(self, request: dict, emit: Emit, should_stop: Callable[[], bool]) -> None:
+        text, max_tokens, sampling = _field(request, "text", str), _field(request, "max_tokens", int), _sampling(request)
         if request.get("fresh"):
             self.engine.reset_context()
-        tokens = self.engine.encode(request["text"], chat=bool(request.get("chat_template")),
-                                    system=request.get("system"))
+        tokens = self.engine.encode(text, chat=bool(request.get("chat_template")), system=request.get("system"))
         answer = _Answer(self.engine.vocab, emit)
         keep_logits = bool(request.get("keep_first_logits"))
-        generation, stats = self.engine.generate(tokens, int(request["max_tokens"]), _sampling(request),
-                                                 answer.on_token, should_stop, keep_first_logits=keep_logits)
+        generation, stats = self.engine.generate(tokens, max_tokens, sampling, answer.on_token, should_stop,
+                                                 keep_first_logits=keep_logits)
         record = {**stats.to_json_dict(), "prompt_tokens": list(generation.prompt_tokens),
                   "tokens": list(generation.tokens), "stopped_by": generation.stopped_by,
                   "cpu_backends": self.engine.backends_json()}
@@ -159,6 +162,14 @@ class _Answer:
         if piece:
             self.shown.append(piece)
             self.emit({"event": "token", "text": piece})
+
+
+def _field(request: dict, name: str, kind: type, default=None):
+    """A request's field of the given type (a bool is not an int here); a UserError when it is missing or wrong."""
+    value = request.get(name, default)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"the request's {name!r} must be a {kind.__name__}, got {value!r}")
+    return value
 
 
 def _sampling(request: dict) -> SamplingConfig:
