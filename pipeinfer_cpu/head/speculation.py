@@ -149,17 +149,8 @@ class Chain:
         return Chain(list(committed) + list(prompt), list(committed), limit, new_run_id, free_seqs=list(branch_seqs))
 
     @property
-    def decided_count(self) -> int:
-        return len(self.accepted)
-
-    @property
     def done(self) -> bool:
         return len(self.accepted) >= self.limit
-
-    @property
-    def speculative_depth(self) -> int:
-        """Draft tokens fed beyond the decided ones."""
-        return max(0, len(self.fed) - len(self.accepted))
 
     def needs_feed(self) -> bool:
         """True when decided tokens are not yet fed (the prompt, or a correction after a rejection)."""
