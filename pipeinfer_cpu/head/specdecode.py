@@ -157,7 +157,7 @@ class SpeculativeLoop:
         for the one or two tokens a verdict leaves unfed (two after an adopted branch), never for
         a prompt."""
         return (self.switch.strategy == "joint" and chain.needs_feed() and not chain.inflight
-                and len(chain.accepted) - len(chain.fed) <= 2)
+                and len(chain.decided) - len(chain.fed) <= 2)
 
     def _launch_draft_reply(self, chain: Chain, output: Output) -> bool:
         """Launch the answer to the outstanding draft request if it came and is still current."""
@@ -187,7 +187,7 @@ class SpeculativeLoop:
     def _ask_draft(self, chain: Chain) -> None:
         """Ask for a continuation of the fed tokens (eager), or of the decided ones (joint, synchronous)."""
         joint = self.settings.mode == "speculative" or self._joins(chain)
-        context = chain.accepted if joint else chain.fed
+        context = chain.decided if joint else chain.fed
         self._draft_ids += 1
         length = self.policy.run_length() if self.settings.adaptive else self.settings.draft_max
         self.draft.request(DraftRequest(self._draft_ids, tuple(context), length, self.policy.p_accept))
@@ -195,7 +195,7 @@ class SpeculativeLoop:
 
     def _speculative_step(self, chain: Chain, output: Output) -> bool:
         """Synchronous speculation: feed the prompt, or draft (waiting for it) and send one run."""
-        if len(chain.accepted) - len(chain.fed) > 1:  # the prompt
+        if len(chain.decided) - len(chain.fed) > 1:  # the prompt
             while chain.needs_feed() and not chain.inflight:
                 self._send(chain.feed_decided(self.n_batch), output)
             return True
