@@ -31,6 +31,7 @@ from pipeinfer_cpu.head.decoding import Generation
 from pipeinfer_cpu.rank.drafter import DraftReply, DraftRequest
 from pipeinfer_cpu.errors import ClusterError
 from pipeinfer_cpu.head.executors import Executor, RunResult
+from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.wire.runs import Output, RunMessage
 from pipeinfer_cpu.sampling import SamplingConfig, make_rng, sample
 from pipeinfer_cpu.head.speculation import MAX_BRANCHES_PER_RUN, Chain, DraftPolicy, Launch, SpeculationSwitch, branch_candidates
@@ -39,7 +40,7 @@ from pipeinfer_cpu.wire.transport import Backoff
 
 @dataclass(frozen=True)
 class SpecSettings:
-    mode: str  # "speculative" or "pipeinfer"
+    mode: Mode  # the engine's (a plain string becomes a Mode); the loops run for SPECULATIVE and PIPEINFER
     draft_max: int = 8
     max_inflight: int = 4
     p_accept: float = 0.4
@@ -48,9 +49,12 @@ class SpecSettings:
     adaptive: bool = True
     p_split: float = 1.0  # pipeinfer: branch where the draft's runner-up is at least this likely; 1 = no trees
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode(self.mode))
+
     @property
     def trees(self) -> bool:
-        return self.mode == "pipeinfer" and self.p_split < 1.0
+        return self.mode == Mode.PIPEINFER and self.p_split < 1.0
 
     @property
     def kv_sequences(self) -> int:
@@ -124,7 +128,7 @@ class SpeculativeLoop:
 
     def _maybe_switch(self, record: "_Record") -> None:
         """pipeinfer with --adaptive: close a measurement window and let the switch choose."""
-        if self.settings.mode != "pipeinfer" or not self.settings.adaptive:
+        if self.settings.mode != Mode.PIPEINFER or not self.settings.adaptive:
             return
         tokens = len(record.tokens) - record.window_start_tokens
         if tokens >= self.switch.window:
@@ -133,14 +137,14 @@ class SpeculativeLoop:
             record.window_start, record.window_start_tokens = now, len(record.tokens)
 
     def _next_result(self, chain: Chain) -> RunResult | None:
-        if self.settings.mode == "speculative":
+        if self.settings.mode == Mode.SPECULATIVE:
             return self.executor.wait() if chain.inflight else None
         return self.executor.poll()
 
     # -- launching ----------------------------------------------------------------------------
 
     def _launch_what_is_due(self, chain: Chain, output: Output) -> bool:
-        if self.settings.mode == "speculative":
+        if self.settings.mode == Mode.SPECULATIVE:
             return self._speculative_step(chain, output) if not chain.inflight else False
         launched = self._launch_draft_reply(chain, output)
         if not self._joins(chain):
@@ -186,7 +190,7 @@ class SpeculativeLoop:
 
     def _ask_draft(self, chain: Chain) -> None:
         """Ask for a continuation of the fed tokens (eager), or of the decided ones (joint, synchronous)."""
-        joint = self.settings.mode == "speculative" or self._joins(chain)
+        joint = self.settings.mode == Mode.SPECULATIVE or self._joins(chain)
         context = chain.decided if joint else chain.fed
         self._draft_ids += 1
         length = self.policy.run_length() if self.settings.adaptive else self.settings.draft_max
