@@ -7,7 +7,6 @@ synchronous speculation decide the target's own tokens, and that joint feeding s
 """
 
 from collections import deque
-from itertools import count
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
 from pipeinfer_cpu.wire.runs import KvKind, Output
 from pipeinfer_cpu.sampling import SamplingConfig
 from pipeinfer_cpu.head.specdecode import SpeculativeLoop, SpecSettings
+from pipeinfer_cpu.head.session import Context
 from pipeinfer_cpu.head.speculation import SpeculationSwitch
 
 from test_speculation import target_continuation, target_next
@@ -83,11 +83,11 @@ class SimulatedDraft:
 def generate(mode: str, strategies: tuple[str, ...], seed: int, n_new: int = 60):
     rng = np.random.default_rng(seed)
     prompt = [int(t) for t in rng.integers(0, 50, size=8)]
-    target, ids = SimulatedTarget(), count(1)
+    target = SimulatedTarget()
     switch = SpeculationSwitch(strategies=strategies, strategy=strategies[0])
-    loop = SpeculativeLoop(target, SimulatedDraft(0.6, seed), SpecSettings(mode, draft_max=4), 64, 5.0,
-                           lambda: next(ids), switch)
-    generation, _ = loop.generate([], prompt, n_new, SamplingConfig(), lambda t: False, lambda t: None, lambda: False)
+    loop = SpeculativeLoop(target, SimulatedDraft(0.6, seed), SpecSettings(mode, draft_max=4), 64, 5.0, switch)
+    generation, _ = loop.generate(Context(target), prompt, n_new, SamplingConfig(), lambda t: False,
+                                  lambda t: None, lambda: False)
     return list(generation.tokens), target_continuation(prompt, n_new), target.runs
 
 

@@ -1,7 +1,8 @@
 """The plain decoding loop (modes `single` and `pipeline`): one token per run, in order.
 
-The `Decoder` owns the committed sequence (KV sequence 0 on every stage). Tokens are streamed to a
-callback as they are sampled; the caller decides when to stop (EOS, -n, an interrupt).
+The `Decoder` feeds the committed sequence (KV sequence 0 on every stage) that its `Context` owns.
+Tokens are streamed to a callback as they are sampled; the caller decides when to stop (EOS, -n,
+an interrupt).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from typing import Callable
 
 import numpy as np
 
-from pipeinfer_cpu.head.executors import Executor, RunResult
+from pipeinfer_cpu.head.executors import RunResult
+from pipeinfer_cpu.head.session import Context
 from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
-from pipeinfer_cpu.wire.runs import KvKind, KvOp, Output, RunMessage
+from pipeinfer_cpu.wire.runs import Output, RunMessage
 from pipeinfer_cpu.sampling import SamplingConfig, make_rng, sample
-
 
 
 @dataclass(frozen=True)
@@ -47,30 +48,13 @@ class TextStream:
 
 
 class Decoder:
-    """Sequential decoding over an executor; keeps the committed context between requests."""
+    """Sequential decoding over the executor of a context, which it extends token by token."""
 
-    def __init__(self, executor: Executor, n_batch: int, n_ctx: int) -> None:
-        self.executor = executor
+    def __init__(self, context: Context, n_batch: int, n_ctx: int) -> None:
+        self.context = context
+        self.executor = context.executor
         self.n_batch = n_batch
         self.n_ctx = n_ctx
-        self.kv_tokens: list[int] = []  # tokens whose KV entries are in sequence 0 on every stage
-        self._next_run = 0
-
-    def new_run_id(self) -> int:
-        self._next_run += 1
-        return self._next_run
-
-    def reset(self) -> None:
-        """Forget the context on every stage."""
-        self.executor.launch(RunMessage(self.new_run_id(), kv_ops=(KvOp(KvKind.CLEAR),)))
-        self.kv_tokens = []
-
-    def truncate(self, n_keep: int) -> None:
-        """Drop committed tokens from position n_keep on (e.g. an interrupted turn's tail)."""
-        if n_keep < len(self.kv_tokens):
-            op = KvOp(KvKind.RM, COMMITTED_SEQ, 0, n_keep, -1)
-            self.executor.launch(RunMessage(self.new_run_id(), kv_ops=(op,)))
-            self.kv_tokens = self.kv_tokens[:n_keep]
 
     def prefill(self, tokens: list[int], want_logits: bool) -> RunResult:
         """Feed tokens after the committed ones in chunks of n_batch; return the last row's result.
@@ -79,26 +63,26 @@ class Decoder:
         """
         if not tokens:
             raise ValueError("nothing to prefill")
-        start = len(self.kv_tokens)
+        start = len(self.context)
         chunks = [tokens[i:i + self.n_batch] for i in range(0, len(tokens), self.n_batch)]
         for index, chunk in enumerate(chunks):
             last = index == len(chunks) - 1
             at = start + index * self.n_batch
             outputs = tuple(last and i == len(chunk) - 1 for i in range(len(chunk)))
             self.executor.launch(RunMessage(
-                self.new_run_id(), positions=tuple(range(at, at + len(chunk))),
+                self.context.new_run_id(), positions=tuple(range(at, at + len(chunk))),
                 seq_ids=((COMMITTED_SEQ,),) * len(chunk), tokens=tuple(chunk), outputs=outputs,
                 output_kind=Output.LOGITS if want_logits else Output.ARGMAX))
-        self.kv_tokens.extend(tokens)
+        self.context.extend(tokens)
         return self.executor.wait()
 
     def step(self, token: int, want_logits: bool) -> RunResult:
         """Feed one sampled token; return the result for the position after it."""
-        position = len(self.kv_tokens)
+        position = len(self.context)
         self.executor.launch(RunMessage(
-            self.new_run_id(), positions=(position,), seq_ids=((COMMITTED_SEQ,),), tokens=(token,),
+            self.context.new_run_id(), positions=(position,), seq_ids=((COMMITTED_SEQ,),), tokens=(token,),
             outputs=(True,), output_kind=Output.LOGITS if want_logits else Output.ARGMAX))
-        self.kv_tokens.append(token)
+        self.context.extend((token,))
         return self.executor.wait()
 
     def generate(
@@ -114,7 +98,7 @@ class Decoder:
         """Prefill `new_tokens`, then sample up to `max_tokens` tokens, streaming each to on_token.
 
         The last sampled token is not fed back: it stays pending, and the caller's next request
-        starts with it (`kv_tokens` says what the stages hold).
+        starts with it (the context says what the stages hold).
         """
         rng = make_rng(sampling)
         want_logits = not sampling.greedy or keep_first_logits
@@ -139,7 +123,7 @@ class Decoder:
             if should_stop():
                 stopped_by = "interrupt"
                 break
-            if len(self.kv_tokens) + 1 >= self.n_ctx:
+            if len(self.context) + 1 >= self.n_ctx:
                 stopped_by = "context"
                 break
             result = self.step(token, want_logits)

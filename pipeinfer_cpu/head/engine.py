@@ -20,6 +20,7 @@ import dataclasses
 from pipeinfer_cpu.head.cluster import Cluster, StageSettings
 from pipeinfer_cpu.rank.drafter import Drafter, LocalDraftClient, RemoteDraftClient
 from pipeinfer_cpu.head.decoding import Decoder, Generation
+from pipeinfer_cpu.head.session import Context
 from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.head.executors import Executor, LocalExecutor, PipelineExecutor
 from pipeinfer_cpu.llama.cpubackend import BackendReport, NoUsableVariant
@@ -88,7 +89,8 @@ class Engine:
         self.stage_ranks = stage_ranks
         self._local_stage = local_stage
         self.draft = draft
-        self.decoder = Decoder(executor, settings.n_batch, settings.n_ctx)
+        self.context = Context(executor)  # the committed tokens and the run ids, for every loop
+        self.decoder = Decoder(self.context, settings.n_batch, settings.n_ctx)
         # what pipeinfer learnt about feeding this pipeline, kept across requests
         self.switch = SpeculationSwitch.for_stages(max(1, len(stage_ranks)))
 
@@ -166,15 +168,15 @@ class Engine:
     @property
     def context_tokens(self) -> tuple[int, ...]:
         """The tokens whose KV entries every stage holds (the committed context)."""
-        return tuple(self.decoder.kv_tokens)
+        return self.context.tokens
 
     def reset_context(self) -> None:
         """Forget the committed context on every stage."""
-        self.decoder.reset()
+        self.context.reset()
 
     def truncate_context(self, n_keep: int) -> None:
         """Keep only the first `n_keep` committed tokens on every stage."""
-        self.decoder.truncate(n_keep)
+        self.context.truncate(n_keep)
 
     def check_fits(self, n_prompt: int) -> int:
         """Raise if the prompt does not fit; return how many tokens may follow it in the context."""
@@ -199,12 +201,10 @@ class Engine:
                                                should_stop, keep_first_logits)
             return generation, self._stats(generation, self._head_bytes() - bytes_before)
         loop = SpeculativeLoop(self.executor, self.draft, self.settings.speculation,
-                               self.settings.n_batch, self.settings.timeout_s, self.decoder.new_run_id, self.switch)
-        generation, kv_tokens = loop.generate(self.decoder.kv_tokens, tokens, max_tokens, sampling,
-                                              self.vocab.is_end, on_token, should_stop)
-        self.decoder.kv_tokens = kv_tokens
+                               self.settings.n_batch, self.settings.timeout_s, self.switch)
+        generation, c = loop.generate(self.context, tokens, max_tokens, sampling, self.vocab.is_end, on_token,
+                                      should_stop)
         stats = self._stats(generation, self._head_bytes() - bytes_before)
-        c = loop.counters
         return generation, dataclasses.replace(stats, drafted=c.drafted, accepted=c.confirmed,
                                                runs_launched=c.runs_launched, runs_cancelled=c.runs_cancelled,
                                                branches=c.branches, branches_adopted=c.branches_adopted)

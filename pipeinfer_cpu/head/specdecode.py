@@ -32,6 +32,7 @@ from pipeinfer_cpu.rank.drafter import DraftReply, DraftRequest
 from pipeinfer_cpu.errors import ClusterError
 from pipeinfer_cpu.head.executors import Executor, RunResult
 from pipeinfer_cpu.head.modes import Mode
+from pipeinfer_cpu.head.session import Context
 from pipeinfer_cpu.wire.runs import Output, RunMessage
 from pipeinfer_cpu.sampling import SamplingConfig, make_rng, sample
 from pipeinfer_cpu.head.speculation import MAX_BRANCHES_PER_RUN, Chain, DraftPolicy, Launch, SpeculationSwitch, branch_candidates
@@ -82,25 +83,24 @@ class SpeculativeLoop:
     """One speculative request, from prompt to the last token."""
 
     def __init__(self, executor: Executor, draft: DraftClient, settings: SpecSettings, n_batch: int,
-                 timeout_s: float, new_run_id: Callable[[], int], switch: SpeculationSwitch | None = None) -> None:
+                 timeout_s: float, switch: SpeculationSwitch | None = None) -> None:
         self.executor = executor
         self.draft = draft
         self.settings = settings
         self.n_batch = n_batch
         self.timeout_s = timeout_s
-        self.new_run_id = new_run_id
         self.policy = DraftPolicy(settings.draft_max, settings.p_accept, settings.p_recovery, settings.p_decay)
         self.counters = SpecCounters()
         self.switch = switch or SpeculationSwitch()  # kept by the caller across requests
         self._draft_sent: tuple[int, int, int, bool] | None = None  # (request id, epoch, base, joint)
         self._draft_ids = 0
 
-    def generate(self, committed: list[int], prompt: list[int], max_tokens: int, sampling: SamplingConfig,
+    def generate(self, context: Context, prompt: list[int], max_tokens: int, sampling: SamplingConfig,
                  is_end: Callable[[int], bool], on_token: Callable[[int], None],
-                 should_stop: Callable[[], bool]) -> tuple[Generation, list[int]]:
-        """Generate; returns the generation and the tokens left in the stages' KV cache."""
-        chain = Chain.for_prompt(committed, prompt, len(committed) + len(prompt) + max_tokens, self.new_run_id,
-                                 range(1, self.settings.kv_sequences))
+                 should_stop: Callable[[], bool]) -> tuple[Generation, SpecCounters]:
+        """Generate after the committed `context`, and tell it what the stages hold afterwards."""
+        chain = Chain.for_prompt(list(context.tokens), prompt, len(context) + len(prompt) + max_tokens,
+                                 context.new_run_id, range(1, self.settings.kv_sequences))
         rng = make_rng(sampling)
         output = Output.ARGMAX if sampling.greedy else Output.LOGITS
         record = _Record(time.perf_counter())
@@ -124,7 +124,8 @@ class SpeculativeLoop:
             else:
                 backoff.sleep()
         self._finish(chain)
-        return record.generation(prompt), list(chain.fed)
+        context.commit(chain.fed)
+        return record.generation(prompt), self.counters
 
     def _maybe_switch(self, record: "_Record") -> None:
         """pipeinfer with --adaptive: close a measurement window and let the switch choose."""
@@ -231,7 +232,7 @@ class SpeculativeLoop:
             self.counters.runs_cancelled += len(cancelled)
             self.executor.cancel(list(cancelled))
         if ops:
-            self.executor.launch(RunMessage(self.new_run_id(), kv_ops=ops))
+            self.executor.launch(RunMessage(chain.new_run_id(), kv_ops=ops))
 
     # -- waiting ------------------------------------------------------------------------------
 
