@@ -30,7 +30,31 @@ class Generation:
     prefill_s: float
     token_times_s: tuple[float, ...]  # since the request started
     first_logits: np.ndarray | None = field(default=None, compare=False)
-    stopped_by: str = "length"  # "length", "eos" or "interrupt"
+    stopped_by: str = "length"  # "length", "eos", "interrupt" or "context" (the plain decoder only)
+
+
+@dataclass
+class Record:
+    """The tokens a request decided, their times since it started, and why it stopped: kept the
+    same way by every loop, so the statistics mean the same in every mode."""
+
+    started: float
+    tokens: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    first_token_at: float | None = None  # when the first token was decided: prefill ends, decoding starts
+    stopped_by: str = "length"  # or "eos", "interrupt", "context"
+
+    def add(self, token: int, on_token: Callable[[int], None], is_end: Callable[[int], bool]) -> bool:
+        """Record a decided token and stream it; False when it ends the generation (EOS)."""
+        self.tokens.append(token)
+        self.times.append(time.perf_counter() - self.started)
+        if len(self.tokens) == 1:
+            self.first_token_at = time.perf_counter()
+        on_token(token)
+        if is_end(token):
+            self.stopped_by = "eos"
+            return False
+        return True
 
 
 class TextStream:
@@ -107,31 +131,27 @@ class Decoder:
         prefill_s = time.perf_counter() - started
         first_logits = result.payload[0].copy() if result.output_kind == Output.LOGITS else None
         want_logits = not sampling.greedy
-        tokens: list[int] = []
-        times: list[float] = []
-        stopped_by = "length"
-        while len(tokens) < max_tokens:
-            token = _choose(result, sampling, rng)
-            tokens.append(token)
-            times.append(time.perf_counter() - started)
-            on_token(token)
-            if is_end(token):
-                stopped_by = "eos"
-                break
-            if len(tokens) == max_tokens:
+        record = Record(started)
+        while len(record.tokens) < max_tokens:
+            token = choose(result, 0, sampling, rng)  # a plain run has one output row
+            if not record.add(token, on_token, is_end) or len(record.tokens) == max_tokens:
                 break
             if should_stop():
-                stopped_by = "interrupt"
+                record.stopped_by = "interrupt"
                 break
             if len(self.context) + 1 >= self.n_ctx:
-                stopped_by = "context"
+                record.stopped_by = "context"
                 break
             result = self.step(token, want_logits)
-        return Generation(tuple(new_tokens), tuple(tokens), prefill_s, tuple(times), first_logits, stopped_by)
+        return Generation(tuple(new_tokens), tuple(record.tokens), prefill_s, tuple(record.times), first_logits,
+                          record.stopped_by)
 
 
-def _choose(result: RunResult, sampling: SamplingConfig, rng: np.random.Generator) -> int:
+def choose(result: RunResult, row: int, sampling: SamplingConfig, rng: np.random.Generator) -> int:
+    """The target's token for an output row of a result, in every mode. One uniform is drawn per
+    decided position, also when greedy (as `sample` does), so the random stream, and so a seeded
+    sample, is the same whatever decided the earlier tokens."""
     if result.output_kind == Output.ARGMAX:
-        rng.random()  # keep the random stream aligned with `sample`, which draws one uniform per call
-        return int(result.payload[0])
-    return sample(result.payload[-1], sampling, rng)
+        rng.random()
+        return int(result.payload[row])
+    return sample(result.payload[row], sampling, rng)

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import dataclasses
-
 from pipeinfer_cpu.head.cluster import Cluster, StageSettings
 from pipeinfer_cpu.rank.drafter import Drafter, LocalDraftClient, RemoteDraftClient
 from pipeinfer_cpu.head.decoding import Decoder, Generation
@@ -30,7 +28,9 @@ from pipeinfer_cpu.modelfiles.models import ModelInfo, check_supported, read_mod
 from pipeinfer_cpu.modelfiles.planning import split_layers
 from pipeinfer_cpu.sampling import SamplingConfig
 from pipeinfer_cpu.modelfiles.shards import shard_model
-from pipeinfer_cpu.head.specdecode import DraftClient, SpeculativeLoop, SpecSettings
+from pipeinfer_cpu.head import pipeinfer, speculative
+from pipeinfer_cpu.head.modes import Mode
+from pipeinfer_cpu.head.specdecode import DraftClient, Request, SpecCounters, SpecSettings
 from pipeinfer_cpu.head.speculation import SpeculationSwitch
 from pipeinfer_cpu.stats import RunStats, StageStats
 from pipeinfer_cpu.wire.transport import Transport
@@ -196,23 +196,26 @@ class Engine:
         if self.cluster is not None:
             self.cluster.reset_stats()
         bytes_before = self._head_bytes()
+        counters = None
         if self.draft is None:
             generation = self.decoder.generate(tokens, max_tokens, sampling, self.vocab.is_end, on_token,
                                                should_stop, keep_first_logits)
-            return generation, self._stats(generation, self._head_bytes() - bytes_before)
-        loop = SpeculativeLoop(self.executor, self.draft, self.settings.speculation,
-                               self.settings.n_batch, self.settings.timeout_s, self.switch)
-        generation, c = loop.generate(self.context, tokens, max_tokens, sampling, self.vocab.is_end, on_token,
-                                      should_stop)
-        stats = self._stats(generation, self._head_bytes() - bytes_before)
-        return generation, dataclasses.replace(stats, drafted=c.drafted, accepted=c.confirmed,
-                                               runs_launched=c.runs_launched, runs_cancelled=c.runs_cancelled,
-                                               branches=c.branches, branches_adopted=c.branches_adopted)
+        else:
+            request = Request(tuple(tokens), max_tokens, sampling, self.vocab.is_end, on_token, should_stop)
+            spec, n_batch, timeout_s = self.settings.speculation, self.settings.n_batch, self.settings.timeout_s
+            if spec.mode == Mode.SPECULATIVE:
+                generation, counters = speculative.generate(self.context, self.draft, spec, request, n_batch,
+                                                            timeout_s)
+            else:
+                generation, counters = pipeinfer.generate(self.context, self.draft, spec, request, n_batch,
+                                                          timeout_s, self.switch)
+        return generation, self._stats(generation, self._head_bytes() - bytes_before, counters)
 
     def _head_bytes(self) -> int:
         return self.cluster.transport.bytes_sent if self.cluster is not None else 0
 
-    def _stats(self, generation: Generation, head_bytes: int) -> RunStats:
+    def _stats(self, generation: Generation, head_bytes: int, counters: SpecCounters | None = None) -> RunStats:
+        """The request's statistics; `counters` are a speculative loop's."""
         if self.cluster is None:
             stages = (self._local_stage_stats(generation),)
             worker_bytes = 0
@@ -224,7 +227,8 @@ class Engine:
                         n_generated=len(generation.tokens), prefill_s=generation.prefill_s,
                         ttft_s=times[0] if times else 0.0, token_times_s=times,
                         bytes_sent=head_bytes + worker_bytes, stages=stages,
-                        head_peak_rss_bytes=peak_rss_bytes())
+                        head_peak_rss_bytes=peak_rss_bytes(),
+                        **(counters.stats_fields() if counters is not None else {}))
 
     def _local_stage_stats(self, generation: Generation) -> StageStats:
         assert isinstance(self.executor, LocalExecutor)

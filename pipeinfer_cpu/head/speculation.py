@@ -194,7 +194,8 @@ class Chain:
         branches = self._branches(unfed + draft, [(len(unfed) + index, token) for index, token in alternatives])
         return self._launch(unfed + draft, outputs, n_draft=len(draft), branches=branches)
 
-    def join(self, draft: list[int], epoch: int, n_decided: int, alternatives: Sequence[tuple[int, int]] = ()) -> Launch | None:
+    def join(self, draft: list[int], epoch: int, n_decided: int,
+             alternatives: Sequence[tuple[int, int]] = ()) -> Launch | None:
         """feed_with_draft for a draft asked when `n_decided` tokens were decided, if it is still current."""
         if epoch != self.epoch or n_decided != len(self.decided) or not self.needs_feed():
             return None
