@@ -192,6 +192,8 @@ class Engine:
                  on_token: Callable[[int], None] = lambda token: None,
                  should_stop: Callable[[], bool] = lambda: False,
                  keep_first_logits: bool = False) -> tuple[Generation, RunStats]:
+        """Generate after the committed context with the mode's loop; the statistics are made the
+        same way in every mode (the speculative loops add their counters)."""
         max_tokens = min(max_tokens, self.check_fits(len(tokens)))  # generation never overruns the context
         if self.cluster is not None:
             self.cluster.reset_stats()

@@ -29,6 +29,8 @@ from pipeinfer_cpu.wire.runs import Output, RunMessage
 
 @dataclass(frozen=True)
 class SpecSettings:
+    """How to speculate (the command line's speculation options), fixed for an engine's life."""
+
     mode: Mode  # the engine's (a plain string becomes a Mode); the loops run for SPECULATIVE and PIPEINFER
     draft_max: int = 8
     max_inflight: int = 4
@@ -53,6 +55,8 @@ class SpecSettings:
 
 @dataclass
 class SpecCounters:
+    """What one speculative request did with the draft's tokens and the pipeline's runs."""
+
     drafted: int = 0
     confirmed: int = 0
     runs_launched: int = 0
@@ -68,6 +72,9 @@ class SpecCounters:
 
 
 class DraftClient(Protocol):
+    """The draft model, on its own rank or in the head: asked without waiting, answering later by
+    request id (a reply to an older request may still come and must be told apart)."""
+
     def request(self, request: DraftRequest) -> None: ...
 
     def poll(self) -> DraftReply | None: ...
