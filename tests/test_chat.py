@@ -19,6 +19,7 @@ from pipeinfer_cpu.app.client import JobEnded, LocalClient
 from pipeinfer_cpu.conversation import (Conversation, Turn, answer_reserve, common_prefix, conversation_from_json,
                                         conversation_to_json, fit_window, plain_template, plan_feed)
 from pipeinfer_cpu.errors import ModelError, UserError
+from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.head.decoding import Generation
 from pipeinfer_cpu.head.server import EngineServer, LineReader, json_line_writer, sampling_json, serve_json_lines
 from pipeinfer_cpu.sampling import SamplingConfig
@@ -157,7 +158,7 @@ class FakeDecoder:
 @dataclass(frozen=True)
 class FakeSettings:
     n_ctx: int = 4096
-    mode: str = "single"
+    mode: Mode = Mode.SINGLE
     spec: None = None
 
 

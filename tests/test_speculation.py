@@ -105,7 +105,7 @@ def drive(seed: int, n_new: int = 30, trees: bool = False) -> tuple[list[int], l
     pipe.launch(Launch(next(ids), len(chain.fed), (), (), 0, ops))
     while pipe.compute_next() is not None:
         pass
-    return chain.accepted[len(prompt):], truth[:n_new], sorted((p, t, tuple(s)) for p, t, s in pipe.cells), chain
+    return chain.decided[len(prompt):], truth[:n_new], sorted((p, t, tuple(s)) for p, t, s in pipe.cells), chain
 
 
 @pytest.mark.parametrize("trees", [False, True], ids=["chain", "trees"])
@@ -134,7 +134,7 @@ def test_a_branch_holding_the_targets_choice_is_adopted_and_decides_one_more_tok
     rows = {0: 5, 1: 11, 2: 0, 3: 0}  # the target says 5 after 8 (not 9), and 11 after the branch's 5
     verdict = chain.on_result(spec.run_id, lambda row: rows[row])
     assert verdict.decided == (5, 11) and verdict.rejected and verdict.branch_adopted and verdict.confirmed == 1
-    assert chain.fed == [1, 2, 3, 7, 8] and chain.accepted[-2:] == [5, 11]
+    assert chain.fed == [1, 2, 3, 7, 8] and chain.decided[-2:] == [5, 11]
     follow = chain.feed_decided(8)  # the branch's token is fed again, in order, with the token it decided
     assert follow.tokens == (5, 11) and follow.start == 5
     assert follow.kv_ops == (KvOp(KvKind.RM, COMMITTED_SEQ, 0, 5, -1), KvOp(KvKind.RM, 1, 0, -1, -1))

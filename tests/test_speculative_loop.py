@@ -1,4 +1,4 @@
-"""The head's speculative loop (specdecode) against a simulated target and draft: no MPI, no llama.cpp.
+"""The head's speculative loops (speculative, pipeinfer) against a simulated target and draft: no MPI, no llama.cpp.
 
 The simulated target computes a deterministic next token from the KV cache it keeps (committed
 sequence only), answering each run on the next poll; the simulated draft guesses the target's
@@ -7,7 +7,7 @@ synchronous speculation decide the target's own tokens, and that joint feeding s
 """
 
 from collections import deque
-from itertools import count
+from functools import partial
 
 import numpy as np
 import pytest
@@ -17,7 +17,9 @@ from pipeinfer_cpu.head.executors import RunResult
 from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
 from pipeinfer_cpu.wire.runs import KvKind, Output
 from pipeinfer_cpu.sampling import SamplingConfig
-from pipeinfer_cpu.head.specdecode import SpeculativeLoop, SpecSettings
+from pipeinfer_cpu.head import pipeinfer, speculative
+from pipeinfer_cpu.head.specdecode import Request, SpecSettings
+from pipeinfer_cpu.head.session import Context
 from pipeinfer_cpu.head.speculation import SpeculationSwitch
 
 from test_speculation import target_continuation, target_next
@@ -83,11 +85,12 @@ class SimulatedDraft:
 def generate(mode: str, strategies: tuple[str, ...], seed: int, n_new: int = 60):
     rng = np.random.default_rng(seed)
     prompt = [int(t) for t in rng.integers(0, 50, size=8)]
-    target, ids = SimulatedTarget(), count(1)
+    target = SimulatedTarget()
     switch = SpeculationSwitch(strategies=strategies, strategy=strategies[0])
-    loop = SpeculativeLoop(target, SimulatedDraft(0.6, seed), SpecSettings(mode, draft_max=4), 64, 5.0,
-                           lambda: next(ids), switch)
-    generation, _ = loop.generate([], prompt, n_new, SamplingConfig(), lambda t: False, lambda t: None, lambda: False)
+    request = Request(tuple(prompt), n_new, SamplingConfig(), lambda t: False, lambda t: None, lambda: False)
+    loop = speculative.generate if mode == "speculative" else partial(pipeinfer.generate, switch=switch)
+    settings = SpecSettings(mode, draft_max=4)
+    generation, _ = loop(Context(target), SimulatedDraft(0.6, seed), settings, request, 64, 5.0)
     return list(generation.tokens), target_continuation(prompt, n_new), target.runs
 
 

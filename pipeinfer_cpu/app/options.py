@@ -12,14 +12,13 @@ import click
 
 from pipeinfer_cpu.app.hostfile import Host, parse_hostfile
 from pipeinfer_cpu.errors import UserError
-from pipeinfer_cpu.head.engine import SPECULATIVE_MODES, EngineSettings, check_draft
+from pipeinfer_cpu.head.engine import EngineSettings, check_draft
+from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.head.specdecode import SpecSettings
 from pipeinfer_cpu.llama.runtime import MAX_SEQUENCES
 from pipeinfer_cpu.modelfiles.models import check_supported, read_model_info, resolve_model
 from pipeinfer_cpu.modelfiles.planning import parse_weights, split_layers
 from pipeinfer_cpu.wire.transport import under_mpi
-
-MODES = ("single", "pipeline", "speculative", "pipeinfer")
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ class EngineOptions:
 
     @property
     def speculative(self) -> bool:
-        return self.mode in SPECULATIVE_MODES
+        return Mode(self.mode).speculative
 
     @property
     def spec(self) -> SpecSettings:
@@ -148,7 +147,7 @@ def engine_options(command):
 _OPTIONS = [
     click.option("--hostfile", type=click.Path(path_type=Path), help="Machines, one stage per line (MPICH/Open MPI syntax)."),
     click.option("--model", "-m", type=click.Path(path_type=Path), help="GGUF model (default: the embedded SmolLM2-135M-Instruct Q4_1)."),
-    click.option("--mode", type=click.Choice(MODES), default="pipeline", show_default=True),
+    click.option("--mode", type=click.Choice([mode.value for mode in Mode]), default="pipeline", show_default=True),
     click.option("--stages", type=int, help="Pipeline stages (default: one per hostfile line)."),
     click.option("--weights", help="Comma-separated layer-split weights, one per stage (default: the hostfile's)."),
     click.option("--threads", "-t", type=int, default=0, help="Threads per rank (0: the host's cores shared by its ranks)."),

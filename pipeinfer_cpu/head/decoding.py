@@ -1,7 +1,8 @@
 """The plain decoding loop (modes `single` and `pipeline`): one token per run, in order.
 
-The `Decoder` owns the committed sequence (KV sequence 0 on every stage). Tokens are streamed to a
-callback as they are sampled; the caller decides when to stop (EOS, -n, an interrupt).
+The `Decoder` feeds the committed sequence (KV sequence 0 on every stage) that its `Context` owns.
+Tokens are streamed to a callback as they are sampled; the caller decides when to stop (EOS, -n,
+an interrupt).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from typing import Callable
 
 import numpy as np
 
-from pipeinfer_cpu.head.executors import Executor, RunResult
+from pipeinfer_cpu.head.executors import RunResult
+from pipeinfer_cpu.head.session import Context
 from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
-from pipeinfer_cpu.wire.runs import KvKind, KvOp, Output, RunMessage
+from pipeinfer_cpu.wire.runs import Output, RunMessage
 from pipeinfer_cpu.sampling import SamplingConfig, make_rng, sample
-
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,31 @@ class Generation:
     prefill_s: float
     token_times_s: tuple[float, ...]  # since the request started
     first_logits: np.ndarray | None = field(default=None, compare=False)
-    stopped_by: str = "length"  # "length", "eos" or "interrupt"
+    stopped_by: str = "length"  # "length", "eos", "interrupt" or "context" (the plain decoder only)
+
+
+@dataclass
+class Record:
+    """The tokens a request decided, their times since it started, and why it stopped: kept the
+    same way by every loop, so the statistics mean the same in every mode."""
+
+    started: float
+    tokens: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    first_token_at: float | None = None  # when the first token was decided: prefill ends, decoding starts
+    stopped_by: str = "length"  # or "eos", "interrupt", "context"
+
+    def add(self, token: int, on_token: Callable[[int], None], is_end: Callable[[int], bool]) -> bool:
+        """Record a decided token and stream it; False when it ends the generation (EOS)."""
+        self.tokens.append(token)
+        self.times.append(time.perf_counter() - self.started)
+        if len(self.tokens) == 1:
+            self.first_token_at = time.perf_counter()
+        on_token(token)
+        if is_end(token):
+            self.stopped_by = "eos"
+            return False
+        return True
 
 
 class TextStream:
@@ -47,30 +72,13 @@ class TextStream:
 
 
 class Decoder:
-    """Sequential decoding over an executor; keeps the committed context between requests."""
+    """Sequential decoding over the executor of a context, which it extends token by token."""
 
-    def __init__(self, executor: Executor, n_batch: int, n_ctx: int) -> None:
-        self.executor = executor
+    def __init__(self, context: Context, n_batch: int, n_ctx: int) -> None:
+        self.context = context
+        self.executor = context.executor
         self.n_batch = n_batch
         self.n_ctx = n_ctx
-        self.kv_tokens: list[int] = []  # tokens whose KV entries are in sequence 0 on every stage
-        self._next_run = 0
-
-    def new_run_id(self) -> int:
-        self._next_run += 1
-        return self._next_run
-
-    def reset(self) -> None:
-        """Forget the context on every stage."""
-        self.executor.launch(RunMessage(self.new_run_id(), kv_ops=(KvOp(KvKind.CLEAR),)))
-        self.kv_tokens = []
-
-    def truncate(self, n_keep: int) -> None:
-        """Drop committed tokens from position n_keep on (e.g. an interrupted turn's tail)."""
-        if n_keep < len(self.kv_tokens):
-            op = KvOp(KvKind.RM, COMMITTED_SEQ, 0, n_keep, -1)
-            self.executor.launch(RunMessage(self.new_run_id(), kv_ops=(op,)))
-            self.kv_tokens = self.kv_tokens[:n_keep]
 
     def prefill(self, tokens: list[int], want_logits: bool) -> RunResult:
         """Feed tokens after the committed ones in chunks of n_batch; return the last row's result.
@@ -79,26 +87,26 @@ class Decoder:
         """
         if not tokens:
             raise ValueError("nothing to prefill")
-        start = len(self.kv_tokens)
+        start = len(self.context)
         chunks = [tokens[i:i + self.n_batch] for i in range(0, len(tokens), self.n_batch)]
         for index, chunk in enumerate(chunks):
             last = index == len(chunks) - 1
             at = start + index * self.n_batch
             outputs = tuple(last and i == len(chunk) - 1 for i in range(len(chunk)))
             self.executor.launch(RunMessage(
-                self.new_run_id(), positions=tuple(range(at, at + len(chunk))),
+                self.context.new_run_id(), positions=tuple(range(at, at + len(chunk))),
                 seq_ids=((COMMITTED_SEQ,),) * len(chunk), tokens=tuple(chunk), outputs=outputs,
                 output_kind=Output.LOGITS if want_logits else Output.ARGMAX))
-        self.kv_tokens.extend(tokens)
+        self.context.extend(tokens)
         return self.executor.wait()
 
     def step(self, token: int, want_logits: bool) -> RunResult:
         """Feed one sampled token; return the result for the position after it."""
-        position = len(self.kv_tokens)
+        position = len(self.context)
         self.executor.launch(RunMessage(
-            self.new_run_id(), positions=(position,), seq_ids=((COMMITTED_SEQ,),), tokens=(token,),
+            self.context.new_run_id(), positions=(position,), seq_ids=((COMMITTED_SEQ,),), tokens=(token,),
             outputs=(True,), output_kind=Output.LOGITS if want_logits else Output.ARGMAX))
-        self.kv_tokens.append(token)
+        self.context.extend((token,))
         return self.executor.wait()
 
     def generate(
@@ -114,7 +122,7 @@ class Decoder:
         """Prefill `new_tokens`, then sample up to `max_tokens` tokens, streaming each to on_token.
 
         The last sampled token is not fed back: it stays pending, and the caller's next request
-        starts with it (`kv_tokens` says what the stages hold).
+        starts with it (the context says what the stages hold).
         """
         rng = make_rng(sampling)
         want_logits = not sampling.greedy or keep_first_logits
@@ -123,31 +131,27 @@ class Decoder:
         prefill_s = time.perf_counter() - started
         first_logits = result.payload[0].copy() if result.output_kind == Output.LOGITS else None
         want_logits = not sampling.greedy
-        tokens: list[int] = []
-        times: list[float] = []
-        stopped_by = "length"
-        while len(tokens) < max_tokens:
-            token = _choose(result, sampling, rng)
-            tokens.append(token)
-            times.append(time.perf_counter() - started)
-            on_token(token)
-            if is_end(token):
-                stopped_by = "eos"
-                break
-            if len(tokens) == max_tokens:
+        record = Record(started)
+        while len(record.tokens) < max_tokens:
+            token = choose(result, 0, sampling, rng)  # a plain run has one output row
+            if not record.add(token, on_token, is_end) or len(record.tokens) == max_tokens:
                 break
             if should_stop():
-                stopped_by = "interrupt"
+                record.stopped_by = "interrupt"
                 break
-            if len(self.kv_tokens) + 1 >= self.n_ctx:
-                stopped_by = "context"
+            if len(self.context) + 1 >= self.n_ctx:
+                record.stopped_by = "context"
                 break
             result = self.step(token, want_logits)
-        return Generation(tuple(new_tokens), tuple(tokens), prefill_s, tuple(times), first_logits, stopped_by)
+        return Generation(tuple(new_tokens), tuple(record.tokens), prefill_s, tuple(record.times), first_logits,
+                          record.stopped_by)
 
 
-def _choose(result: RunResult, sampling: SamplingConfig, rng: np.random.Generator) -> int:
+def choose(result: RunResult, row: int, sampling: SamplingConfig, rng: np.random.Generator) -> int:
+    """The target's token for an output row of a result, in every mode. One uniform is drawn per
+    decided position, also when greedy (as `sample` does), so the random stream, and so a seeded
+    sample, is the same whatever decided the earlier tokens."""
     if result.output_kind == Output.ARGMAX:
-        rng.random()  # keep the random stream aligned with `sample`, which draws one uniform per call
-        return int(result.payload[0])
-    return sample(result.payload[-1], sampling, rng)
+        rng.random()
+        return int(result.payload[row])
+    return sample(result.payload[row], sampling, rng)

@@ -1,19 +1,11 @@
-"""How the head reaches the draft: in its own process, or on the dedicated draft rank (Tag.DRAFT)."""
+"""How the head reaches the draft (a `specdecode.DraftClient`): in its own process, or on the dedicated draft rank (Tag.DRAFT)."""
 
 from __future__ import annotations
-
-from typing import Protocol
 
 from pipeinfer_cpu.llama.drafter import Drafter
 from pipeinfer_cpu.wire.drafts import DraftReply, DraftRequest, decode_reply, encode_request
 from pipeinfer_cpu.wire.runs import Tag
 from pipeinfer_cpu.wire.transport import Transport
-
-
-class DraftClient(Protocol):
-    def request(self, request: DraftRequest) -> None: ...
-
-    def poll(self) -> DraftReply | None: ...
 
 
 class LocalDraftClient:

@@ -9,18 +9,18 @@ ranks of the MPI job and feeds one token at a time through all stages.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import dataclasses
-
 from pipeinfer_cpu.head.cluster import Cluster, StageSettings
-from pipeinfer_cpu.head.draft_clients import DraftClient, LocalDraftClient, RemoteDraftClient
+from pipeinfer_cpu.head.draft_clients import LocalDraftClient, RemoteDraftClient
 from pipeinfer_cpu.llama.drafter import Drafter
 from pipeinfer_cpu.head.decoding import Decoder, Generation
+from pipeinfer_cpu.head.session import Context
 from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.head.executors import Executor, LocalExecutor, PipelineExecutor
 from pipeinfer_cpu.llama.cpubackend import BackendReport, NoUsableVariant
@@ -30,13 +30,13 @@ from pipeinfer_cpu.modelfiles.models import ModelInfo, check_supported, read_mod
 from pipeinfer_cpu.modelfiles.planning import split_layers
 from pipeinfer_cpu.sampling import SamplingConfig
 from pipeinfer_cpu.modelfiles.shards import shard_model
-from pipeinfer_cpu.head.specdecode import SpeculativeLoop, SpecSettings
+from pipeinfer_cpu.head import pipeinfer, speculative
+from pipeinfer_cpu.head.modes import Mode
+from pipeinfer_cpu.head.specdecode import DraftClient, Request, SpecCounters, SpecSettings
 from pipeinfer_cpu.head.speculation import SpeculationSwitch
 from pipeinfer_cpu.stats import RunStats, StageStats, peak_rss_bytes
 from pipeinfer_cpu.wire.transport import Transport
 
-MODES = ("single", "pipeline", "speculative", "pipeinfer")
-SPECULATIVE_MODES = ("speculative", "pipeinfer")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class EngineSettings:
     """Everything about how the model runs; nothing about what to generate."""
 
     model: Path | None = None
-    mode: str = "pipeline"
+    mode: Mode = Mode.PIPELINE  # a plain name becomes a Mode
     weights: tuple[float, ...] | None = None  # one per stage; None = equal
     n_threads: int = 0  # 0 = this host's cores shared among the stages on it
     n_ctx: int = 2048
@@ -58,9 +58,11 @@ class EngineSettings:
     cpu_variant: str | None = None  # a llama.cpp CPU backend variant to force on every rank (None: auto)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise UserError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
-        if self.mode in SPECULATIVE_MODES and self.draft is None:
+        try:
+            object.__setattr__(self, "mode", Mode(self.mode))
+        except ValueError:
+            raise UserError(f"unknown mode {self.mode!r} (choose from {', '.join(m.value for m in Mode)})") from None
+        if self.mode.speculative and self.draft is None:
             raise UserError(f"mode {self.mode} needs a draft model (--draft FILE.gguf)")
         if self.n_ctx < 16:
             raise UserError(f"--ctx-size must be at least 16, got {self.n_ctx}")
@@ -107,7 +109,8 @@ class Engine:
         self.stage_ranks = stage_ranks
         self._local_stage = local_stage
         self.draft = draft
-        self.decoder = Decoder(executor, settings.n_batch, settings.n_ctx)
+        self.context = Context(executor)  # the committed tokens and the run ids, for every loop
+        self.decoder = Decoder(self.context, settings.n_batch, settings.n_ctx)
         # what pipeinfer learnt about feeding this pipeline, kept across requests
         self.switch = SpeculationSwitch.for_stages(max(1, len(stage_ranks)))
 
@@ -115,14 +118,15 @@ class Engine:
     def start(settings: EngineSettings, transport: Transport | None = None) -> "Engine":
         info = read_model_info(resolve_model(settings.model))
         check_supported(info)
-        if settings.draft is not None:
-            check_draft(info, read_model_info(resolve_model(settings.draft)))
-        if settings.mode == "single":
+        draft_info = None if settings.draft is None else read_model_info(resolve_model(settings.draft))
+        if draft_info is not None:
+            check_draft(info, draft_info)
+        if settings.mode == Mode.SINGLE:
             engine = Engine._start_single(settings, info)
         elif transport is None or transport.size < 2:
             raise UserError("pipeline mode needs at least one worker rank (start it with --hostfile or mpiexec)")
         else:
-            engine = Engine._start_pipeline(settings, info, transport)
+            engine = Engine._start_pipeline(settings, info, draft_info, transport)
         if settings.verbose:
             for line in engine.backend_lines():
                 print(line, file=sys.stderr, flush=True)
@@ -148,9 +152,10 @@ class Engine:
         return socket.gethostname() if rank == HEAD or self.cluster is None else self.cluster.host(rank)
 
     @staticmethod
-    def _start_pipeline(settings: EngineSettings, info: ModelInfo, transport: Transport) -> "Engine":
+    def _start_pipeline(settings: EngineSettings, info: ModelInfo, draft_info: ModelInfo | None,
+                        transport: Transport) -> "Engine":
         cluster = Cluster(transport, settings.timeout_s)
-        dedicated_draft = settings.mode in SPECULATIVE_MODES and not settings.draft_in_head
+        dedicated_draft = settings.mode.speculative and not settings.draft_in_head
         stage_ranks = list(range(1, transport.size - (1 if dedicated_draft else 0)))
         if not stage_ranks:
             raise UserError("no rank left for the target's stages (the draft takes the last rank)")
@@ -161,13 +166,13 @@ class Engine:
         cluster.greet(settings.cpu_variant)  # first: a worker that cannot run llama.cpp is named before anything else starts
         backends = {HEAD: _head_backend(settings.cpu_variant), **cluster.backends}
         plan = shard_model(info, ranges, out_dir=settings.shard_dir, progress=_progress(settings.verbose))
-        cancellation = settings.mode == "pipeinfer"
+        cancellation = settings.mode == Mode.PIPEINFER
         stage_settings = StageSettings(settings.n_ctx, settings.n_batch, settings.n_threads,
                                        settings.speculation.kv_sequences, cancellation)
         cluster.load_stages(plan, stage_ranks, stage_settings)
         draft: DraftClient | None = None
-        if settings.mode in SPECULATIVE_MODES:
-            draft = _start_draft(settings, cluster, stage_settings, dedicated_draft)
+        if draft_info is not None and settings.mode.speculative:
+            draft = _start_draft(settings, draft_info, cluster, stage_settings, dedicated_draft)
         vocab = Vocab(info.path)
         executor = PipelineExecutor(cluster, stage_ranks, settings.timeout_s)
         return Engine(settings, info, vocab, executor, cluster, stage_ranks, None, draft, backends)
@@ -185,15 +190,15 @@ class Engine:
     @property
     def context_tokens(self) -> tuple[int, ...]:
         """The tokens whose KV entries every stage holds (the committed context)."""
-        return tuple(self.decoder.kv_tokens)
+        return self.context.tokens
 
     def reset_context(self) -> None:
         """Forget the committed context on every stage."""
-        self.decoder.reset()
+        self.context.reset()
 
     def truncate_context(self, n_keep: int) -> None:
         """Keep only the first `n_keep` committed tokens on every stage."""
-        self.decoder.truncate(n_keep)
+        self.context.truncate(n_keep)
 
     def check_fits(self, n_prompt: int) -> int:
         """Raise if the prompt does not fit; return how many tokens may follow it in the context."""
@@ -209,29 +214,32 @@ class Engine:
                  on_token: Callable[[int], None] = lambda token: None,
                  should_stop: Callable[[], bool] = lambda: False,
                  keep_first_logits: bool = False) -> tuple[Generation, RunStats]:
+        """Generate after the committed context with the mode's loop; the statistics are made the
+        same way in every mode (the speculative loops add their counters)."""
         max_tokens = min(max_tokens, self.check_fits(len(tokens)))  # generation never overruns the context
         if self.cluster is not None:
             self.cluster.reset_stats()
         bytes_before = self._head_bytes()
+        counters = None
         if self.draft is None:
             generation = self.decoder.generate(tokens, max_tokens, sampling, self.vocab.is_end, on_token,
                                                should_stop, keep_first_logits)
-            return generation, self._stats(generation, self._head_bytes() - bytes_before)
-        loop = SpeculativeLoop(self.executor, self.draft, self.settings.speculation,
-                               self.settings.n_batch, self.settings.timeout_s, self.decoder.new_run_id, self.switch)
-        generation, kv_tokens = loop.generate(self.decoder.kv_tokens, tokens, max_tokens, sampling,
-                                              self.vocab.is_end, on_token, should_stop)
-        self.decoder.kv_tokens = kv_tokens
-        stats = self._stats(generation, self._head_bytes() - bytes_before)
-        c = loop.counters
-        return generation, dataclasses.replace(stats, drafted=c.drafted, accepted=c.confirmed,
-                                               runs_launched=c.runs_launched, runs_cancelled=c.runs_cancelled,
-                                               branches=c.branches, branches_adopted=c.branches_adopted)
+        else:
+            request = Request(tuple(tokens), max_tokens, sampling, self.vocab.is_end, on_token, should_stop)
+            spec, n_batch, timeout_s = self.settings.speculation, self.settings.n_batch, self.settings.timeout_s
+            if spec.mode == Mode.SPECULATIVE:
+                generation, counters = speculative.generate(self.context, self.draft, spec, request, n_batch,
+                                                            timeout_s)
+            else:
+                generation, counters = pipeinfer.generate(self.context, self.draft, spec, request, n_batch,
+                                                          timeout_s, self.switch)
+        return generation, self._stats(generation, self._head_bytes() - bytes_before, counters)
 
     def _head_bytes(self) -> int:
         return self.cluster.transport.bytes_sent if self.cluster is not None else 0
 
-    def _stats(self, generation: Generation, head_bytes: int) -> RunStats:
+    def _stats(self, generation: Generation, head_bytes: int, counters: SpecCounters | None = None) -> RunStats:
+        """The request's statistics; `counters` are a speculative loop's."""
         if self.cluster is None:
             stages = (self._local_stage_stats(generation),)
             worker_bytes = 0
@@ -243,7 +251,8 @@ class Engine:
                         n_generated=len(generation.tokens), prefill_s=generation.prefill_s,
                         ttft_s=times[0] if times else 0.0, token_times_s=times,
                         bytes_sent=head_bytes + worker_bytes, stages=stages,
-                        head_peak_rss_bytes=peak_rss_bytes())
+                        head_peak_rss_bytes=peak_rss_bytes(),
+                        **(counters.stats_fields() if counters is not None else {}))
 
     def _local_stage_stats(self, generation: Generation) -> StageStats:
         assert isinstance(self.executor, LocalExecutor)
@@ -281,15 +290,14 @@ def check_draft(target: ModelInfo, draft: ModelInfo) -> None:
                         f"target {target.path.name} ({target.size_bytes / 1e6:.0f} MB)")
 
 
-def _start_draft(settings: EngineSettings, cluster: Cluster, stage_settings: StageSettings,
+def _start_draft(settings: EngineSettings, draft: ModelInfo, cluster: Cluster, stage_settings: StageSettings,
                  dedicated: bool) -> DraftClient:
-    assert settings.draft is not None
     if dedicated:
         rank = cluster.transport.size - 1
-        cluster.load_draft(rank, read_model_info(resolve_model(settings.draft)), stage_settings)
+        cluster.load_draft(rank, draft, stage_settings)
         return RemoteDraftClient(cluster.transport, rank)
     threads = settings.n_threads or 1
-    stage = Stage(StageConfig(resolve_model(settings.draft), True, True, settings.n_ctx, settings.n_batch, threads, 1))
+    stage = Stage(StageConfig(draft.path, True, True, settings.n_ctx, settings.n_batch, threads, 1))
     return LocalDraftClient(Drafter(stage, settings.n_batch))
 
 

@@ -33,7 +33,7 @@ from pipeinfer_cpu.conversation import (Message, Render, answer_reserve, convers
                                         plain_template, plan_feed)
 from pipeinfer_cpu.errors import ModelError, UserError
 from pipeinfer_cpu.head.decoding import TextStream
-from pipeinfer_cpu.head.engine import SPECULATIVE_MODES, Engine
+from pipeinfer_cpu.head.engine import Engine
 from pipeinfer_cpu.sampling import SamplingConfig
 
 Emit = Callable[[dict], None]
@@ -93,7 +93,7 @@ class EngineServer:
 
     def _slack(self) -> int:
         spec = self.engine.settings.spec
-        if self.engine.settings.mode in SPECULATIVE_MODES and spec is not None:
+        if self.engine.settings.mode.speculative and spec is not None:
             return spec.max_inflight * spec.draft_max + 1
         return 1
 

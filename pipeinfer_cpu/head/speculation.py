@@ -1,12 +1,12 @@
 """The speculation state machine of the head (pure: no I/O, no clocks, no randomness).
 
 The target's KV sequence 0 on every stage holds `fed`: tokens already sent through the pipeline,
-position i holding fed[i]. fed[:L] equals the decided tokens `accepted[:L]` (L = len(accepted))
+position i holding fed[i]. fed[:L] equals the decided tokens `decided[:L]` (L = len(decided))
 wherever both exist; beyond that, fed holds speculative draft tokens that runs in flight compute.
 A run that fed position p yields the target's choice for position p+1. Results are processed in
 launch order:
 
-- the choice for position L is decided (appended to `accepted`);
+- the choice for position L is decided (appended to `decided`);
 - if fed already holds a draft token there and it equals the choice, it is confirmed and the next
   row of the result decides the next position;
 - if it differs, every later fed token is stale: the runs carrying them are cancelled and
@@ -133,9 +133,9 @@ class _InFlight:
 class Chain:
     """Decided tokens, fed tokens and runs in flight of one request."""
 
-    accepted: list[int]
+    decided: list[int]  # the target's own tokens so far: the prompt, then what it chose
     fed: list[int]
-    limit: int  # stop once len(accepted) reaches this (prompt + max new tokens)
+    limit: int  # stop once len(decided) reaches this (prompt + max new tokens)
     new_run_id: Callable[[], int]  # run ids are unique across requests: stale results can still arrive
     epoch: int = 0  # bumped whenever speculation is dropped; drafts of an older epoch are stale
     inflight: deque = field(default_factory=deque)
@@ -149,27 +149,18 @@ class Chain:
         return Chain(list(committed) + list(prompt), list(committed), limit, new_run_id, free_seqs=list(branch_seqs))
 
     @property
-    def decided_count(self) -> int:
-        return len(self.accepted)
-
-    @property
     def done(self) -> bool:
-        return len(self.accepted) >= self.limit
-
-    @property
-    def speculative_depth(self) -> int:
-        """Draft tokens fed beyond the decided ones."""
-        return max(0, len(self.fed) - len(self.accepted))
+        return len(self.decided) >= self.limit
 
     def needs_feed(self) -> bool:
         """True when decided tokens are not yet fed (the prompt, or a correction after a rejection)."""
-        return len(self.fed) < len(self.accepted) and not self.done
+        return len(self.fed) < len(self.decided) and not self.done
 
     def feed_decided(self, max_tokens: int) -> Launch:
         """A run feeding the next decided-but-unfed tokens; the last row of the last one has an output."""
         start = len(self.fed)
-        tokens = self.accepted[start:start + max_tokens]
-        last = start + len(tokens) == len(self.accepted)
+        tokens = self.decided[start:start + max_tokens]
+        last = start + len(tokens) == len(self.decided)
         outputs = tuple(last and i == len(tokens) - 1 for i in range(len(tokens)))
         return self._launch(tokens, outputs, n_draft=0)
 
@@ -182,7 +173,7 @@ class Chain:
         `alternatives` are (index into draft, token) branch candidates, the most wanted first; those
         that still fit become branches while free KV sequences last.
         """
-        if epoch != self.epoch or len(self.fed) < len(self.accepted) or base > len(self.fed):
+        if epoch != self.epoch or len(self.fed) < len(self.decided) or base > len(self.fed):
             return None
         overlap = len(self.fed) - base
         if list(draft[:overlap]) != self.fed[base:]:
@@ -195,17 +186,18 @@ class Chain:
 
     def feed_with_draft(self, draft: list[int], alternatives: Sequence[tuple[int, int]] = ()) -> Launch:
         """One run feeding the decided-but-unfed tokens followed by draft tokens (and branches)."""
-        decided = self.accepted[len(self.fed):]
-        if not decided:
+        unfed = self.decided[len(self.fed):]
+        if not unfed:
             raise ValueError("feed_with_draft needs a decided token to feed first")
-        draft = draft[:max(0, self.limit - len(self.accepted))]
-        outputs = (False,) * (len(decided) - 1) + (True,) * (1 + len(draft))
-        branches = self._branches(decided + draft, [(len(decided) + index, token) for index, token in alternatives])
-        return self._launch(decided + draft, outputs, n_draft=len(draft), branches=branches)
+        draft = draft[:max(0, self.limit - len(self.decided))]
+        outputs = (False,) * (len(unfed) - 1) + (True,) * (1 + len(draft))
+        branches = self._branches(unfed + draft, [(len(unfed) + index, token) for index, token in alternatives])
+        return self._launch(unfed + draft, outputs, n_draft=len(draft), branches=branches)
 
-    def join(self, draft: list[int], epoch: int, accepted: int, alternatives: Sequence[tuple[int, int]] = ()) -> Launch | None:
-        """feed_with_draft for a draft asked when `accepted` tokens were decided, if it is still current."""
-        if epoch != self.epoch or accepted != len(self.accepted) or not self.needs_feed():
+    def join(self, draft: list[int], epoch: int, n_decided: int,
+             alternatives: Sequence[tuple[int, int]] = ()) -> Launch | None:
+        """feed_with_draft for a draft asked when `n_decided` tokens were decided, if it is still current."""
+        if epoch != self.epoch or n_decided != len(self.decided) or not self.needs_feed():
             return None
         return self.feed_with_draft(draft, alternatives)
 
@@ -244,15 +236,15 @@ class Chain:
                 raise RuntimeError(f"result of run {run_id} arrived before older runs' results")
             return None
         run = self.inflight.popleft()
-        decided: list[int] = []
+        new: list[int] = []
         confirmed = 0
         verdict = None
         for position in range(run.first_output, run.start + run.n_tokens):
-            if position != len(self.accepted) - 1 or self.done:
+            if position != len(self.decided) - 1 or self.done:
                 break
             token = choose(run.main_row(position))
-            self.accepted.append(token)
-            decided.append(token)
+            self.decided.append(token)
+            new.append(token)
             nxt = position + 1
             if nxt >= len(self.fed):
                 break  # nothing speculative fed there: the next run feeds the decided token
@@ -263,11 +255,11 @@ class Chain:
             adopted = run.branch_for(nxt, token)
             if adopted is not None:
                 confirmed += 1
-                decided.extend(self._adopt(adopted[0], choose))
-            verdict = Verdict(tuple(decided), confirmed, True, cancelled, adopted is not None)
+                new.extend(self._adopt(adopted[0], choose))
+            verdict = Verdict(tuple(new), confirmed, True, cancelled, adopted is not None)
             break
         self._release(run)
-        return verdict or Verdict(tuple(decided), confirmed, False, ())
+        return verdict or Verdict(tuple(new), confirmed, False, ())
 
     def _adopt(self, row: int, choose: Callable[[int], int]) -> list[int]:
         """The target chose a branch's token: the branch's output `row` decides the next position too.
@@ -281,7 +273,7 @@ class Chain:
         if self.done:
             return []
         token = choose(row)
-        self.accepted.append(token)
+        self.decided.append(token)
         return [token]
 
     def _release(self, run: _InFlight) -> None:
@@ -309,7 +301,7 @@ class Chain:
 
         The last decided token stays unfed (as after plain decoding): the next request starts with it.
         """
-        keep = min(len(self.fed), len(self.accepted) - 1)
+        keep = min(len(self.fed), len(self.decided) - 1)
         cancelled = self._cancel_inflight()
         ops = tuple(self.pending_ops)
         if len(self.fed) > keep:

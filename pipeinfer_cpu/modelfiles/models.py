@@ -19,8 +19,6 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Architectures whose layer-range split has been checked against the whole model (bit-identical
 # logits). Others may work but are refused until someone verifies them.
 VERIFIED_ARCHITECTURES = ("llama",)
-# llama.cpp names these families "llama" too once converted (SmolLM, Mistral-7B, TinyLlama).
-KNOWN_UNVERIFIED = ("qwen2", "mistral", "gemma3", "phi3", "falcon")
 
 GGUF_MAGIC = b"GGUF"
 
@@ -248,8 +246,3 @@ def list_local_models(extra_dirs: tuple[Path, ...] = ()) -> list[ModelInfo]:
         except ModelError:
             continue
     return infos
-
-
-def as_array(tensor) -> np.ndarray:
-    """The raw bytes of a GGUF tensor as a flat uint8 view (no copy)."""
-    return np.asarray(tensor.data).reshape(-1).view(np.uint8)

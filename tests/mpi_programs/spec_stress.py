@@ -17,6 +17,7 @@ from pipeinfer_cpu.head.decoding import Decoder
 from pipeinfer_cpu.wire.drafts import DraftReply, DraftRequest
 from pipeinfer_cpu.head.engine import Engine, EngineSettings
 from pipeinfer_cpu.head.executors import LocalExecutor
+from pipeinfer_cpu.head.session import Context
 from pipeinfer_cpu.llama.runtime import Stage, StageConfig
 from pipeinfer_cpu.sampling import SamplingConfig
 from pipeinfer_cpu.head.specdecode import SpecSettings
@@ -49,7 +50,7 @@ class ScriptedDraft:
 
 
 def kv_ok(engine: Engine) -> bool:
-    expected = len(engine.decoder.kv_tokens) - 1
+    expected = len(engine.context_tokens) - 1
     return all(engine.cluster.kv_usage(rank, [0])[0][1] == expected for rank in engine.stage_ranks)
 
 
@@ -61,7 +62,8 @@ def main() -> None:
     settings = EngineSettings(model=target, mode="pipeinfer", draft=draft, n_ctx=2048, timeout_s=60,
                               spec=SpecSettings("pipeinfer", draft_max=8, max_inflight=4, adaptive=False))
     engine = Engine.start(settings, transport)
-    reference = Decoder(LocalExecutor(Stage(StageConfig(target, True, True, 2048, 256, 1, 1))), 256, 2048)
+    reference_context = Context(LocalExecutor(Stage(StageConfig(target, True, True, 2048, 256, 1, 1))))
+    reference = Decoder(reference_context, 256, 2048)
     prompt = engine.encode("Write a long story about a lighthouse keeper.", chat=True)
     truth = list(prompt) + list(reference.generate(prompt, 40, GREEDY, lambda t: False).tokens)
     results = {"patterns": 0, "pattern_failures": [], "kv_failures": 0, "cancelled_during": 0,
@@ -72,7 +74,7 @@ def main() -> None:
     for pattern in range(200):
         rng = np.random.default_rng(pattern)
         engine.draft = ScriptedDraft(truth, rng, p_right=float(rng.uniform(0, 1)), length=int(rng.integers(1, 9)))
-        engine.decoder.reset()
+        engine.reset_context()
         generation, _ = engine.generate(list(prompt), 24, GREEDY)
         results["patterns"] += 1
         if list(generation.tokens) != truth[len(prompt):len(prompt) + len(generation.tokens)]:
@@ -83,7 +85,7 @@ def main() -> None:
     # the stages are still busy with them.
     for attempt in range(12):
         engine.draft = ScriptedDraft(truth, np.random.default_rng(1000 + attempt), p_right=0.0, length=64)
-        engine.decoder.reset()
+        engine.reset_context()
         _, stats = engine.generate(list(prompt), 8, GREEDY)
         results["cancelled_during"] += sum(s.runs_cancelled_during for s in stats.stages)
         results["cancelled_before"] += sum(s.runs_cancelled_before for s in stats.stages)
@@ -91,8 +93,8 @@ def main() -> None:
 
     # 500 tokens with the real draft, as several continued requests, mirrored on the target alone.
     engine.draft = real_draft
-    engine.decoder.reset()
-    reference.reset()
+    engine.reset_context()
+    reference_context.reset()
     turns = ["Tell me about the sea.", "Now about mountains.", "And about rivers, at length.",
              "Summarise everything.", "Write a poem about it.", "Now a longer one.", "Explain it."]
     pending: list[int] = []
@@ -107,7 +109,7 @@ def main() -> None:
         results["generated"] += len(generation.tokens)
         pending = [generation.tokens[-1]]
         turn += 1
-    results["kv_tokens"] = len(engine.decoder.kv_tokens)
+    results["kv_tokens"] = len(engine.context_tokens)
     results["kv_usage"] = {rank: engine.cluster.kv_usage(rank, [0])[0] for rank in engine.stage_ranks}
     engine.close()
     out.write_text(json.dumps(results))
