@@ -57,3 +57,13 @@ def processes_tagged(tag: str) -> list:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def assert_clean_failure(done, fragment):
+    """Bad input's contract: one `error:` line naming the problem, a non-zero exit, no traceback, no rank left."""
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
+    assert "Traceback" not in done.stderr
+    assert not processes_tagged(done.tag), "a rank was left running"

@@ -100,7 +100,7 @@ def _tiny_llama_with_other_vocab(path: Path) -> Path:
     ("p-split", "--p-split must be in (0, 1]"),
 ])
 def test_bad_speculation_input(cli, tmp_path, draft, default_model, case, fragment):
-    from test_bad_input import assert_clean_failure
+    from conftest import assert_clean_failure
 
     base = ("run", "--hostfile", "hosts/local.txt", "-p", "Hi", "-n", "4", "--mode", "pipeinfer")
     args = {

@@ -15,9 +15,10 @@ import pexpect
 import psutil
 import pytest
 
+from conftest import REPO
+
 from pipeinfer_cpu.conversation import conversation_from_json
 
-REPO = Path(__file__).resolve().parent.parent
 CHAT = ["-m", "pipeinfer_cpu", "chat", "--hostfile", "hosts/local.txt"]
 PROMPT = r"\n(?:\x1b\[[0-9;?]*[A-Za-z])*> "
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")

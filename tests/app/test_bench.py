@@ -21,7 +21,7 @@ def test_bench_writes_json_and_markdown(cli, tmp_path):
 
 
 def test_bench_and_bench_pair_refuse_bad_input(cli, tmp_path):
-    from test_bad_input import assert_clean_failure
+    from conftest import assert_clean_failure
 
     assert_clean_failure(cli("bench", "--modes", "single,warp", "--out", str(tmp_path)), "unknown benchmark modes: warp")
     assert_clean_failure(cli("bench", "--modes", "pipeinfer", "--out", str(tmp_path)), "need --draft or --agreements")

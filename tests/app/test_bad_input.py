@@ -1,16 +1,7 @@
 """Each bad input: one readable line on stderr, a non-zero exit, no traceback, no rank left running."""
 
 
-from conftest import processes_tagged
-
-
-def assert_clean_failure(done, fragment):
-    assert done.returncode != 0
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
-    assert "Traceback" not in done.stderr
-    assert not processes_tagged(done.tag), "a rank was left running"
+from conftest import assert_clean_failure
 
 
 RUN = ("run", "--hostfile", "hosts/local.txt", "-p", "Hello", "-n", "4")

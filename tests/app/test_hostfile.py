@@ -2,10 +2,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
+
 from pipeinfer_cpu.errors import HostfileError
 from pipeinfer_cpu.app.hostfile import Host, machinefile_lines, parse_hostfile, parse_line
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("line, expected", [
