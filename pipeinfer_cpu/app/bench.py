@@ -18,6 +18,7 @@ from statistics import mean
 
 from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.files import atomic_write_text
+from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.stats import markdown_table, write_json
 
 DEFAULT_PROMPTS = (
@@ -87,7 +88,7 @@ def run_modes(config: BenchConfig, model: Path | None, draft: Path | None, label
             if mode == "plain":
                 rows.append(plain_row(model, config))
                 continue
-            extra = ("--draft", str(draft)) if mode in ("speculative", "pipeinfer") else ()
+            extra = ("--draft", str(draft)) if Mode(mode).speculative else ()
             spec = mode_spec(mode, config)
             rows.append(run_mode(ModeSpec(label + spec.label, spec.args + extra), prompts_file, config.n_tokens,
                                  common, timeout_s=1800))

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeinfer_cpu.errors import ModelError, UserError
+from pipeinfer_cpu.files import atomic_output, atomic_write_text
 from pipeinfer_cpu.llama.runtime import Stage, StageConfig, Vocab, requantize_q4_0
 from pipeinfer_cpu.modelfiles.models import default_model_path, file_sha256, open_gguf, read_model_info
-from pipeinfer_cpu.files import atomic_output, atomic_write_text
 from pipeinfer_cpu.modelfiles.shards import write_gguf
 
 PAIR_JSON = "pair.json"

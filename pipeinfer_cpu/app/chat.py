@@ -26,6 +26,7 @@ from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.files import atomic_write_text
 from pipeinfer_cpu.head.engine import Engine
 from pipeinfer_cpu.head.job import as_head
+from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.head.server import EngineServer, sampling_json
 from pipeinfer_cpu.sampling import SamplingConfig
 from pipeinfer_cpu.stats import RunStats
@@ -53,7 +54,7 @@ class ChatOptions:
 
 def run_chat(options: EngineOptions, chat: ChatOptions) -> int:
     """`pipeinfer-cpu chat`: returns the exit code."""
-    if under_mpi() or options.mode == "single":  # the model in this process (rank 0 of your own mpiexec)
+    if under_mpi() or options.mode == Mode.SINGLE:  # the model in this process (rank 0 of your own mpiexec)
         transport = MpiTransport() if under_mpi() else None
         client = lambda: LocalClient(EngineServer(Engine.start(options.settings, transport)))  # noqa: E731
         return as_head(lambda: chat_session(client(), chat, options.timeout_s), transport, options.debug)
@@ -278,7 +279,7 @@ def format_stats(stats: dict | None) -> list[str]:
               f"TTFT {run.ttft_s * 1e3:.0f} ms"),
              (f"prompt: {run.n_prompt} new tokens prefilled, {stats.get('reused_tokens', 0)} reused from the KV "
               f"cache, conversation {stats.get('context_tokens', run.n_prompt)} tokens")]
-    if run.acceptance_rate is not None or run.mode in ("speculative", "pipeinfer"):
+    if run.acceptance_rate is not None or Mode(run.mode).speculative:
         rate = f"{run.acceptance_rate:.0%}" if run.acceptance_rate is not None else "n/a"
         lines.append(f"acceptance: {rate} ({run.accepted}/{run.drafted} drafted tokens), "
                      f"runs {run.runs_launched} (cancelled {run.runs_cancelled})")

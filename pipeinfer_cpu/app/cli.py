@@ -10,8 +10,8 @@ import click
 
 from pipeinfer_cpu.app.options import EngineOptions, engine_options
 from pipeinfer_cpu.errors import PipeinferError, UserError, exit_with_error, one_line_errors
+from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.wire.transport import rank_from_environment
-
 
 friendly_errors = one_line_errors(PipeinferError)
 
@@ -165,8 +165,8 @@ def cpu(cpu_variant, as_json, debug):
     """Which llama.cpp CPU backend this machine runs, and why (run it on each node)."""
     import json
 
-    from pipeinfer_cpu.llama.runtime import LIB_DIR, cpu_backend
     from pipeinfer_cpu.llama.cpubackend import installed_variants
+    from pipeinfer_cpu.llama.runtime import LIB_DIR, cpu_backend
 
     report = cpu_backend(cpu_variant or None)
     if as_json:
@@ -226,7 +226,7 @@ def models_bench_pair(cost_ratio, agreement, seed, quant, out_dir, debug):
 
 # -- bench ----------------------------------------------------------------------------------------
 
-BENCH_MODES = ("plain", "single", "pipeline", "speculative", "pipeinfer")
+BENCH_MODES = ("plain", *(mode.value for mode in Mode))  # plain: a bare llama-cpp-python loop, the yardstick
 
 
 @commands.command()
@@ -258,7 +258,7 @@ def bench(hostfile, model, draft, agreements, cost_ratio, modes, stages, threads
     unknown = set(wanted) - set(BENCH_MODES)
     if unknown:
         raise UserError(f"unknown benchmark modes: {', '.join(sorted(unknown))}")
-    if {"speculative", "pipeinfer"} & set(wanted) and draft is None and agreements is None:
+    if any(mode != "plain" and Mode(mode).speculative for mode in wanted) and draft is None and agreements is None:
         raise UserError("speculative and pipeinfer need --draft or --agreements")
     prompts = read_prompts(None, None, prompts_file) if prompts_file else B.DEFAULT_PROMPTS
     config = B.BenchConfig(hostfile, tuple(wanted), stages, threads, n_tokens, prompts)

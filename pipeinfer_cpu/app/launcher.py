@@ -9,8 +9,8 @@ chatter on failure (banners, abort notices) is for the front end to filter out o
 from __future__ import annotations
 
 import os
-import shutil
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeinfer_cpu.errors import LaunchError
 from pipeinfer_cpu.app.hostfile import machinefile_lines
+from pipeinfer_cpu.errors import LaunchError
 
 SSH_TIMEOUT_S = 8
 _MPI_NOISE = ("[mpiexec@", "[proxy:", "=====", "=   ", "YOUR APPLICATION TERMINATED", "This typically refers",

@@ -42,7 +42,7 @@ class EngineOptions:
 
     hostfile: Path | None = None
     model: Path | None = None
-    mode: str = "pipeline"
+    mode: Mode = Mode.PIPELINE  # click gives the name; it becomes a Mode here
     stages: int | None = None
     weights: str | None = None
     threads: int = 0
@@ -65,6 +65,7 @@ class EngineOptions:
     debug: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode(self.mode))
         if self.threads < 0:
             raise UserError(f"--threads must be 0 (auto) or more, got {self.threads}")
         if self.draft_max < 1:
@@ -88,7 +89,7 @@ class EngineOptions:
 
     @property
     def speculative(self) -> bool:
-        return Mode(self.mode).speculative
+        return self.mode.speculative
 
     @property
     def spec(self) -> SpecSettings:
@@ -127,7 +128,7 @@ class EngineOptions:
         check_supported(info)
         if self.speculative and self.draft is not None:
             check_draft(info, read_model_info(resolve_model(self.draft)))
-        if self.mode != "single":
+        if self.mode != Mode.SINGLE:
             split_layers(info.n_layer, self.topology.weights)
 
 

@@ -19,6 +19,7 @@ from pipeinfer_cpu.app.options import EngineOptions
 from pipeinfer_cpu.files import atomic_output
 from pipeinfer_cpu.head.engine import Engine
 from pipeinfer_cpu.head.job import as_head
+from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.head.server import EngineServer, sampling_json
 from pipeinfer_cpu.sampling import SamplingConfig
 from pipeinfer_cpu.stats import RunStats, write_json
@@ -40,7 +41,7 @@ class GenerateRequest:
 
 def run_prompts(options: EngineOptions, request: GenerateRequest) -> int:
     """Answer every prompt; returns the exit code."""
-    if under_mpi() or options.mode == "single":  # the model in this process (rank 0 of your own mpiexec)
+    if under_mpi() or options.mode == Mode.SINGLE:  # the model in this process (rank 0 of your own mpiexec)
         transport = MpiTransport() if under_mpi() else None
         return as_head(lambda: _answer_all(_local_client(options, transport), options, request), transport,
                        options.debug)

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeinfer_cpu.wire import control as C
-from pipeinfer_cpu.llama.cpubackend import BackendReport
 from pipeinfer_cpu.errors import ClusterError
-from pipeinfer_cpu.wire.control import Assignment, Role
-from pipeinfer_cpu.wire.runs import HEAD, WIRE_VERSION, Tag, WireVersionError
+from pipeinfer_cpu.llama.cpubackend import BackendReport
 from pipeinfer_cpu.modelfiles.models import ModelInfo
 from pipeinfer_cpu.modelfiles.shards import ShardFile, ShardPlan, default_cache_dir, source_hash
 from pipeinfer_cpu.stats import StageStats
+from pipeinfer_cpu.wire import control as C
+from pipeinfer_cpu.wire.control import Assignment, Role
+from pipeinfer_cpu.wire.runs import HEAD, WIRE_VERSION, Tag, WireVersionError
 from pipeinfer_cpu.wire.transport import Transport, wait
 
 FILE_CHUNK_BYTES = 4 << 20

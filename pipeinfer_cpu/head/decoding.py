@@ -17,8 +17,8 @@ import numpy as np
 from pipeinfer_cpu.head.executors import RunResult
 from pipeinfer_cpu.head.session import Context
 from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
-from pipeinfer_cpu.wire.runs import Output, RunMessage
 from pipeinfer_cpu.sampling import SamplingConfig, make_rng, sample
+from pipeinfer_cpu.wire.runs import Output, RunMessage
 
 
 @dataclass(frozen=True)

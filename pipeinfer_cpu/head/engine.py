@@ -16,27 +16,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeinfer_cpu.head.cluster import Cluster, StageSettings
-from pipeinfer_cpu.head.draft_clients import LocalDraftClient, RemoteDraftClient
-from pipeinfer_cpu.llama.drafter import Drafter
-from pipeinfer_cpu.head.decoding import Decoder, Generation
-from pipeinfer_cpu.head.session import Context
 from pipeinfer_cpu.errors import UserError
-from pipeinfer_cpu.head.executors import Executor, LocalExecutor, PipelineExecutor
-from pipeinfer_cpu.llama.cpubackend import BackendReport, NoUsableVariant
-from pipeinfer_cpu.llama.runtime import Stage, StageConfig, Vocab, cpu_backend
-from pipeinfer_cpu.wire.runs import HEAD
-from pipeinfer_cpu.modelfiles.models import ModelInfo, check_supported, read_model_info, resolve_model
-from pipeinfer_cpu.modelfiles.planning import split_layers
-from pipeinfer_cpu.sampling import SamplingConfig
-from pipeinfer_cpu.modelfiles.shards import shard_model
 from pipeinfer_cpu.head import pipeinfer, speculative
+from pipeinfer_cpu.head.cluster import Cluster, StageSettings
+from pipeinfer_cpu.head.decoding import Decoder, Generation
+from pipeinfer_cpu.head.draft_clients import LocalDraftClient, RemoteDraftClient
+from pipeinfer_cpu.head.executors import Executor, LocalExecutor, PipelineExecutor
 from pipeinfer_cpu.head.modes import Mode
+from pipeinfer_cpu.head.session import Context
 from pipeinfer_cpu.head.specdecode import DraftClient, Request, SpecCounters, SpecSettings
 from pipeinfer_cpu.head.speculation import SpeculationSwitch
+from pipeinfer_cpu.llama.cpubackend import BackendReport, NoUsableVariant
+from pipeinfer_cpu.llama.drafter import Drafter
+from pipeinfer_cpu.llama.runtime import Stage, StageConfig, Vocab, cpu_backend
+from pipeinfer_cpu.modelfiles.models import ModelInfo, check_supported, read_model_info, resolve_model
+from pipeinfer_cpu.modelfiles.planning import split_layers
+from pipeinfer_cpu.modelfiles.shards import shard_model
+from pipeinfer_cpu.sampling import SamplingConfig
 from pipeinfer_cpu.stats import RunStats, StageStats, peak_rss_bytes
+from pipeinfer_cpu.wire.runs import HEAD
 from pipeinfer_cpu.wire.transport import Transport
-
 
 
 @dataclass(frozen=True)

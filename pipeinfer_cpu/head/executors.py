@@ -14,12 +14,12 @@ from typing import Protocol
 
 import numpy as np
 
+from pipeinfer_cpu.errors import ClusterError
+from pipeinfer_cpu.head.cluster import Cluster
+from pipeinfer_cpu.llama.kvcache import apply_kv_ops
+from pipeinfer_cpu.llama.runtime import Stage
 from pipeinfer_cpu.wire import control as C
 from pipeinfer_cpu.wire import runs as P
-from pipeinfer_cpu.head.cluster import Cluster
-from pipeinfer_cpu.errors import ClusterError
-from pipeinfer_cpu.llama.runtime import Stage
-from pipeinfer_cpu.llama.kvcache import apply_kv_ops
 from pipeinfer_cpu.wire.runs import Output, RunMessage, Tag
 from pipeinfer_cpu.wire.transport import Waiter
 

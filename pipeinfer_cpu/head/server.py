@@ -29,8 +29,15 @@ import select
 from collections import deque
 from typing import Callable, Sequence
 
-from pipeinfer_cpu.conversation import (Message, Render, answer_reserve, conversation_from_json, fit_window,
-                                        plain_template, plan_feed)
+from pipeinfer_cpu.conversation import (
+    Message,
+    Render,
+    answer_reserve,
+    conversation_from_json,
+    fit_window,
+    plain_template,
+    plan_feed,
+)
 from pipeinfer_cpu.errors import ModelError, UserError
 from pipeinfer_cpu.head.decoding import TextStream
 from pipeinfer_cpu.head.engine import Engine

@@ -22,8 +22,8 @@ from pipeinfer_cpu.head.executors import RunResult
 from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.head.session import Context
 from pipeinfer_cpu.head.speculation import MAX_BRANCHES_PER_RUN, Chain, DraftPolicy, Launch, Verdict
-from pipeinfer_cpu.wire.drafts import DraftReply, DraftRequest
 from pipeinfer_cpu.sampling import SamplingConfig, make_rng
+from pipeinfer_cpu.wire.drafts import DraftReply, DraftRequest
 from pipeinfer_cpu.wire.runs import Output, RunMessage
 
 

@@ -16,16 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 import llama_cpp
+import numpy as np
 from llama_cpp import llama_cpp as _llama_module
 
-from pipeinfer_cpu.llama.cpubackend import VARIANT_ENV, BackendReport, NoUsableVariant, read_cpu, select
 from pipeinfer_cpu.errors import ModelError
+from pipeinfer_cpu.llama.cpubackend import VARIANT_ENV, BackendReport, NoUsableVariant, read_cpu, select
 from pipeinfer_cpu.llama.native import Capture, load_callbacks
-from pipeinfer_cpu.modelfiles.tinymodel import TinyShape
 from pipeinfer_cpu.modelfiles.shards import default_cache_dir
+from pipeinfer_cpu.modelfiles.tinymodel import TinyShape
 
 # ggml's functions through libllama's own handle: llama_cpp._ggml opens another copy of libggml
 # (wheels hold libggml.so and libggml.so.0 as two files), whose backend registry llama.cpp never sees.

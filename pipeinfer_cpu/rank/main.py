@@ -13,6 +13,7 @@ import socket
 import traceback
 from pathlib import Path
 
+from pipeinfer_cpu.files import atomic_output
 from pipeinfer_cpu.llama.cpubackend import NoUsableVariant
 from pipeinfer_cpu.llama.drafter import Drafter
 from pipeinfer_cpu.llama.runtime import Stage, StageConfig, cpu_backend
@@ -20,7 +21,6 @@ from pipeinfer_cpu.modelfiles.shards import ShardFile, check_readable, default_c
 from pipeinfer_cpu.rank.draft_loop import serve_drafts
 from pipeinfer_cpu.rank.stage_loop import StageLoop
 from pipeinfer_cpu.stats import peak_rss_bytes
-from pipeinfer_cpu.files import atomic_output
 from pipeinfer_cpu.wire import control as C
 from pipeinfer_cpu.wire.runs import HEAD, WIRE_VERSION, Tag, WireVersionError
 from pipeinfer_cpu.wire.transport import MpiTransport, Transport, wait

@@ -3,7 +3,6 @@
 
 from conftest import assert_clean_failure
 
-
 RUN = ("run", "--hostfile", "hosts/local.txt", "-p", "Hello", "-n", "4")
 
 

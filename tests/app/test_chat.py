@@ -16,11 +16,20 @@ import pytest
 
 from pipeinfer_cpu.app.chat import ChatOptions, ChatSession, format_stats, read_transcript
 from pipeinfer_cpu.app.client import JobEnded, LocalClient
-from pipeinfer_cpu.conversation import (Conversation, Turn, answer_reserve, common_prefix, conversation_from_json,
-                                        conversation_to_json, fit_window, plain_template, plan_feed)
+from pipeinfer_cpu.conversation import (
+    Conversation,
+    Turn,
+    answer_reserve,
+    common_prefix,
+    conversation_from_json,
+    conversation_to_json,
+    fit_window,
+    plain_template,
+    plan_feed,
+)
 from pipeinfer_cpu.errors import ModelError, UserError
-from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.head.decoding import Generation
+from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.head.server import EngineServer, LineReader, json_line_writer, sampling_json, serve_json_lines
 from pipeinfer_cpu.sampling import SamplingConfig
 from pipeinfer_cpu.stats import RunStats, StageStats

@@ -16,7 +16,6 @@ import psutil
 import pytest
 
 from conftest import REPO
-
 from pipeinfer_cpu.conversation import conversation_from_json
 
 CHAT = ["-m", "pipeinfer_cpu", "chat", "--hostfile", "hosts/local.txt"]

@@ -1,12 +1,9 @@
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO
-
-from pipeinfer_cpu.errors import HostfileError
 from pipeinfer_cpu.app.hostfile import Host, machinefile_lines, parse_hostfile, parse_line
-
+from pipeinfer_cpu.errors import HostfileError
 
 
 @pytest.mark.parametrize("line, expected", [

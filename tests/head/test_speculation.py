@@ -10,9 +10,9 @@ from itertools import count
 import numpy as np
 import pytest
 
+from pipeinfer_cpu.head.speculation import MAX_BRANCHES_PER_RUN, Branch, Chain, DraftPolicy, Launch, branch_candidates
 from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
 from pipeinfer_cpu.wire.runs import KvKind, KvOp
-from pipeinfer_cpu.head.speculation import MAX_BRANCHES_PER_RUN, Branch, Chain, DraftPolicy, Launch, branch_candidates
 
 
 def target_next(context: list[int]) -> int:

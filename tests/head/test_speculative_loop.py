@@ -11,18 +11,17 @@ from functools import partial
 
 import numpy as np
 import pytest
-
-from pipeinfer_cpu.wire.drafts import DraftReply
-from pipeinfer_cpu.head.executors import RunResult
-from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
-from pipeinfer_cpu.wire.runs import KvKind, Output
-from pipeinfer_cpu.sampling import SamplingConfig
-from pipeinfer_cpu.head import pipeinfer, speculative
-from pipeinfer_cpu.head.specdecode import Request, SpecSettings
-from pipeinfer_cpu.head.session import Context
-from pipeinfer_cpu.head.speculation import SpeculationSwitch
-
 from test_speculation import target_continuation, target_next
+
+from pipeinfer_cpu.head import pipeinfer, speculative
+from pipeinfer_cpu.head.executors import RunResult
+from pipeinfer_cpu.head.session import Context
+from pipeinfer_cpu.head.specdecode import Request, SpecSettings
+from pipeinfer_cpu.head.speculation import SpeculationSwitch
+from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
+from pipeinfer_cpu.sampling import SamplingConfig
+from pipeinfer_cpu.wire.drafts import DraftReply
+from pipeinfer_cpu.wire.runs import KvKind, Output
 
 
 class SimulatedTarget:

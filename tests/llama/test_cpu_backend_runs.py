@@ -9,8 +9,8 @@ import uuid
 from pathlib import Path
 
 from conftest import REPO, processes_tagged
-from pipeinfer_cpu.llama.cpubackend import installed_variants, ranked_candidates, read_cpu
 from pipeinfer_cpu.app.launcher import is_mpi_noise
+from pipeinfer_cpu.llama.cpubackend import installed_variants, ranked_candidates, read_cpu
 from pipeinfer_cpu.llama.runtime import LIB_DIR
 
 RUN = ("run", "--hostfile", "hosts/local.txt", "-p", "Hello", "-n", "4")

@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from pipeinfer_cpu.head.decoding import Decoder
-from pipeinfer_cpu.wire.drafts import DraftReply, DraftRequest
 from pipeinfer_cpu.head.engine import Engine, EngineSettings
 from pipeinfer_cpu.head.executors import LocalExecutor
 from pipeinfer_cpu.head.session import Context
-from pipeinfer_cpu.llama.runtime import Stage, StageConfig
-from pipeinfer_cpu.sampling import SamplingConfig
 from pipeinfer_cpu.head.specdecode import SpecSettings
-from pipeinfer_cpu.wire.transport import MpiTransport
+from pipeinfer_cpu.llama.runtime import Stage, StageConfig
 from pipeinfer_cpu.rank.main import serve
+from pipeinfer_cpu.sampling import SamplingConfig
+from pipeinfer_cpu.wire.drafts import DraftReply, DraftRequest
+from pipeinfer_cpu.wire.transport import MpiTransport
 
 GREEDY = SamplingConfig()
 
