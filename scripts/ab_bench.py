@@ -19,6 +19,7 @@ Smoke test: add --quick (1 round, -n 8, the foundation suite unless --suites say
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -26,26 +27,26 @@ import shlex
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import median
+from typing import NamedTuple
 
 from tabulate import tabulate
 
 
-@dataclass(frozen=True)
-class Suite:
-    name: str
+class Suite(NamedTuple):
+    """One benchmark of the comparison: `bench --modes ... --stages ... -n ...`, on the pair or not."""
+
     modes: tuple[str, ...]
-    stages: int
-    n_tokens: int
-    uses_pair: bool
+    stages: int  # target stages
+    n_tokens: int  # per prompt
+    uses_pair: bool  # the SYNTHETIC pair's target and draft, or the default model
 
 
 SUITES = {
-    "foundation": Suite("foundation", ("single", "pipeline"), 2, 128, False),
-    "speculation-2core": Suite("speculation-2core", ("single", "pipeline", "speculative", "pipeinfer"), 1, 64, True),
+    "foundation": Suite(("single", "pipeline"), 2, 128, False),
+    "speculation-2core": Suite(("single", "pipeline", "speculative", "pipeinfer"), 1, 64, True),
 }
 METRICS = ("decode_tok_s", "itl_mean_ms")
 
@@ -58,7 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="where the bench.json files, ab.json and ab.md go")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--suites", help=f"comma list from {', '.join(SUITES)} (default: all)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, -n 8, foundation only")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, -n 8, default suite foundation")
     args = parser.parse_args()
     args.suites = (args.suites or ("foundation" if args.quick else ",".join(SUITES))).split(",")
     unknown = set(args.suites) - set(SUITES)
@@ -88,6 +89,17 @@ def check_tree(root: Path) -> None:
 
 def git(root: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def tree_state(root: Path) -> dict:
+    """The tree's commit, whether its package differs from it, and a hash of the package's files as they are."""
+    digest = hashlib.sha256()
+    for path in sorted((root / "pipeinfer_cpu").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return {"root": str(root), "commit": git(root, "rev-parse", "HEAD"),
+            "uncommitted_changes": bool(git(root, "status", "--porcelain", "--", "pipeinfer_cpu")),
+            "package_sha256": digest.hexdigest()}
 
 
 def bench_argv(suite: Suite, n_tokens: int, pair: Path | None, out_dir: Path) -> list[str]:
@@ -126,11 +138,12 @@ def main() -> None:
     trees = {"old": args.old, "new": args.new}
     for root in trees.values():
         check_tree(root)
+    states = {t: tree_state(root) for t, root in trees.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     # measurements[suite][mode][tree] = one {"round", "decode_tok_s", "itl_mean_ms", "bench_json"} per round
     measurements: dict[str, dict[str, dict[str, list[dict]]]] = {
         s: {m: {t: [] for t in trees} for m in SUITES[s].modes} for s in args.suites}
-    commands = []
+    commands: list[dict] = []
     for r in range(1, args.rounds + 1):
         for name in args.suites:
             suite = SUITES[name]
@@ -161,15 +174,18 @@ def main() -> None:
     markdown = tabulate(table, headers, tablefmt="github", disable_numparse=True)
 
     machine = f"{socket.gethostname()}: {os.cpu_count()} cores, {cpu_model()}, {platform.platform()}"
-    trees_info = {t: {"root": str(root), "commit": git(root, "rev-parse", "HEAD"),
-                      "uncommitted_changes": bool(git(root, "status", "--porcelain"))} for t, root in trees.items()}
+    for t, root in trees.items():
+        states[t]["changed_during_run"] = tree_state(root) != states[t]
+        if states[t]["changed_during_run"]:
+            print(f"ab: WARNING: the {t} tree {root} changed while it was measured", file=sys.stderr)
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
-              "trees": trees_info, "rounds": args.rounds, "quick": args.quick,
+              "trees": states, "rounds": args.rounds, "quick": args.quick,
               "pair": str(args.pair) if args.pair else None,
               "script": shlex.join([sys.executable, *sys.argv]), "commands": commands, "results": results}
     (args.out / "ab.json").write_text(json.dumps(report, indent=2) + "\n")
     header = "\n".join(f"- {t}: `{i['root']}` at {i['commit'][:12]}"
-                       + (" + uncommitted changes" if i["uncommitted_changes"] else "") for t, i in trees_info.items())
+                       + (" + uncommitted changes" if i["uncommitted_changes"] else "")
+                       + (" (CHANGED during the run)" if i["changed_during_run"] else "") for t, i in states.items())
     (args.out / "ab.md").write_text(f"## pipeinfer-cpu A/B, {report['date']}\n\n{machine}\n\n{header}\n\n"
                                     f"{args.rounds} interleaved round(s); medians over rounds.\n\n{markdown}\n")
     print(markdown)

@@ -188,7 +188,7 @@ def chat_tokens(path: Path, prompts: Sequence[str]) -> list[list[int]]:
     """Each prompt as one user turn in the model's chat template, tokenised as Engine.encode(chat=True) does."""
     vocab = Vocab(path)
     try:
-        return [vocab.tokenize(vocab.apply_chat_template([("user", p)]), add_special=False) for p in prompts]
+        return [vocab.chat_tokens([("user", p)]) for p in prompts]
     finally:
         vocab.close()
 

@@ -53,49 +53,30 @@ class EngineOptions:
     draft: Path | None = None
     draft_ranks: str = "dedicated"
     draft_host: str | None = None
-    draft_max: int = 8
-    max_inflight: int = 4
-    p_accept: float = 0.4
-    p_recovery: float = 0.05
-    p_decay: float = 0.02
-    p_split: float = 1.0
-    adaptive: bool = True
+    spec: SpecSettings = SpecSettings(Mode.PIPELINE)  # the speculation options (their own dataclass)
     cpu_variant: str | None = None
     verbose: bool = False
     debug: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode(self.mode))
+        object.__setattr__(self, "spec", dataclasses.replace(self.spec, mode=self.mode))
         if self.threads < 0:
             raise UserError(f"--threads must be 0 (auto) or more, got {self.threads}")
-        if self.draft_max < 1:
-            raise UserError(f"--draft-max must be at least 1, got {self.draft_max}")
-        if self.max_inflight < 1:
-            raise UserError(f"--max-inflight must be at least 1, got {self.max_inflight}")
-        if self.speculative and self.max_inflight * self.draft_max >= self.n_ctx // 2:
-            raise UserError(f"--max-inflight {self.max_inflight} runs of --draft-max {self.draft_max} tokens do not "
+        spec = self.spec
+        if self.speculative and spec.max_inflight * spec.draft_max >= self.n_ctx // 2:
+            raise UserError(f"--max-inflight {spec.max_inflight} runs of --draft-max {spec.draft_max} tokens do not "
                             f"fit beside a prompt in the context (--ctx-size {self.n_ctx})")
-        for name in ("p_accept", "p_recovery", "p_decay"):
-            if not 0 <= getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
-        if not 0 < self.p_split <= 1:
-            raise UserError(f"--p-split must be in (0, 1] (1 turns draft token trees off), got {self.p_split}")
         most = min(MAX_SEQUENCES, self.n_batch)
-        if self.spec.kv_sequences > most:
-            raise UserError(f"--max-inflight {self.max_inflight} runs with draft token trees need "
-                            f"{self.spec.kv_sequences} KV sequences per stage; llama.cpp allows {most} here (at most "
+        if spec.kv_sequences > most:
+            raise UserError(f"--max-inflight {spec.max_inflight} runs with draft token trees need "
+                            f"{spec.kv_sequences} KV sequences per stage; llama.cpp allows {most} here (at most "
                             f"{MAX_SEQUENCES}, and no more than --batch-size): lower --max-inflight or turn trees off "
                             "with --p-split 1")
 
     @property
     def speculative(self) -> bool:
         return self.mode.speculative
-
-    @property
-    def spec(self) -> SpecSettings:
-        return SpecSettings(mode=self.mode, draft_max=self.draft_max, max_inflight=self.max_inflight,
-                            p_accept=self.p_accept, p_recovery=self.p_recovery, p_decay=self.p_decay,
-                            adaptive=self.adaptive, p_split=self.p_split)
 
     @functools.cached_property
     def topology(self) -> Topology:
@@ -136,13 +117,17 @@ def engine_options(command):
     """Add the options that say how the model runs; the command receives them as `options: EngineOptions`."""
     @functools.wraps(command)
     def wrapper(**kwargs):
-        names = [field.name for field in dataclasses.fields(EngineOptions)]
-        options = EngineOptions(**{name: kwargs.pop(name) for name in names})
+        spec = SpecSettings(kwargs["mode"], **{name: kwargs.pop(name) for name in _names(SpecSettings) - {"mode"}})
+        options = EngineOptions(spec=spec, **{name: kwargs.pop(name) for name in _names(EngineOptions) - {"spec"}})
         return command(options=options, **kwargs)
 
     for option in reversed(_OPTIONS):
         wrapper = option(wrapper)
     return wrapper
+
+
+def _names(cls) -> set[str]:
+    return {field.name for field in dataclasses.fields(cls)}
 
 
 _OPTIONS = [

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from pipeinfer_cpu.errors import ClusterError
 from pipeinfer_cpu.llama.cpubackend import BackendReport
 from pipeinfer_cpu.modelfiles.models import ModelInfo
+from pipeinfer_cpu.modelfiles.planning import LayerRange
 from pipeinfer_cpu.modelfiles.shards import ShardFile, ShardPlan, default_cache_dir, source_hash
 from pipeinfer_cpu.stats import StageStats
 from pipeinfer_cpu.wire import control as C
@@ -62,7 +63,7 @@ class Cluster:
         """Tell every worker how to set up llama.cpp; collect its hello: host, cores, wire format, CPU backend."""
         self.broadcast(C.Setup(cpu_variant))
         for rank in self.workers:
-            hello = self.expect(rank, C.Hello, HELLO_TIMEOUT_S)
+            hello = self.expect(rank, C.Hello, timeout_s=HELLO_TIMEOUT_S)
             self.hosts[rank] = hello.host
             self.cpus[rank] = hello.cpus
             if hello.wire != WIRE_VERSION:
@@ -84,9 +85,9 @@ class Cluster:
         sharing = sum(1 for r in self.workers if self.hosts[r] == self.hosts[rank])
         return max(1, self.cpus[rank] // sharing)
 
-    def expect(self, rank: int, kind: type | tuple[type, ...], timeout_s: float | None = None):
-        """Wait for a reply of `kind` (or one of several) from `rank`; raise ClusterError on a
-        failure, a timeout or junk."""
+    def expect(self, rank: int, *kinds, timeout_s: float | None = None):
+        """Wait for a reply of one of `kinds` (message classes or Signal members) from `rank`; raise
+        ClusterError on a failure, a timeout or anything else."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         message = wait(self.transport, [(rank, Tag.REPLY)], timeout_s)
         if message is None:
@@ -98,10 +99,9 @@ class Cluster:
         if isinstance(reply, C.Failure):
             detail = f"\n{reply.detail}" if reply.detail else ""
             raise ClusterError(f"rank {rank} ({self.host(rank)}): {reply.message}{detail}")
-        if not isinstance(reply, kind):
-            kinds = kind if isinstance(kind, tuple) else (kind,)
-            raise ClusterError(f"rank {rank} ({self.host(rank)}): expected {' or '.join(k.kind for k in kinds)}, "
-                               f"got {reply.kind}")
+        if not (reply in kinds if isinstance(reply, C.Signal) else type(reply) in kinds):
+            raise ClusterError(f"rank {rank} ({self.host(rank)}): expected {' or '.join(map(C.kind_of, kinds))}, "
+                               f"got {C.kind_of(reply)}")
         return reply
 
     def load_stages(self, plan: ShardPlan, stage_ranks: list[int], settings: StageSettings) -> None:
@@ -110,28 +110,28 @@ class Cluster:
             shard = plan.shards[index]
             upstream = HEAD if index == 0 else stage_ranks[index - 1]
             downstream = HEAD if index == len(stage_ranks) - 1 else stage_ranks[index + 1]
-            assignment = Assignment(index, shard.start, shard.end, plan.n_layer, shard, settings.n_ctx,
-                                    settings.n_batch, self.threads_for(rank, settings.n_threads),
-                                    settings.n_seq_max, upstream,
+            layers = LayerRange(shard.start, shard.end, plan.n_layer)
+            assignment = Assignment(index, layers, shard, settings.n_ctx, settings.n_batch,
+                                    self.threads_for(rank, settings.n_threads), settings.n_seq_max, upstream,
                                     downstream, settings.cancellation)
             self.send_control(rank, C.Assign(assignment))
         for index, rank in enumerate(stage_ranks):
-            if isinstance(self.expect(rank, (C.HaveFile, C.NeedFile)), C.NeedFile):
+            if self.expect(rank, C.Signal.HAVE_FILE, C.Signal.NEED_FILE) == C.Signal.NEED_FILE:
                 self._send_file(rank, Path(plan.shards[index].path))
         for rank in stage_ranks:
-            self.expect(rank, C.Ready, LOAD_TIMEOUT_S)
+            self.expect(rank, C.Ready, timeout_s=LOAD_TIMEOUT_S)
 
     def load_draft(self, rank: int, info: ModelInfo, settings: StageSettings) -> None:
         """Start the whole draft model on its own rank (its hash is remembered, not recomputed each start)."""
         path = info.path
         digest = source_hash(path, default_cache_dir())
         shard = ShardFile(-1, 0, info.n_layer, str(path.resolve()), path.stat().st_size, digest)
-        assignment = Assignment(-1, 0, info.n_layer, info.n_layer, shard, settings.n_ctx, settings.n_batch,
+        assignment = Assignment(-1, LayerRange(0, info.n_layer, info.n_layer), shard, settings.n_ctx, settings.n_batch,
                                 self.threads_for(rank, settings.n_threads), 1, HEAD, HEAD, False, Role.DRAFT)
         self.send_control(rank, C.Assign(assignment))
-        if isinstance(self.expect(rank, (C.HaveFile, C.NeedFile)), C.NeedFile):
+        if self.expect(rank, C.Signal.HAVE_FILE, C.Signal.NEED_FILE) == C.Signal.NEED_FILE:
             self._send_file(rank, path)
-        self.expect(rank, C.Ready, LOAD_TIMEOUT_S)
+        self.expect(rank, C.Ready, timeout_s=LOAD_TIMEOUT_S)
 
     def _send_file(self, rank: int, path: Path) -> None:
         size = path.stat().st_size
@@ -150,10 +150,10 @@ class Cluster:
             self.send_control(rank, command)
 
     def reset_stats(self) -> None:
-        self.broadcast(C.ResetStats())
+        self.broadcast(C.Signal.RESET_STATS)
 
     def stage_stats(self, ranks: list[int]) -> tuple[StageStats, ...]:
-        self.broadcast(C.StatsRequest(), ranks)
+        self.broadcast(C.Signal.STATS, ranks)
         stats = []
         for rank in ranks:
             report = self.expect(rank, C.StageReport)
@@ -172,7 +172,7 @@ class Cluster:
     def shutdown(self) -> None:
         """Stop every worker and wait (bounded) until each says goodbye: a stuck rank is an error,
         so the job is aborted rather than left waiting for it."""
-        self.broadcast(C.Shutdown())
+        self.broadcast(C.Signal.SHUTDOWN)
         for rank in self.workers:
             self._await_bye(rank)
         self.transport.flush(5.0)
@@ -184,7 +184,7 @@ class Cluster:
             message = wait(self.transport, [(rank, Tag.REPLY)], max(0.0, deadline - time.perf_counter()))
             if message is None:
                 raise ClusterError(f"rank {rank} ({self.host(rank)}) did not stop within {SHUTDOWN_TIMEOUT_S:.0f} s")
-            if isinstance(C.decode(message.data), C.Bye):
+            if C.decode(message.data) == C.Signal.BYE:
                 return
 
 

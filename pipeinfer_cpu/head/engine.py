@@ -181,10 +181,8 @@ class Engine:
     def encode(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:
         """Tokens for a prompt: raw text, or one user turn rendered with the model's chat template."""
         if chat:
-            messages = ([("system", system)] if system else []) + [("user", text)]
-            text = self.vocab.apply_chat_template(messages, add_assistant=True)
-            return self.vocab.tokenize(text, add_special=False, parse_special=True)
-        return self.vocab.tokenize(text, add_special=True, parse_special=False)
+            return self.vocab.chat_tokens(([("system", system)] if system else []) + [("user", text)])
+        return self.vocab.text_tokens(text)
 
     @property
     def context_tokens(self) -> tuple[int, ...]:

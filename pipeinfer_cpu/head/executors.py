@@ -100,7 +100,7 @@ class PipelineExecutor:
         if message.tag == Tag.REPLY:
             reply = C.decode(message.data)
             rank = message.source
-            text = reply.message if isinstance(reply, C.Failure) else f"unexpected {reply.kind}"
+            text = reply.message if isinstance(reply, C.Failure) else f"unexpected {C.kind_of(reply)}"
             raise ClusterError(f"rank {rank} ({self.cluster.host(rank)}): {text}")
         return _result(message.data)
 

@@ -66,7 +66,7 @@ def stop_all(transport: MpiTransport | None, code: int) -> int:
     if transport is None:
         return code
     for rank in range(1, transport.size):
-        transport.send(rank, int(Tag.CONTROL), C.encode(C.Shutdown()))
+        transport.send(rank, int(Tag.CONTROL), C.encode(C.Signal.SHUTDOWN))
     transport.flush(2.0)
     _await_goodbyes(transport, STOP_GRACE_S)  # meanwhile mpiexec passes the head's error line on
     transport.abort(code)  # kills any rank that is stuck; mpiexec then exits with `code`
@@ -85,6 +85,6 @@ def _await_goodbyes(transport: MpiTransport, grace_s: float) -> None:
 
 def _is_bye(data) -> bool:
     try:
-        return isinstance(C.decode(data), C.Bye)
+        return C.decode(data) == C.Signal.BYE
     except C.WireVersionError:
         return False

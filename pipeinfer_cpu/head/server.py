@@ -49,20 +49,16 @@ FINAL_EVENTS = ("ready", "done", "error", "bye")
 
 def make_renderer(vocab) -> tuple[Render, str | None]:
     """Render with the model's own chat template, or the plain fallback and a notice saying so."""
-    def with_template(messages: Sequence[Message]) -> list[int]:
-        text = vocab.apply_chat_template(list(messages), add_assistant=True)
-        return vocab.tokenize(text, add_special=False, parse_special=True)
-
     def plain(messages: Sequence[Message]) -> list[int]:
-        return vocab.tokenize(plain_template(messages), add_special=True, parse_special=False)
+        return vocab.text_tokens(plain_template(messages))
 
     if vocab.chat_template() is None:
         return plain, "the model has no chat template: using a plain 'User:/Assistant:' format"
     try:
-        with_template([("user", "hi")])
+        vocab.chat_tokens([("user", "hi")])
     except ModelError:
         return plain, "llama.cpp does not know this model's chat template: using a plain 'User:/Assistant:' format"
-    return with_template, None
+    return vocab.chat_tokens, None
 
 
 class EngineServer:

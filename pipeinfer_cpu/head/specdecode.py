@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.head.decoding import Generation, Record, choose
 from pipeinfer_cpu.head.executors import RunResult
 from pipeinfer_cpu.head.modes import Mode
@@ -42,6 +43,15 @@ class SpecSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode(self.mode))
+        if self.draft_max < 1:
+            raise UserError(f"--draft-max must be at least 1, got {self.draft_max}")
+        if self.max_inflight < 1:
+            raise UserError(f"--max-inflight must be at least 1, got {self.max_inflight}")
+        for name in ("p_accept", "p_recovery", "p_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.p_split <= 1:
+            raise UserError(f"--p-split must be in (0, 1] (1 turns draft token trees off), got {self.p_split}")
 
     @property
     def trees(self) -> bool:

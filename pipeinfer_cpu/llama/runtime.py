@@ -182,6 +182,15 @@ class Vocab:
     def is_end(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
+    def chat_tokens(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        """(role, content) messages in the model's chat template, ready for the assistant's answer."""
+        text = self.apply_chat_template(messages, add_assistant=True)
+        return self.tokenize(text, add_special=False, parse_special=True)
+
+    def text_tokens(self, text: str) -> list[int]:
+        """Raw text as a prompt: the model's start token (if any) first, special tokens' text taken literally."""
+        return self.tokenize(text, add_special=True, parse_special=False)
+
     def chat_template(self) -> str | None:
         template = llama_cpp.llama_model_chat_template(self._model, None)
         return template.decode("utf-8") if template else None

@@ -18,8 +18,8 @@ def serve_drafts(transport: Transport, drafter: Drafter) -> None:
     while True:
         message = wait(transport, channels, timeout_s=None)
         if message.tag == Tag.CONTROL:
-            if isinstance(C.decode(message.data), C.Shutdown):
-                transport.send(HEAD, int(Tag.REPLY), C.encode(C.Bye()))
+            if C.decode(message.data) == C.Signal.SHUTDOWN:
+                transport.send(HEAD, int(Tag.REPLY), C.encode(C.Signal.BYE))
                 return
             continue
         request = decode_request(message.data)

@@ -38,27 +38,28 @@ def main() -> int:
     return code
 
 
+class _HeadStopped(Exception):
+    """The head said SHUTDOWN before this rank had work (bad input elsewhere): leave quietly."""
+
+
+class _HeadSilent(Exception):
+    """The head sent nothing in time."""
+
+
 def serve(transport: Transport) -> int:
     """Greet the head, run what it assigns, and leave when it says so."""
     try:
-        setup = _receive(transport, C.Setup, C.Shutdown)
-        if setup is None:
-            return 1
-        if isinstance(setup, C.Shutdown):  # the head gave up before starting anything (bad input)
-            _send(transport, C.Bye())
-            return 0
-        hello = _hello(setup)
+        hello = _hello(_expect(transport, C.Setup))
         _send(transport, hello)
         if hello.backend is None:
             return leave_when_the_head_stops(transport)
-        assign = _receive(transport, C.Assign, C.Shutdown)
-        if assign is None:
-            return 1
-        if isinstance(assign, C.Shutdown):  # the head gave up before assigning work (bad input)
-            _send(transport, C.Bye())
-            return 0
-        _run(transport, assign.assignment)
+        _run(transport, _expect(transport, C.Assign).assignment)
         return 0
+    except _HeadStopped:
+        _send(transport, C.Signal.BYE)
+        return 0
+    except _HeadSilent:
+        return 1
     except Exception as exc:  # report any failure to the head, which tells the user and stops the job
         detail = traceback.format_exc() if os.environ.get("PIPEINFER_DEBUG") else ""
         _send(transport, C.Failure(f"{exc}", detail))
@@ -79,7 +80,8 @@ def _hello(setup: C.Setup) -> C.Hello:
 
 def _run(transport: Transport, assignment: C.Assignment) -> None:
     path = obtain_shard(transport, assignment.shard)
-    stage = Stage(StageConfig(path, assignment.is_first, assignment.is_last, assignment.n_ctx, assignment.n_batch,
+    layers = assignment.layers
+    stage = Stage(StageConfig(path, layers.is_first, layers.is_last, assignment.n_ctx, assignment.n_batch,
                               assignment.n_threads, assignment.n_seq_max))
     _send(transport, C.Ready(peak_rss_bytes()))
     if assignment.role == C.Role.DRAFT:
@@ -97,7 +99,7 @@ def leave_when_the_head_stops(transport: Transport) -> int:
     """
     if wait(transport, [(HEAD, Tag.CONTROL)], HEAD_STOP_WAIT_S) is None:
         return 1
-    _send(transport, C.Bye())
+    _send(transport, C.Signal.BYE)
     return 0
 
 
@@ -107,9 +109,9 @@ def obtain_shard(transport: Transport, shard: ShardFile) -> Path:
     cached = default_cache_dir() / "received" / f"{shard.sha256[:16]}-{Path(shard.path).name}"
     for path in (cached, Path(shard.path)):
         if check_readable(dataclasses.replace(shard, path=str(path))):
-            _send(transport, C.HaveFile())
+            _send(transport, C.Signal.HAVE_FILE)
             return path
-    _send(transport, C.NeedFile())
+    _send(transport, C.Signal.NEED_FILE)
     with atomic_output(cached) as tmp, open(tmp, "wb") as out:
         received = 0
         while received < shard.size_bytes:
@@ -127,12 +129,14 @@ def _send(transport: Transport, message: C.ControlMessage) -> None:
     transport.send(HEAD, int(Tag.REPLY), C.encode(message))
 
 
-def _receive(transport: Transport, *kinds: type) -> C.ControlMessage | None:
-    """The head's next control message, which must be one of `kinds`; None if none comes in time."""
+def _expect(transport: Transport, kind: type):
+    """The head's next control message, which must be a `kind` (or SHUTDOWN: _HeadStopped)."""
     message = wait(transport, [(HEAD, Tag.CONTROL)], ASSIGN_TIMEOUT_S)
     if message is None:
-        return None
+        raise _HeadSilent()
     command = C.decode(message.data)
-    if not isinstance(command, kinds):
-        raise WireVersionError(f"expected {' or '.join(k.kind for k in kinds)} from the head, got {command.kind}")
+    if command == C.Signal.SHUTDOWN:
+        raise _HeadStopped()
+    if not isinstance(command, kind):
+        raise WireVersionError(f"expected {C.kind_of(kind)} from the head, got {C.kind_of(command)}")
     return command

@@ -86,24 +86,24 @@ class StageLoop:
     # -- control ------------------------------------------------------------------------------
 
     def _on_control(self, command: C.ControlMessage) -> None:
-        if isinstance(command, C.Shutdown):
+        if command == C.Signal.SHUTDOWN:
             self._stopping = True
-            self._reply(C.Bye())
-        elif isinstance(command, C.ResetStats):
+            self._reply(C.Signal.BYE)
+        elif command == C.Signal.RESET_STATS:
             self.counters.reset(self.transport.bytes_sent)
-        elif isinstance(command, C.StatsRequest):
+        elif command == C.Signal.STATS:
             self._reply(C.StageReport(self._stats(), self.transport.bytes_sent - self.counters.bytes_at_reset))
         elif isinstance(command, C.KvUsageRequest):
             self._reply(C.KvUsage({s: (self.stage.seq_pos_min(s), self.stage.seq_pos_max(s)) for s in command.seqs}))
         else:
-            raise ValueError(f"unexpected control message {command.kind!r} while serving runs")
+            raise ValueError(f"unexpected control message {C.kind_of(command)!r} while serving runs")
 
     def _reply(self, message: C.ControlMessage) -> None:
         self.transport.send(HEAD, int(Tag.REPLY), C.encode(message))
 
     def _stats(self) -> StageStats:
         c, a = self.counters, self.assignment
-        return StageStats(rank=self.transport.rank, host=socket.gethostname(), layers=(a.start, a.end),
+        return StageStats(rank=self.transport.rank, host=socket.gethostname(), layers=(a.layers.start, a.layers.end),
                           compute_s=c.compute_s, wall_s=time.perf_counter() - c.started,
                           peak_rss_bytes=peak_rss_bytes(), runs_computed=c.runs_computed,
                           runs_cancelled_before=c.cancelled_before, runs_cancelled_during=c.cancelled_during,
@@ -133,8 +133,8 @@ class StageLoop:
 
     def _compute(self, run: RunMessage) -> np.ndarray | None:
         a = self.assignment
-        tokens = run.tokens if a.is_first else None
-        hidden = None if a.is_first else run.payload
+        tokens = run.tokens if a.layers.is_first else None
+        hidden = None if a.layers.is_first else run.payload
         self._current_run = run.run_id
         self.stage.set_cancelled(False)
         self._computing.set()
@@ -159,7 +159,7 @@ class StageLoop:
 
     def _send_result(self, run: RunMessage, result: np.ndarray) -> None:
         a = self.assignment
-        if not a.is_last:
+        if not a.layers.is_last:
             self.transport.send(a.downstream, int(Tag.RUN), R.encode_run(run.with_payload(result)))
             return
         if not any(run.outputs):
@@ -171,7 +171,7 @@ class StageLoop:
 
     def _forward_ops(self, run: RunMessage) -> None:
         a = self.assignment
-        if run.kv_ops and not a.is_last:
+        if run.kv_ops and not a.layers.is_last:
             self.transport.send(a.downstream, int(Tag.RUN), R.encode_run(run.ops_only()))
 
     # -- cancellation -------------------------------------------------------------------------

@@ -5,11 +5,12 @@ The head sends on `Tag.CONTROL`, a rank answers on `Tag.REPLY`. A job starts lik
     head -> rank   Setup          how to start llama.cpp (the CPU backend variant to force, if any)
     rank -> head   Hello          host, cores, wire version, the CPU backend it loaded (or why none)
     head -> rank   Assign         a stage's layer range and shard (or the whole draft model)
-    rank -> head   HaveFile | NeedFile   (NeedFile: the head sends the shard's bytes on Tag.FILE)
+    rank -> head   HAVE_FILE | NEED_FILE   (NEED_FILE: the head sends the shard's bytes on Tag.FILE)
     rank -> head   Ready          loaded; then runs flow on Tag.RUN (wire/runs.py)
 
-then, any time: ResetStats, StatsRequest -> StageReport, KvUsageRequest -> KvUsage, and at the end
-Shutdown -> Bye. A rank that fails answers Failure and waits for the head's word.
+then, any time: RESET_STATS, STATS -> StageReport, KvUsageRequest -> KvUsage, and at the end
+SHUTDOWN -> BYE. A rank that fails answers Failure and waits for the head's word. Messages with a
+body are frozen dataclasses; those without one are the members of `Signal`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
 from pipeinfer_cpu.llama.cpubackend import BackendReport
+from pipeinfer_cpu.modelfiles.planning import LayerRange
 from pipeinfer_cpu.modelfiles.shards import ShardFile
 from pipeinfer_cpu.stats import StageStats
 from pipeinfer_cpu.wire.runs import WIRE_VERSION, WireVersionError
@@ -34,130 +36,111 @@ class Role(str, Enum):
 
 @dataclass(frozen=True)
 class Assignment:
-    """What the head asks a rank to run; `[start, end)` is its half-open layer range."""
+    """What the head asks a rank to run: a layer range of the target (or, for the draft, all of it)."""
 
-    index: int
-    start: int
-    end: int
-    n_layer: int
+    index: int  # the stage's number (-1: the draft)
+    layers: LayerRange
     shard: ShardFile
     n_ctx: int
     n_batch: int
     n_threads: int
     n_seq_max: int
-    upstream: int
-    downstream: int
-    cancellation: bool
+    upstream: int  # the rank runs come from
+    downstream: int  # the rank results go to
+    cancellation: bool  # watch for cancels while computing (pipeinfer)
     role: Role = Role.STAGE
 
-    @property
-    def is_first(self) -> bool:
-        return self.start == 0
 
-    @property
-    def is_last(self) -> bool:
-        return self.end == self.n_layer
+class Signal(str, Enum):
+    """The messages that carry nothing but their kind."""
 
+    RESET_STATS = "reset-stats"  # head -> rank: start counting a new request
+    STATS = "stats"  # head -> rank: send a StageReport
+    SHUTDOWN = "shutdown"  # head -> rank: stop (answered by BYE)
+    HAVE_FILE = "have-file"  # rank -> head: this host can read the assigned shard
+    NEED_FILE = "need-file"  # rank -> head: send the shard's bytes (Tag.FILE)
+    BYE = "bye"  # rank -> head: leaving
 
-# -- head -> rank ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Setup:
+    """head -> rank, first of all: how to start llama.cpp."""
+
     cpu_variant: str | None  # None: the best variant this rank's CPU runs
     wire: int = WIRE_VERSION
-    kind: ClassVar[str] = "setup"
 
 
 @dataclass(frozen=True)
 class Assign:
+    """head -> rank: the work; answered by HAVE_FILE or NEED_FILE, then Ready."""
+
     assignment: Assignment
-    kind: ClassVar[str] = "assign"
-
-
-@dataclass(frozen=True)
-class ResetStats:
-    kind: ClassVar[str] = "reset-stats"
-
-
-@dataclass(frozen=True)
-class StatsRequest:
-    kind: ClassVar[str] = "stats"
 
 
 @dataclass(frozen=True)
 class KvUsageRequest:
+    """head -> stage: which positions do these KV sequences hold? (tests)"""
+
     seqs: tuple[int, ...]
-    kind: ClassVar[str] = "kv-usage?"
 
-
-@dataclass(frozen=True)
-class Shutdown:
-    kind: ClassVar[str] = "shutdown"
-
-
-# -- rank -> head ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Hello:
+    """rank -> head, answering Setup: who this rank is and what it runs."""
+
     host: str
     pid: int
     cpus: int
     wire: int
     backend: BackendReport | None  # None when no CPU backend variant runs here: see backend_error
     backend_error: str | None = None
-    kind: ClassVar[str] = "hello"
-
-
-@dataclass(frozen=True)
-class HaveFile:
-    kind: ClassVar[str] = "have-file"
-
-
-@dataclass(frozen=True)
-class NeedFile:
-    kind: ClassVar[str] = "need-file"
 
 
 @dataclass(frozen=True)
 class Ready:
+    """rank -> head: the model is loaded."""
+
     rss: int  # peak resident bytes after loading
-    kind: ClassVar[str] = "ready"
 
 
 @dataclass(frozen=True)
 class StageReport:
-    stats: StageStats  # since the last ResetStats
+    """stage -> head, answering STATS: what the stage did since the last RESET_STATS."""
+
+    stats: StageStats
     bytes_sent: int
-    kind: ClassVar[str] = "stats-report"
 
 
 @dataclass(frozen=True)
 class KvUsage:
-    seqs: dict[int, tuple[int, int]] = field(default_factory=dict)  # seq -> (min, max) position
-    kind: ClassVar[str] = "kv-usage"
+    """stage -> head, answering KvUsageRequest: seq -> (min, max) position held."""
+
+    seqs: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Failure:
+    """rank -> head: this rank failed; the head reports it, naming rank and host, and stops the job."""
+
     message: str
     detail: str = ""  # a traceback, with PIPEINFER_DEBUG
-    kind: ClassVar[str] = "error"
 
 
-@dataclass(frozen=True)
-class Bye:
-    kind: ClassVar[str] = "bye"
+ControlMessage = Signal | Setup | Assign | KvUsageRequest | Hello | Ready | StageReport | KvUsage | Failure
+_KINDS: dict[type, str] = {Setup: "setup", Assign: "assign", KvUsageRequest: "kv-usage?", Hello: "hello",
+                           Ready: "ready", StageReport: "stats-report", KvUsage: "kv-usage", Failure: "error"}
+_BY_KIND: dict[str, type] = {kind: cls for cls, kind in _KINDS.items()}
 
 
-ControlMessage = (Setup | Assign | ResetStats | StatsRequest | KvUsageRequest | Shutdown | Hello | HaveFile
-                  | NeedFile | Ready | StageReport | KvUsage | Failure | Bye)
-_BY_KIND: dict[str, type] = {cls.kind: cls for cls in (
-    Setup, Assign, ResetStats, StatsRequest, KvUsageRequest, Shutdown, Hello, HaveFile, NeedFile, Ready,
-    StageReport, KvUsage, Failure, Bye)}
+def kind_of(message: ControlMessage | type) -> str:
+    """The name a message (or a message class) has on the wire, for error messages."""
+    if isinstance(message, Signal):
+        return message.value
+    return _KINDS[message if isinstance(message, type) else type(message)]
 
 
 def encode(message: ControlMessage) -> np.ndarray:
-    body = {"type": message.kind, **_plain(message)}
+    body = {"type": message.value} if isinstance(message, Signal) else {"type": kind_of(message), **_plain(message)}
     return np.frombuffer(json.dumps(body).encode(), dtype=np.uint8)
 
 
@@ -165,7 +148,10 @@ def decode(data: np.ndarray) -> ControlMessage:
     """The message in `data`; a WireVersionError when it is not one this version knows."""
     try:
         body = json.loads(data.tobytes().decode())
-        cls = _BY_KIND[body.pop("type")]
+        kind = body.pop("type")
+        if kind in Signal._value2member_map_:
+            return Signal(kind)
+        cls = _BY_KIND[kind]
     except (ValueError, KeyError, AttributeError, TypeError):
         raise WireVersionError("a control message this version of pipeinfer-cpu does not know") from None
     return _build(cls, body)
@@ -193,8 +179,9 @@ def _build(cls: type, body: dict) -> ControlMessage:
     if cls is Hello and body.get("backend") is not None:
         body["backend"] = BackendReport.from_json(body["backend"])
     elif cls is Assign:
-        data = dict(body["assignment"], shard=ShardFile(**body["assignment"]["shard"]))
-        body["assignment"] = Assignment(**dict(data, role=Role(data["role"])))
+        data = body["assignment"]
+        body["assignment"] = Assignment(**dict(data, layers=LayerRange(**data["layers"]),
+                                               shard=ShardFile(**data["shard"]), role=Role(data["role"])))
     elif cls is StageReport:
         body["stats"] = StageStats.from_json_dict(body["stats"])
     elif cls is KvUsage:

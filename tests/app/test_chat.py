@@ -147,6 +147,12 @@ class FakeVocab:
     def tokenize(self, text, add_special=True, parse_special=True) -> list[int]:
         return [ord(c) for c in text]
 
+    def chat_tokens(self, messages) -> list[int]:
+        return self.tokenize(self.apply_chat_template(messages))
+
+    def text_tokens(self, text) -> list[int]:
+        return self.tokenize(text)
+
     def piece(self, token: int) -> bytes:
         return chr(token).encode()
 
@@ -205,11 +211,8 @@ class FakeEngine:
         self.decoder.kv_tokens = []
 
     def encode(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:
-        if chat:
-            messages = ([("system", system)] if system else []) + [("user", text)]
-            text = self.vocab.apply_chat_template(messages, add_assistant=True)
-            return self.vocab.tokenize(text, add_special=False, parse_special=True)
-        return self.vocab.tokenize(text, add_special=True, parse_special=False)
+        messages = ([("system", system)] if system else []) + [("user", text)]
+        return self.vocab.chat_tokens(messages) if chat else self.vocab.text_tokens(text)
 
     def backends_json(self) -> list[dict]:
         return [{"rank": 0, "variant": "fake"}]

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from pipeinfer_cpu.modelfiles.planning import LayerRange
 from pipeinfer_cpu.modelfiles.shards import ShardFile
 from pipeinfer_cpu.stats import StageStats
 from pipeinfer_cpu.wire import control as C
@@ -33,16 +34,16 @@ def test_argmax_payload_and_ops_only_messages():
 def test_control_and_id_messages():
     for message in (C.Setup("haswell"), C.KvUsage({0: (0, 7), 3: (-1, -1)}), C.KvUsageRequest((0, 3)),
                     C.StageReport(StageStats(2, "node", (0, 15), 1.5, 2.0, 10, prefill_tokens=4), 99),
-                    C.Failure("boom"), C.Bye(), C.Hello("node", 1, 2, P.WIRE_VERSION, None, "no AVX2")):
+                    C.Failure("boom"), C.Signal.BYE, C.Hello("node", 1, 2, P.WIRE_VERSION, None, "no AVX2")):
         assert C.decode(C.encode(message)) == message
     assert P.decode_ids(P.encode_ids([3, 1, 4])) == [3, 1, 4]
 
 
 def test_an_assignment_keeps_its_shard_and_role():
     shard = ShardFile(1, 15, 30, "/x/stage1.gguf", 123, "ab" * 32)
-    assignment = C.Assignment(1, 15, 30, 30, shard, 2048, 256, 1, 1, 1, 0, True, C.Role.DRAFT)
+    assignment = C.Assignment(1, LayerRange(15, 30, 30), shard, 2048, 256, 1, 1, 1, 0, True, C.Role.DRAFT)
     back = C.decode(C.encode(C.Assign(assignment))).assignment
-    assert back == assignment and back.is_last and not back.is_first
+    assert back == assignment and back.layers.is_last and not back.layers.is_first
 
 
 def test_an_unknown_control_message_is_a_wire_version_error():
