@@ -19,18 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pipeinfer_cpu.app.client import Client, JobClient, JobEnded, LocalClient
+from pipeinfer_cpu.app.client import Client, JobEnded, with_client
 from pipeinfer_cpu.app.options import EngineOptions
 from pipeinfer_cpu.conversation import Conversation, conversation_from_json, conversation_to_json
 from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.files import atomic_write_text
-from pipeinfer_cpu.head.engine import Engine
-from pipeinfer_cpu.head.job import as_head
 from pipeinfer_cpu.head.modes import Mode
-from pipeinfer_cpu.head.server import EngineServer, sampling_json
+from pipeinfer_cpu.head.server import sampling_json
 from pipeinfer_cpu.sampling import SamplingConfig
 from pipeinfer_cpu.stats import RunStats
-from pipeinfer_cpu.wire.transport import MpiTransport, under_mpi
 
 HELP = """commands:
   /help          this list
@@ -54,12 +51,7 @@ class ChatOptions:
 
 def run_chat(options: EngineOptions, chat: ChatOptions) -> int:
     """`pipeinfer-cpu chat`: returns the exit code."""
-    if under_mpi() or options.mode == Mode.SINGLE:  # the model in this process (rank 0 of your own mpiexec)
-        transport = MpiTransport() if under_mpi() else None
-        client = lambda: LocalClient(EngineServer(Engine.start(options.settings, transport)))  # noqa: E731
-        return as_head(lambda: chat_session(client(), chat, options.timeout_s), transport, options.debug)
-    options.preflight()
-    return chat_session(JobClient.launch(options), chat, options.timeout_s)
+    return with_client(options, lambda client: chat_session(client, chat, options.timeout_s))
 
 
 def chat_session(client: Client, options: ChatOptions, timeout_s: float) -> int:

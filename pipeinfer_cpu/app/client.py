@@ -18,7 +18,11 @@ from typing import Callable, Protocol
 
 from pipeinfer_cpu.app import launcher
 from pipeinfer_cpu.app.options import EngineOptions
+from pipeinfer_cpu.head.engine import Engine
+from pipeinfer_cpu.head.job import as_head
+from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.head.server import EngineServer
+from pipeinfer_cpu.wire.transport import MpiTransport, under_mpi
 
 QUIT_WAIT_S = 15.0
 
@@ -28,6 +32,8 @@ class JobEnded(Exception):
 
 
 class Client(Protocol):
+    reported: bool  # did the model's side already explain a failure in an `error:` line?
+
     def start(self, wait_s: float) -> dict: ...
 
     def ask(self, request: dict, on_token: Callable[[str], None], wait_s: float) -> dict: ...
@@ -49,8 +55,21 @@ class _SigintFlag:
         signal.signal(signal.SIGINT, self._previous)
 
 
+def with_client(options: EngineOptions, session: Callable[[Client], int]) -> int:
+    """Run `session` (it returns the exit code) with a client of the model: in this process (`single`,
+    or rank 0 of your own mpiexec), under the head's failure handling; else the head of a job started now."""
+    if under_mpi() or options.mode == Mode.SINGLE:
+        transport = MpiTransport() if under_mpi() else None
+        return as_head(lambda: session(LocalClient(EngineServer(Engine.start(options.settings, transport)))),
+                       transport, options.debug)
+    options.preflight()
+    return session(JobClient.launch(options))
+
+
 class LocalClient:
     """The EngineServer in this process."""
+
+    reported = False  # its failures are exceptions, reported by `as_head`
 
     def __init__(self, server: EngineServer) -> None:
         self.server = server

@@ -14,16 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeinfer_cpu.app.client import Client, JobClient, JobEnded, LocalClient
+from pipeinfer_cpu.app.client import Client, JobEnded, with_client
 from pipeinfer_cpu.app.options import EngineOptions
 from pipeinfer_cpu.files import atomic_output
-from pipeinfer_cpu.head.engine import Engine
-from pipeinfer_cpu.head.job import as_head
-from pipeinfer_cpu.head.modes import Mode
-from pipeinfer_cpu.head.server import EngineServer, sampling_json
+from pipeinfer_cpu.head.server import sampling_json
 from pipeinfer_cpu.sampling import SamplingConfig
 from pipeinfer_cpu.stats import RunStats, write_json
-from pipeinfer_cpu.wire.transport import MpiTransport, under_mpi
 
 START_WAIT_S = 300.0  # loading: shards may be written and sent first
 
@@ -41,31 +37,24 @@ class GenerateRequest:
 
 def run_prompts(options: EngineOptions, request: GenerateRequest) -> int:
     """Answer every prompt; returns the exit code."""
-    if under_mpi() or options.mode == Mode.SINGLE:  # the model in this process (rank 0 of your own mpiexec)
-        transport = MpiTransport() if under_mpi() else None
-        return as_head(lambda: _answer_all(_local_client(options, transport), options, request), transport,
-                       options.debug)
-    options.preflight()
-    client = JobClient.launch(options)
-    try:
-        return _answer_all(client, options, request)
-    except JobEnded as exc:
-        if not client.reported:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return max(1, client.close())
-
-
-def _local_client(options: EngineOptions, transport: MpiTransport | None) -> LocalClient:
-    return LocalClient(EngineServer(Engine.start(options.settings, transport)))
+    return with_client(options, lambda client: _answer_all(client, options, request))
 
 
 def _answer_all(client: Client, options: EngineOptions, request: GenerateRequest) -> int:
     try:
-        client.start(START_WAIT_S + 2 * options.timeout_s)
-    except KeyboardInterrupt:
+        return _answer_each(client, options, request)
+    except JobEnded as exc:
+        if not client.reported:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return max(1, client.close())
+    except KeyboardInterrupt:  # while the job was starting (Ctrl-C during an answer is an interrupt request)
         client.close()
         print("error: interrupted", file=sys.stderr, flush=True)
         return 130
+
+
+def _answer_each(client: Client, options: EngineOptions, request: GenerateRequest) -> int:
+    client.start(START_WAIT_S + 2 * options.timeout_s)
     records: list[dict] = []
     code = 0
     for index, prompt in enumerate(request.prompts):
