@@ -69,3 +69,20 @@ def test_a_stage_that_hangs_or_dies(cache_dir, fault):
     assert "Traceback" not in stderr
     time.sleep(1)
     assert not any(alive(pid) for pid in pids), "a rank was left running"
+
+
+def test_ctrl_c_stops_a_run_and_keeps_what_was_shown(cache_dir):
+    """Ctrl-C reaches only the front end, which asks the head to stop: the text so far and its statistics
+    line stay, the exit code is 130, and every rank ends."""
+    job = start_long_run(cache_dir)
+    pids = rank_pids(job)
+    wait_for_text(job)
+    time.sleep(2)
+    os.kill(job.pid, signal.SIGINT)
+    stdout, stderr = job.communicate(timeout=60)
+    assert job.returncode == 130
+    assert len(stdout) > 20  # more than the character wait_for_text took: the answer so far was kept
+    assert [line for line in stderr.splitlines() if line.startswith("error: ")] == ["error: interrupted"]
+    assert "pipeline: " in stderr and "Traceback" not in stderr
+    time.sleep(1)
+    assert not any(alive(pid) for pid in pids), "a rank was left running"
