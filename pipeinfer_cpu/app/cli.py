@@ -117,8 +117,10 @@ def read_prompts(prompt: str | None, prompt_file: Path | None, prompts_file: Pat
 @click.option("--system", help="System message (with --chat-template).")
 @click.option("--stats-json", type=click.Path(path_type=Path), help="Write the statistics (and token ids) as JSON.")
 @click.option("--save-logits", type=click.Path(path_type=Path), help="Save the logits of the last prompt token (.npy).")
+@click.option("--parse-special/--no-parse-special", default=True, show_default=True,
+              help="Read special-token text in a raw prompt (e.g. <|im_start|>) as those tokens, as llama.cpp does.")
 def run(options: EngineOptions, sampling, prompt, prompt_file, prompts_file, max_tokens, chat_template, system,
-        stats_json, save_logits):
+        stats_json, save_logits, parse_special):
     """Generate text from a prompt, streaming it to stdout."""
     from pipeinfer_cpu.app.runner import GenerateRequest, run_prompts
 
@@ -128,7 +130,8 @@ def run(options: EngineOptions, sampling, prompt, prompt_file, prompts_file, max
         raise UserError("--save-logits works in the single and pipeline modes only (speculative runs return "
                         "token ids, not the prompt's logits)")
     prompts = read_prompts(prompt, prompt_file, prompts_file)
-    request = GenerateRequest(prompts, max_tokens, sampling, chat_template, system, stats_json, save_logits)
+    request = GenerateRequest(prompts, max_tokens, sampling, chat_template, system, stats_json, save_logits,
+                              parse_special)
     sys.exit(run_prompts(options, request))
 
 

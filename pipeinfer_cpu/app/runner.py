@@ -33,6 +33,7 @@ class GenerateRequest:
     system: str | None = None
     stats_json: Path | None = None
     save_logits: Path | None = None
+    parse_special: bool = True  # raw prompts: special-token text (`<|im_start|>`) is those tokens, as in llama.cpp
 
 
 def run_prompts(options: EngineOptions, request: GenerateRequest) -> int:
@@ -80,8 +81,8 @@ def _answer_each(client: Client, options: EngineOptions, request: GenerateReques
 
 def _complete(request: GenerateRequest, prompt: str, fresh: bool) -> dict:
     return {"type": "complete", "text": prompt, "chat_template": request.chat_template, "system": request.system,
-            "fresh": fresh, "max_tokens": request.max_tokens, "sampling": sampling_json(request.sampling),
-            "keep_first_logits": request.save_logits is not None}
+            "parse_special": request.parse_special, "fresh": fresh, "max_tokens": request.max_tokens,
+            "sampling": sampling_json(request.sampling), "keep_first_logits": request.save_logits is not None}
 
 
 def _show(piece: str) -> None:

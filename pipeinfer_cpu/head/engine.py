@@ -178,11 +178,11 @@ class Engine:
 
     # -- text ---------------------------------------------------------------------------------
 
-    def encode(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:
+    def encode(self, text: str, chat: bool = False, system: str | None = None, parse_special: bool = True) -> list[int]:
         """Tokens for a prompt: raw text, or one user turn rendered with the model's chat template."""
         if chat:
             return self.vocab.chat_tokens(([("system", system)] if system else []) + [("user", text)])
-        return self.vocab.text_tokens(text)
+        return self.vocab.text_tokens(text, parse_special)
 
     @property
     def context_tokens(self) -> tuple[int, ...]:

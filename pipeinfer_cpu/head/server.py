@@ -7,8 +7,9 @@ server renders it, keeps the longest prefix the stages already hold and prefills
 so a turn costs its own tokens, not the conversation's.
 
 Requests:
-  complete {text, chat_template, system, fresh, max_tokens, sampling, keep_first_logits}
-      one prompt (raw text, or one user turn in the model's chat template); `fresh` empties the context first
+  complete {text, chat_template, system, parse_special, fresh, max_tokens, sampling, keep_first_logits}
+      one prompt (raw text, or one user turn in the model's chat template); `fresh` empties the context first;
+      raw text's special-token text is read as special tokens unless parse_special is false
   turn {conversation: {system, turns}, first, max_tokens, sampling, interrupt}
       answer the conversation's last (user) turn; turns before `first` were dropped for the context limit;
       `interrupt`: Ctrl-C was already typed with the Enter
@@ -50,7 +51,7 @@ FINAL_EVENTS = ("ready", "done", "error", "bye")
 def make_renderer(vocab) -> tuple[Render, str | None]:
     """Render with the model's own chat template, or the plain fallback and a notice saying so."""
     def plain(messages: Sequence[Message]) -> list[int]:
-        return vocab.text_tokens(plain_template(messages))
+        return vocab.text_tokens(plain_template(messages), parse_special=False)  # a user's text stays text
 
     if vocab.chat_template() is None:
         return plain, "the model has no chat template: using a plain 'User:/Assistant:' format"
@@ -130,7 +131,8 @@ class EngineServer:
         text, max_tokens, sampling = _field(request, "text", str), _field(request, "max_tokens", int), _sampling(request)
         if request.get("fresh"):
             self.engine.reset_context()
-        tokens = self.engine.encode(text, chat=bool(request.get("chat_template")), system=request.get("system"))
+        tokens = self.engine.encode(text, chat=bool(request.get("chat_template")), system=request.get("system"),
+                                    parse_special=bool(request.get("parse_special", True)))
         answer = _Answer(self.engine.vocab, emit)
         keep_logits = bool(request.get("keep_first_logits"))
         generation, stats = self.engine.generate(tokens, max_tokens, sampling, answer.on_token, should_stop,

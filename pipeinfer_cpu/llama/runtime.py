@@ -187,9 +187,11 @@ class Vocab:
         text = self.apply_chat_template(messages, add_assistant=True)
         return self.tokenize(text, add_special=False, parse_special=True)
 
-    def text_tokens(self, text: str) -> list[int]:
-        """Raw text as a prompt: the model's start token (if any) first, special tokens' text taken literally."""
-        return self.tokenize(text, add_special=True, parse_special=False)
+    def text_tokens(self, text: str, parse_special: bool = True) -> list[int]:
+        """Raw text as a prompt: the model's start token (if it wants one) first; special tokens written
+        as text (`<|im_start|>`) read as those tokens, as llama.cpp's own programs read a prompt, unless
+        `parse_special` is False (then they are ordinary characters)."""
+        return self.tokenize(text, add_special=True, parse_special=parse_special)
 
     def chat_template(self) -> str | None:
         template = llama_cpp.llama_model_chat_template(self._model, None)

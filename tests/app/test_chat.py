@@ -150,7 +150,7 @@ class FakeVocab:
     def chat_tokens(self, messages) -> list[int]:
         return self.tokenize(self.apply_chat_template(messages))
 
-    def text_tokens(self, text) -> list[int]:
+    def text_tokens(self, text, parse_special=True) -> list[int]:
         return self.tokenize(text)
 
     def piece(self, token: int) -> bytes:
@@ -210,7 +210,8 @@ class FakeEngine:
         self.resets += 1
         self.decoder.kv_tokens = []
 
-    def encode(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:
+    def encode(self, text: str, chat: bool = False, system: str | None = None,
+               parse_special: bool = True) -> list[int]:
         messages = ([("system", system)] if system else []) + [("user", text)]
         return self.vocab.chat_tokens(messages) if chat else self.vocab.text_tokens(text)
 
