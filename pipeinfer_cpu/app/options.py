@@ -42,7 +42,6 @@ class EngineOptions:
 
     hostfile: Path | None = None
     model: Path | None = None
-    mode: Mode = Mode.PIPELINE  # click gives the name; it becomes a Mode here
     stages: int | None = None
     weights: str | None = None
     threads: int = 0
@@ -53,14 +52,12 @@ class EngineOptions:
     draft: Path | None = None
     draft_ranks: str = "dedicated"
     draft_host: str | None = None
-    spec: SpecSettings = SpecSettings(Mode.PIPELINE)  # the speculation options (their own dataclass)
+    spec: SpecSettings = SpecSettings(Mode.PIPELINE)  # the mode and the speculation options (checked there)
     cpu_variant: str | None = None
     verbose: bool = False
     debug: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mode", Mode(self.mode))
-        object.__setattr__(self, "spec", dataclasses.replace(self.spec, mode=self.mode))
         if self.threads < 0:
             raise UserError(f"--threads must be 0 (auto) or more, got {self.threads}")
         spec = self.spec
@@ -73,6 +70,10 @@ class EngineOptions:
                             f"{spec.kv_sequences} KV sequences per stage; llama.cpp allows {most} here (at most "
                             f"{MAX_SEQUENCES}, and no more than --batch-size): lower --max-inflight or turn trees off "
                             "with --p-split 1")
+
+    @property
+    def mode(self) -> Mode:
+        return self.spec.mode
 
     @property
     def speculative(self) -> bool:
@@ -117,7 +118,7 @@ def engine_options(command):
     """Add the options that say how the model runs; the command receives them as `options: EngineOptions`."""
     @functools.wraps(command)
     def wrapper(**kwargs):
-        spec = SpecSettings(kwargs["mode"], **{name: kwargs.pop(name) for name in _names(SpecSettings) - {"mode"}})
+        spec = SpecSettings(**{name: kwargs.pop(name) for name in _names(SpecSettings)})
         options = EngineOptions(spec=spec, **{name: kwargs.pop(name) for name in _names(EngineOptions) - {"spec"}})
         return command(options=options, **kwargs)
 

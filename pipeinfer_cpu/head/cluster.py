@@ -106,32 +106,33 @@ class Cluster:
 
     def load_stages(self, plan: ShardPlan, stage_ranks: list[int], settings: StageSettings) -> None:
         """Assign shard i to stage_ranks[i], send files to hosts that cannot read them, wait for loads."""
-        for index, rank in enumerate(stage_ranks):
-            shard = plan.shards[index]
+        assignments = {}
+        for index, (rank, shard) in enumerate(zip(stage_ranks, plan.shards, strict=True)):
             upstream = HEAD if index == 0 else stage_ranks[index - 1]
             downstream = HEAD if index == len(stage_ranks) - 1 else stage_ranks[index + 1]
-            layers = LayerRange(shard.start, shard.end, plan.n_layer)
-            assignment = Assignment(index, layers, shard, settings.n_ctx, settings.n_batch,
-                                    self.threads_for(rank, settings.n_threads), settings.n_seq_max, upstream,
-                                    downstream, settings.cancellation)
-            self.send_control(rank, C.Assign(assignment))
-        for index, rank in enumerate(stage_ranks):
-            if self.expect(rank, C.Signal.HAVE_FILE, C.Signal.NEED_FILE) == C.Signal.NEED_FILE:
-                self._send_file(rank, Path(plan.shards[index].path))
-        for rank in stage_ranks:
-            self.expect(rank, C.Ready, timeout_s=LOAD_TIMEOUT_S)
+            assignments[rank] = Assignment(index, LayerRange(shard.start, shard.end, plan.n_layer), shard,
+                                           settings.n_ctx, settings.n_batch, self.threads_for(rank, settings.n_threads),
+                                           settings.n_seq_max, upstream, downstream, settings.cancellation)
+        self._load(assignments)
 
     def load_draft(self, rank: int, info: ModelInfo, settings: StageSettings) -> None:
         """Start the whole draft model on its own rank (its hash is remembered, not recomputed each start)."""
         path = info.path
-        digest = source_hash(path, default_cache_dir())
-        shard = ShardFile(-1, 0, info.n_layer, str(path.resolve()), path.stat().st_size, digest)
-        assignment = Assignment(-1, LayerRange(0, info.n_layer, info.n_layer), shard, settings.n_ctx, settings.n_batch,
-                                self.threads_for(rank, settings.n_threads), 1, HEAD, HEAD, False, Role.DRAFT)
-        self.send_control(rank, C.Assign(assignment))
-        if self.expect(rank, C.Signal.HAVE_FILE, C.Signal.NEED_FILE) == C.Signal.NEED_FILE:
-            self._send_file(rank, path)
-        self.expect(rank, C.Ready, timeout_s=LOAD_TIMEOUT_S)
+        shard = ShardFile(-1, 0, info.n_layer, str(path.resolve()), path.stat().st_size,
+                          source_hash(path, default_cache_dir()))
+        self._load({rank: Assignment(-1, LayerRange(0, info.n_layer, info.n_layer), shard, settings.n_ctx,
+                                     settings.n_batch, self.threads_for(rank, settings.n_threads), 1, HEAD, HEAD,
+                                     False, Role.DRAFT)})
+
+    def _load(self, assignments: dict[int, Assignment]) -> None:
+        """Assign all at once (the ranks load in parallel), send each file a rank lacks, wait until all are loaded."""
+        for rank, assignment in assignments.items():
+            self.send_control(rank, C.Assign(assignment))
+        for rank, assignment in assignments.items():
+            if self.expect(rank, C.Signal.HAVE_FILE, C.Signal.NEED_FILE) == C.Signal.NEED_FILE:
+                self._send_file(rank, Path(assignment.shard.path))
+        for rank in assignments:
+            self.expect(rank, C.Ready, timeout_s=LOAD_TIMEOUT_S)
 
     def _send_file(self, rank: int, path: Path) -> None:
         size = path.stat().st_size

@@ -45,7 +45,6 @@ from pipeinfer_cpu.head.engine import Engine
 from pipeinfer_cpu.sampling import SamplingConfig
 
 Emit = Callable[[dict], None]
-FINAL_EVENTS = ("ready", "done", "error", "bye")
 
 
 def make_renderer(vocab) -> tuple[Render, str | None]:

@@ -168,11 +168,10 @@ def write_gguf(reader, arch: str, path: Path, tensors: list, overrides: dict) ->
     writer.close()
 
 
-def check_readable(shard: ShardFile) -> bool:
-    """True when this host can read the shard at its recorded path with the recorded size."""
-    path = Path(shard.path)
+def check_readable(path: Path, size_bytes: int) -> bool:
+    """True when this host can read a file at `path` of the expected size."""
     try:
-        return path.is_file() and os.access(path, os.R_OK) and path.stat().st_size == shard.size_bytes
+        return path.is_file() and os.access(path, os.R_OK) and path.stat().st_size == size_bytes
     except OSError:
         return False
 

@@ -7,7 +7,6 @@ and, at most, its own cache of shards.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import traceback
@@ -108,7 +107,7 @@ def obtain_shard(transport: Transport, shard: ShardFile) -> Path:
     can read it (same machine, shared disk), else a copy the head sends now."""
     cached = default_cache_dir() / "received" / f"{shard.sha256[:16]}-{Path(shard.path).name}"
     for path in (cached, Path(shard.path)):
-        if check_readable(dataclasses.replace(shard, path=str(path))):
+        if check_readable(path, shard.size_bytes):
             _send(transport, C.Signal.HAVE_FILE)
             return path
     _send(transport, C.Signal.NEED_FILE)
