@@ -71,7 +71,8 @@ def test_stats_json_has_the_promised_fields(cli, tmp_path):
 
 
 def test_sampling_is_reproducible_with_a_seed(cli, tmp_path):
-    args = ("--temp", "0.8", "--top-k", "40", "--top-p", "0.95", "--seed", "7")
+    args = ("--temp", "0.8", "--top-k", "40", "--top-p", "0.95", "--min-p", "0.05", "--repeat-penalty", "1.1",
+            "--seed", "7")
     first, _, _ = generate(cli, tmp_path, PROMPTS[2], "--mode", "pipeline", *args)
     second, _, _ = generate(cli, tmp_path, PROMPTS[2], "--mode", "pipeline", *args)
     single, _, _ = generate(cli, tmp_path, PROMPTS[2], "--mode", "single", *args)

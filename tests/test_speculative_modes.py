@@ -37,18 +37,22 @@ def generate(cli, tmp_path, prompt, *args, n=128):
     return read_json(stats)
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_speculative_and_pipeinfer_equal_single(cli, tmp_path, draft, prompt):
-    expected = generate(cli, tmp_path, prompt, "--mode", "single", "-t", "1")["tokens"]
+# the last: greedy with a repeat penalty, which looks at the tokens before each position (in
+# verification, the committed ones and the draft's prefix); the stages send logits, not their argmax
+@pytest.mark.parametrize("prompt, penalty", [(PROMPTS[0], ()), (PROMPTS[1], ()),
+                                             (PROMPTS[2], ("--repeat-penalty", "1.3", "--repeat-last-n", "32"))])
+def test_greedy_speculative_and_pipeinfer_equal_single(cli, tmp_path, draft, prompt, penalty):
+    expected = generate(cli, tmp_path, prompt, "--mode", "single", "-t", "1", *penalty)["tokens"]
     for mode in ("speculative", "pipeinfer"):
-        stats = generate(cli, tmp_path, prompt, "--mode", mode, "--stages", "2", "--draft", str(draft))
+        stats = generate(cli, tmp_path, prompt, "--mode", mode, "--stages", "2", "--draft", str(draft), *penalty)
         assert stats["tokens"] == expected, mode
         assert stats["drafted"] > 0 and 0 < stats["accepted"] <= stats["drafted"]
         assert [s["layers"] for s in stats["stages"]] == [[0, 15], [15, 30]]
 
 
 def test_seeded_sampling_is_reproducible_and_is_the_targets_own(cli, tmp_path, draft):
-    sampling = ("--temp", "0.9", "--top-k", "50", "--seed", "11")
+    sampling = ("--temp", "0.9", "--top-k", "50", "--min-p", "0.05", "--repeat-penalty", "1.2",
+                "--frequency-penalty", "0.1", "--seed", "11")
     runs = [generate(cli, tmp_path, PROMPTS[2], "--mode", "pipeinfer", "--stages", "2", "--draft", str(draft),
                      *sampling, n=64) for _ in range(2)]
     single = generate(cli, tmp_path, PROMPTS[2], "--mode", "single", *sampling, n=64)
@@ -90,8 +94,16 @@ def _tiny_llama_with_other_vocab(path: Path) -> Path:
     return path
 
 
+def _tiny_llama_with_the_default_vocab_size(path: Path) -> Path:
+    """As many tokens as the default model (49,152), other token strings: a draft whose ids mean other text."""
+    from pipeinfer_cpu.modelfiles.tinymodel import TinyShape, write_tiny_llama
+
+    return write_tiny_llama(path, TinyShape(n_vocab=49_152, n_layer=1, n_embd=32, n_head=2, n_head_kv=2, n_ff=64))
+
+
 @pytest.mark.parametrize("case, fragment", [
     ("vocab", "different vocabulary"),
+    ("same-size-vocab", "both 49152 tokens, but other token strings"),
     ("larger", "is larger than the target"),
     ("draft-max", "--draft-max must be at least 1"),
     ("no-draft", "needs a draft model"),
@@ -105,6 +117,7 @@ def test_bad_speculation_input(cli, tmp_path, draft, default_model, case, fragme
     base = ("run", "--hostfile", "hosts/local.txt", "-p", "Hi", "-n", "4", "--mode", "pipeinfer")
     args = {
         "vocab": ("--draft", str(_tiny_llama_with_other_vocab(tmp_path / "other.gguf"))),
+        "same-size-vocab": ("--draft", str(_tiny_llama_with_the_default_vocab_size(tmp_path / "same-size.gguf"))),
         "larger": ("--model", str(draft), "--draft", str(default_model)),
         "draft-max": ("--draft", str(draft), "--draft-max", "0"),
         "no-draft": (),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
+from pipeinfer_cpu.app.prompts import escape
 from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.files import atomic_write_text
 from pipeinfer_cpu.head.modes import Mode
@@ -39,6 +40,7 @@ class BenchConfig:
     threads: int
     n_tokens: int
     prompts: tuple[str, ...]
+    draft_max: int | None = None  # speculative modes' --draft-max (None: run's default)
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ def mode_spec(mode: str, config: BenchConfig) -> ModeSpec:
     label = f"{mode} ({config.stages} target stage{'s' if config.stages > 1 else ''}"
     if mode == "pipeline":
         return ModeSpec(label + ")", ("--mode", "pipeline", *stages, *threads))
-    return ModeSpec(label + " + 1 draft rank)", ("--mode", mode, *stages, *threads))
+    draft_max = ("--draft-max", str(config.draft_max)) if config.draft_max else ()
+    return ModeSpec(label + " + 1 draft rank)", ("--mode", mode, *stages, *threads, *draft_max))
 
 
 def run_modes(config: BenchConfig, model: Path | None, draft: Path | None, label: str) -> list[dict]:
@@ -82,7 +85,7 @@ def run_modes(config: BenchConfig, model: Path | None, draft: Path | None, label
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         prompts_file = Path(tmp) / "prompts.txt"
-        prompts_file.write_text("\n".join(config.prompts) + "\n")
+        prompts_file.write_text("".join(escape(prompt) + "\n" for prompt in config.prompts))
         for mode in config.modes:
             print(f"bench: {label}{mode} ...", file=sys.stderr, flush=True)
             if mode == "plain":
@@ -98,7 +101,7 @@ def run_modes(config: BenchConfig, model: Path | None, draft: Path | None, label
 def plain_row(model: Path | None, config: BenchConfig) -> dict:
     """A bare llama-cpp-python greedy loop on the same model and threads: the yardstick for `single`."""
     from pipeinfer_cpu.llama.runtime import Vocab, plain_greedy_tokens_per_s
-    from pipeinfer_cpu.modelfiles.models import resolve_model
+    from pipeinfer_cpu.modelfiles.registry import resolve_model
 
     path = resolve_model(model)
     vocab = Vocab(path)

@@ -12,21 +12,25 @@ terminal, plainly otherwise (answers on stdout, messages on stderr: scriptable).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from pipeinfer_cpu.app.client import Client, JobEnded, with_client
-from pipeinfer_cpu.app.options import EngineOptions
+from pipeinfer_cpu.app.options import EngineOptions, SamplingOptions
 from pipeinfer_cpu.conversation import Conversation, conversation_from_json, conversation_to_json
 from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.files import atomic_write_text
 from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.head.server import sampling_json
-from pipeinfer_cpu.sampling import SamplingConfig
+from pipeinfer_cpu.modelfiles.models import read_header
+from pipeinfer_cpu.modelfiles.registry import resolve_model
+from pipeinfer_cpu.sampling import LLAMA_CLI_DEFAULTS, SamplingConfig, model_recommendation
 from pipeinfer_cpu.stats import RunStats
 
 HELP = """commands:
@@ -47,6 +51,42 @@ class ChatOptions:
     transcript: Path | None
     max_tokens: int
     sampling: SamplingConfig
+    sampling_source: str = ""  # where the sampling settings came from, said at the start
+
+
+def chat_sampling(given: SamplingOptions, model: Path | None) -> tuple[SamplingConfig, str]:
+    """The chat's sampling, as llama-cli's: the options given, else the model's recommendation (its
+    GGUF metadata), else llama.cpp's defaults; and where they came from, in words."""
+    return choose_sampling(given, model_recommendation(read_header(resolve_model(model)).values))
+
+
+def choose_sampling(given: SamplingOptions, recommended: Mapping[str, float | int]) -> tuple[SamplingConfig, str]:
+    """`chat_sampling`, given the model's recommended settings (SamplingConfig fields)."""
+    from_model = {name: value for name, value in recommended.items() if name not in given.given}
+    try:
+        base = dataclasses.replace(LLAMA_CLI_DEFAULTS, **from_model)
+    except ValueError as exc:
+        raise UserError(f"the model's recommended sampling (general.sampling.* in its GGUF file) does not work "
+                        f"here: {exc}; give that option yourself") from None
+    config = given.over(base)
+    sources = [f"{_listed(given.given)}: yours"] if given.given else []
+    sources += [f"{_listed(from_model)}: the model's recommendation"] if from_model else []
+    sources.append("the rest llama.cpp's defaults" if sources else "llama.cpp's defaults")
+    if not config.greedy:
+        sources.append("--temp 0 for greedy")
+    return config, "; ".join(sources)
+
+
+def turn_sampling(sampling: SamplingConfig, asked: Conversation) -> SamplingConfig:
+    """The sampling of the answer to `asked`'s last turn: seed + the number of answers before it.
+    Each turn gets a stream of its own and a session still replays. (With the same seed every
+    turn, the default model answered "What is my name?" with its previous answer word for word:
+    the same uniforms picked the same tokens again.)"""
+    return dataclasses.replace(sampling, seed=sampling.seed + sum(turn.role == "assistant" for turn in asked.turns))
+
+
+def _listed(names) -> str:
+    return ", ".join(name.replace("_", "-") for name in names)
 
 
 def run_chat(options: EngineOptions, chat: ChatOptions) -> int:
@@ -67,6 +107,8 @@ def chat_session(client: Client, options: ChatOptions, timeout_s: float) -> int:
         "/help for commands, Ctrl-D to leave.")
     if ready.get("notice"):
         say(f"note: {ready['notice']}")
+    source = f" ({options.sampling_source})" if options.sampling_source else ""
+    say(f"sampling: {options.sampling.summary()}{source}")
     session = ChatSession(client, options, timeout_s * 2 + 30, interactive)
     try:
         code = session.run(terminal_lines() if interactive else piped_lines())
@@ -140,7 +182,8 @@ class ChatSession:
 
         asked = self.conversation.with_turn("user", text)
         request = {"type": "turn", "conversation": conversation_to_json(asked), "first": self.first,
-                   "max_tokens": self.options.max_tokens, "sampling": sampling_json(self.options.sampling),
+                   "max_tokens": self.options.max_tokens,
+                   "sampling": sampling_json(turn_sampling(self.options.sampling, asked)),
                    "interrupt": self.interactive and typed_ctrl_c()}
         try:
             final = self.client.ask(request, show, self.answer_wait_s)

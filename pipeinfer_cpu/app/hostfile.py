@@ -1,4 +1,5 @@
-"""Hostfiles: the machines of the cluster, in MPICH / Open MPI syntax, with an optional split weight.
+"""Hostfiles: the machines of the cluster, in MPICH / Open MPI syntax, with an optional split weight
+and thread count.
 
 Accepted lines (one host each, in rank order):
 
@@ -6,10 +7,12 @@ Accepted lines (one host each, in rank order):
     node2:4               # MPICH: 4 slots
     node3 slots=4         # Open MPI: 4 slots
     node4:2  # weight=2.5   our extension: a share of the layers proportional to 2.5
+    node5  # weight=2 threads=6 a faster box: its stage runs llama.cpp with 6 threads
 
-The weight lives in a comment, so the same file stays a valid hostfile for `mpiexec`. Blank lines
+The settings live in a comment, so the same file stays a valid hostfile for `mpiexec`. Blank lines
 and lines that hold only a comment are ignored. Each host runs one pipeline stage; a weight says
-how fast that host is relative to the others (the default is 1).
+how fast that host is relative to the others (the default is 1); threads, how many llama.cpp
+threads its stage runs (the default: --threads, else the host's cores shared by its ranks).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ _LINE = re.compile(
     rf"^{_HOST}(?::(?P<colon_slots>\d+)|\s+slots\s*=\s*(?P<slots>\d+))?"
     rf"(?:\s+max[-_]slots\s*=\s*\d+)?\s*$"
 )
-_WEIGHT = re.compile(r"^\s*weight\s*=\s*(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)(?:\s.*)?$")
+_SETTING = re.compile(r"^(?P<key>weight|threads)\s*=\s*(?P<value>[^\s=]+)(?P<rest>.*)$", re.DOTALL)
+_NUMBER = re.compile(r"^[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class Host:
     name: str
     slots: int = 1
     weight: float = 1.0
+    threads: int = 0  # 0: not given here
 
 
 def parse_hostfile(path: Path) -> tuple[Host, ...]:
@@ -67,17 +72,28 @@ def parse_line(line: str, where: str) -> Host | None:
     slots = int(match["colon_slots"] or match["slots"] or 1)
     if slots < 1:
         raise HostfileError(f"{where}: slots must be at least 1, got {slots}")
-    return Host(name=match["host"], slots=slots, weight=_parse_weight(comment, where))
+    settings = _parse_settings(comment, where)
+    return Host(name=match["host"], slots=slots, **settings)
 
 
-def _parse_weight(comment: str, where: str) -> float:
-    comment = comment.strip()
-    if not comment.startswith("weight"):
-        return 1.0
-    match = _WEIGHT.match(comment)
-    if match is None or float(match["weight"]) <= 0:
-        raise HostfileError(f"{where}: bad weight {comment!r} (expected '# weight=<positive number>')")
-    return float(match["weight"])
+def _parse_settings(comment: str, where: str) -> dict[str, float | int]:
+    """The `weight=W threads=T` a comment starts with (either, both, any order); the rest is free text."""
+    settings: dict[str, float | int] = {}
+    rest = comment.strip()
+    while (match := _SETTING.match(rest)) is not None:
+        key, value = match["key"], match["value"]
+        if key == "weight":
+            if not _NUMBER.match(value) or float(value) <= 0:
+                raise HostfileError(f"{where}: bad weight {value!r} (expected '# weight=<positive number>')")
+            settings["weight"] = float(value)
+        else:
+            if not value.isdigit() or int(value) < 1:
+                raise HostfileError(f"{where}: bad threads {value!r} (expected '# threads=<whole number >= 1>')")
+            settings["threads"] = int(value)
+        rest = match["rest"].strip()
+    if rest.split("=")[0].strip() in ("weight", "threads"):
+        raise HostfileError(f"{where}: bad setting {rest!r} (expected '# weight=<number> threads=<number>')")
+    return settings
 
 
 def machinefile_lines(placement: tuple[str, ...]) -> list[str]:

@@ -1,10 +1,13 @@
-"""The engine options of `run` and `chat`: declared once (click), parsed once into `EngineOptions`,
-checked once (`EngineOptions.__post_init__`), and turned into the library's settings and topology."""
+"""The options of `run` and `chat`, each kind declared once (click) and parsed once: the engine
+options into `EngineOptions` (checked once, in `__post_init__`, and turned into the library's
+settings and topology), the sampling options into `SamplingOptions` (what the user gave; each
+command has its own defaults)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +19,11 @@ from pipeinfer_cpu.head.engine import EngineSettings, check_draft
 from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.head.specdecode import SpecSettings
 from pipeinfer_cpu.llama.runtime import MAX_SEQUENCES
-from pipeinfer_cpu.modelfiles.models import check_supported, read_model_info, resolve_model
+from pipeinfer_cpu.llama.settings import FLASH_ATTN, KV_TYPES, LOAD_MODES, LlamaSettings
+from pipeinfer_cpu.modelfiles.models import check_supported, read_model_info
 from pipeinfer_cpu.modelfiles.planning import parse_weights, split_layers
+from pipeinfer_cpu.modelfiles.registry import resolve_model
+from pipeinfer_cpu.sampling import LLAMA_CLI_DEFAULTS, MODEL_SAMPLING_KEYS, SamplingConfig
 from pipeinfer_cpu.wire.transport import under_mpi
 
 
@@ -28,6 +34,7 @@ class Topology:
     stage_hosts: tuple[str, ...]
     weights: tuple[float, ...]
     draft_host: str | None = None  # the dedicated draft rank's host, if there is one
+    stage_threads: tuple[int, ...] = ()  # per stage, the hostfile's `threads=` (0: not given)
 
     @property
     def placement(self) -> tuple[str, ...]:
@@ -54,6 +61,7 @@ class EngineOptions:
     draft_host: str | None = None
     spec: SpecSettings = SpecSettings(Mode.PIPELINE)  # the mode and the speculation options (checked there)
     cpu_variant: str | None = None
+    llama: LlamaSettings = LlamaSettings()  # KV-cache type, flash attention, loading (checked there)
     verbose: bool = False
     debug: bool = False
 
@@ -90,7 +98,8 @@ class EngineOptions:
         weights = (parse_weights(self.weights, n_stages) if self.weights is not None
                    else tuple(hosts[i % len(hosts)].weight for i in range(n_stages)))
         dedicated = self.speculative and self.draft is not None and self.draft_ranks == "dedicated"
-        return Topology(stage_hosts, weights, (self.draft_host or stage_hosts[0]) if dedicated else None)
+        return Topology(stage_hosts, weights, (self.draft_host or stage_hosts[0]) if dedicated else None,
+                        tuple(hosts[i % len(hosts)].threads for i in range(n_stages)))
 
     @property
     def settings(self) -> EngineSettings:
@@ -98,11 +107,14 @@ class EngineOptions:
         # started (an equal split), not the one-host default topology.
         said = self.hostfile is not None or self.stages is not None or self.weights is not None
         split = self.topology.weights if said or not under_mpi() else None
-        return EngineSettings(model=self.model, mode=self.mode, weights=split, n_threads=self.threads,
+        # Model names become their files here: the settings carry paths (made absolute for the head).
+        model, draft = (None if name is None else resolve_model(name) for name in (self.model, self.draft))
+        return EngineSettings(model=model, mode=self.mode, weights=split, n_threads=self.threads,
                               n_ctx=self.n_ctx, n_batch=self.n_batch, timeout_s=self.timeout_s,
-                              shard_dir=self.shard_dir, verbose=self.verbose, draft=self.draft,
+                              shard_dir=self.shard_dir, verbose=self.verbose, draft=draft,
                               draft_in_head=self.draft_ranks == "head", spec=self.spec,
-                              cpu_variant=self.cpu_variant or None)
+                              cpu_variant=self.cpu_variant or None, llama=self.llama,
+                              stage_threads=self.topology.stage_threads if split is not None else None)
 
     def preflight(self) -> None:
         """Check what can be checked before any process starts: the model, the draft and the split."""
@@ -119,7 +131,9 @@ def engine_options(command):
     @functools.wraps(command)
     def wrapper(**kwargs):
         spec = SpecSettings(**{name: kwargs.pop(name) for name in _names(SpecSettings)})
-        options = EngineOptions(spec=spec, **{name: kwargs.pop(name) for name in _names(EngineOptions) - {"spec"}})
+        llama = LlamaSettings(**{name: kwargs.pop(name) for name in _names(LlamaSettings)})
+        options = EngineOptions(spec=spec, llama=llama,
+                                **{name: kwargs.pop(name) for name in _names(EngineOptions) - {"spec", "llama"}})
         return command(options=options, **kwargs)
 
     for option in reversed(_OPTIONS):
@@ -133,7 +147,7 @@ def _names(cls) -> set[str]:
 
 _OPTIONS = [
     click.option("--hostfile", type=click.Path(path_type=Path), help="Machines, one stage per line (MPICH/Open MPI syntax)."),
-    click.option("--model", "-m", type=click.Path(path_type=Path), help="GGUF model (default: the embedded SmolLM2-135M-Instruct Q4_1)."),
+    click.option("--model", "-m", type=click.Path(path_type=Path), help="GGUF file or model name (`pipeinfer-cpu models`; default: the embedded SmolLM2-135M-Instruct Q4_1)."),
     click.option("--mode", type=click.Choice([mode.value for mode in Mode]), default="pipeline", show_default=True),
     click.option("--stages", type=int, help="Pipeline stages (default: one per hostfile line)."),
     click.option("--weights", help="Comma-separated layer-split weights, one per stage (default: the hostfile's)."),
@@ -142,7 +156,7 @@ _OPTIONS = [
     click.option("--batch-size", "-b", "n_batch", type=int, default=256, show_default=True),
     click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True, help="Seconds to wait for any rank before giving up."),
     click.option("--shard-dir", type=click.Path(path_type=Path), help="Where to write shards (default: a cache keyed by model hash and split)."),
-    click.option("--draft", type=click.Path(path_type=Path), help="Draft GGUF (same vocabulary) for speculative and pipeinfer."),
+    click.option("--draft", type=click.Path(path_type=Path), help="Draft GGUF file or model name (same vocabulary) for speculative and pipeinfer."),
     click.option("--draft-ranks", type=click.Choice(["dedicated", "head"]), default="dedicated", show_default=True,
                  help="Run the draft on a rank of its own, or inside the head's process."),
     click.option("--draft-host", help="Host of the dedicated draft rank (default: the first host)."),
@@ -160,6 +174,76 @@ _OPTIONS = [
     click.option("--cpu-variant", envvar="PIPEINFER_CPU_VARIANT",
                  help="Force this llama.cpp CPU backend variant on every rank, e.g. haswell (AVX2 only); "
                       "default: the best one each CPU runs (see `pipeinfer-cpu cpu`)."),
+    click.option("--kv-type", type=click.Choice(list(KV_TYPES)), default="f16", show_default=True,
+                 help="KV-cache element type on every stage (q8_0, q4_0: longer contexts on small nodes)."),
+    click.option("--flash-attn", type=click.Choice(list(FLASH_ATTN)), default="auto", show_default=True,
+                 help="llama.cpp's flash attention (a quantised KV cache needs it)."),
+    click.option("--load-mode", type=click.Choice(list(LOAD_MODES)), default="mmap", show_default=True,
+                 help="How stages read their weights: mmap shares the page cache; mlock keeps them in RAM."),
+    click.option("--repack/--no-repack", default=True, show_default=True,
+                 help="Let llama.cpp repack weights for its faster batch kernels (--no-repack: rows of batches of "
+                      "up to 7 decode exactly as single rows; see README)."),
     click.option("--verbose", "-v", is_flag=True, help="Say what is being set up, and each rank's CPU backend."),
     click.option("--debug", is_flag=True, help="Tracebacks and mpiexec's own output on errors."),
+]
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The sampling options the user gave (SamplingConfig field -> value); the others take the
+    command's defaults: `run`'s are SamplingConfig's (greedy), `chat`'s come from the model or
+    llama-cli (app/chat.py)."""
+
+    given: Mapping[str, float | int]
+
+    def __post_init__(self) -> None:
+        self.over(SamplingConfig())  # each field is checked on its own, so a value bad here is bad anywhere
+
+    def over(self, base: SamplingConfig) -> SamplingConfig:
+        """`base` with the given values in its place; a bad value is a one-line UserError."""
+        try:
+            return dataclasses.replace(base, **self.given)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+
+def sampling_options(command):
+    """Add the sampling options; the command receives them as `sampling: SamplingOptions`."""
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        values = {name: kwargs.pop(name) for name in _names(SamplingConfig)}
+        return command(sampling=SamplingOptions({name: v for name, v in values.items() if v is not None}), **kwargs)
+
+    for option in reversed(_SAMPLING_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def _defaults(name: str) -> str:
+    """The help's default of a sampling option: `run`'s, and `chat`'s (app/chat.py)."""
+    run, chat = getattr(SamplingConfig(), name), getattr(LLAMA_CLI_DEFAULTS, name)
+    if name not in MODEL_SAMPLING_KEYS.values():
+        return f"Default: {run:g}."
+    if run == chat:
+        return f"Default: {run:g}; chat: the model's recommendation if it has one."
+    return f"Default: {run:g}; chat: the model's recommendation, else {chat:g}."
+
+
+_SAMPLING_OPTIONS = [
+    click.option("--temp", "--temperature", "temperature", type=float, help=f"0 = greedy. {_defaults('temperature')}"),
+    click.option("--top-k", type=int, help=f"Keep the k likeliest tokens; 0 = off. {_defaults('top_k')}"),
+    click.option("--top-p", type=float, help=f"Keep the likeliest tokens holding this much probability; 1 = off. "
+                                             f"{_defaults('top_p')}"),
+    click.option("--min-p", type=float, help=f"Keep tokens at least this times as likely as the likeliest; 0 = off. "
+                                             f"{_defaults('min_p')}"),
+    click.option("--repeat-penalty", type=float,
+                 help=f"Divide the logit of each token among the last --repeat-last-n by this (multiply a negative "
+                      f"one); 1 = off. {_defaults('repeat_penalty')}"),
+    click.option("--repeat-last-n", type=int, help=f"Tokens the penalties look back on; 0 = off. "
+                                                   f"{_defaults('repeat_last_n')}"),
+    click.option("--frequency-penalty", type=float, help="Subtract this times a token's count among the last "
+                                                         f"--repeat-last-n. {_defaults('frequency_penalty')}"),
+    click.option("--presence-penalty", type=float, help="Subtract this from each token among the last "
+                                                        f"--repeat-last-n. {_defaults('presence_penalty')}"),
+    click.option("--seed", "-s", type=int, help=f"Random seed (chat's answer n samples with seed + n). {_defaults('seed')}"),
 ]

@@ -15,9 +15,10 @@ from tqdm import tqdm
 
 from pipeinfer_cpu.errors import ClusterError
 from pipeinfer_cpu.llama.cpubackend import BackendReport
+from pipeinfer_cpu.llama.settings import LlamaSettings
 from pipeinfer_cpu.modelfiles.models import ModelInfo
 from pipeinfer_cpu.modelfiles.planning import LayerRange
-from pipeinfer_cpu.modelfiles.shards import ShardFile, ShardPlan, default_cache_dir, source_hash
+from pipeinfer_cpu.modelfiles.shards import ShardFile, ShardPlan, default_cache_dir, shard_model, source_hash
 from pipeinfer_cpu.stats import StageStats
 from pipeinfer_cpu.wire import control as C
 from pipeinfer_cpu.wire.control import Assignment, Role
@@ -39,6 +40,8 @@ class StageSettings:
     n_threads: int
     n_seq_max: int
     cancellation: bool
+    llama: LlamaSettings = LlamaSettings()
+    stage_threads: tuple[int, ...] | None = None  # per stage, the hostfile's threads (0: n_threads)
 
 
 class Cluster:
@@ -85,6 +88,11 @@ class Cluster:
         sharing = sum(1 for r in self.workers if self.hosts[r] == self.hosts[rank])
         return max(1, self.cpus[rank] // sharing)
 
+    def _stage_threads(self, rank: int, index: int, settings: StageSettings) -> int:
+        """Stage `index`'s threads: the hostfile's for its host, else --threads, else auto."""
+        asked = settings.stage_threads[index] if settings.stage_threads else 0
+        return asked or self.threads_for(rank, settings.n_threads)
+
     def expect(self, rank: int, *kinds, timeout_s: float | None = None):
         """Wait for a reply of one of `kinds` (message classes or Signal members) from `rank`; raise
         ClusterError on a failure, a timeout or anything else."""
@@ -111,18 +119,17 @@ class Cluster:
             upstream = HEAD if index == 0 else stage_ranks[index - 1]
             downstream = HEAD if index == len(stage_ranks) - 1 else stage_ranks[index + 1]
             assignments[rank] = Assignment(index, LayerRange(shard.start, shard.end, plan.n_layer), shard,
-                                           settings.n_ctx, settings.n_batch, self.threads_for(rank, settings.n_threads),
-                                           settings.n_seq_max, upstream, downstream, settings.cancellation)
+                                           settings.n_ctx, settings.n_batch, self._stage_threads(rank, index, settings),
+                                           settings.n_seq_max, upstream, downstream, settings.cancellation,
+                                           llama=settings.llama)
         self._load(assignments)
 
     def load_draft(self, rank: int, info: ModelInfo, settings: StageSettings) -> None:
-        """Start the whole draft model on its own rank (its hash is remembered, not recomputed each start)."""
-        path = info.path
-        shard = ShardFile(-1, 0, info.n_layer, str(path.resolve()), path.stat().st_size,
-                          source_hash(path, default_cache_dir()))
-        self._load({rank: Assignment(-1, LayerRange(0, info.n_layer, info.n_layer), shard, settings.n_ctx,
-                                     settings.n_batch, self.threads_for(rank, settings.n_threads), 1, HEAD, HEAD,
-                                     False, Role.DRAFT)})
+        """Start the whole draft model on its own rank."""
+        assignment = Assignment(-1, LayerRange(0, info.n_layer, info.n_layer), draft_file(info), settings.n_ctx,
+                                settings.n_batch, self.threads_for(rank, settings.n_threads), 1, HEAD, HEAD, False,
+                                Role.DRAFT, settings.llama)
+        self._load({rank: assignment})
 
     def _load(self, assignments: dict[int, Assignment]) -> None:
         """Assign all at once (the ranks load in parallel), send each file a rank lacks, wait until all are loaded."""
@@ -187,6 +194,18 @@ class Cluster:
                 raise ClusterError(f"rank {rank} ({self.host(rank)}) did not stop within {SHUTDOWN_TIMEOUT_S:.0f} s")
             if C.decode(message.data) == C.Signal.BYE:
                 return
+
+
+def draft_file(info: ModelInfo) -> ShardFile:
+    """The file a draft rank loads: the model's own (its hash remembered, not recomputed each start), or
+    for a split GGUF one file written from all parts (once, cached like shards), since a rank that cannot
+    read the head's disk is sent one file."""
+    whole = LayerRange(0, info.n_layer, info.n_layer)
+    if info.other_parts:
+        return shard_model(info, (whole,)).shards[0]
+    path = info.path
+    return ShardFile(-1, whole.start, whole.end, str(path.resolve()), path.stat().st_size,
+                     source_hash(info.files, default_cache_dir()))
 
 
 def _bytes_array(chunk: bytes) -> np.ndarray:

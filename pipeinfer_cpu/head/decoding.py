@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -125,15 +126,15 @@ class Decoder:
         starts with it (the context says what the stages hold).
         """
         rng = make_rng(sampling)
-        want_logits = not sampling.greedy or keep_first_logits
+        want_logits = sampling.needs_logits or keep_first_logits
         started = time.perf_counter()
         result = self.prefill(new_tokens, want_logits)
         prefill_s = time.perf_counter() - started
         first_logits = result.payload[0].copy() if result.output_kind == Output.LOGITS else None
-        want_logits = not sampling.greedy
+        want_logits = sampling.needs_logits
         record = Record(started)
         while len(record.tokens) < max_tokens:
-            token = choose(result, 0, sampling, rng)  # a plain run has one output row
+            token = choose(result, 0, sampling, rng, self.context.tokens)  # a plain run has one output row
             if not record.add(token, on_token, is_end) or len(record.tokens) == max_tokens:
                 break
             if should_stop():
@@ -147,11 +148,13 @@ class Decoder:
                           record.stopped_by)
 
 
-def choose(result: RunResult, row: int, sampling: SamplingConfig, rng: np.random.Generator) -> int:
-    """The target's token for an output row of a result, in every mode. One uniform is drawn per
-    decided position, also when greedy (as `sample` does), so the random stream, and so a seeded
-    sample, is the same whatever decided the earlier tokens."""
+def choose(result: RunResult, row: int, sampling: SamplingConfig, rng: np.random.Generator,
+           history: Sequence[int]) -> int:
+    """The target's token for an output row of a result, in every mode; `history` holds every
+    token before the position it decides (the penalties look at its tail). One uniform is drawn
+    per decided position, also when greedy (as `sample` does), so the random stream, and so a
+    seeded sample, is the same whatever decided the earlier tokens."""
     if result.output_kind == Output.ARGMAX:
         rng.random()
         return int(result.payload[row])
-    return sample(result.payload[row], sampling, rng)
+    return sample(result.payload[row], sampling, rng, history)

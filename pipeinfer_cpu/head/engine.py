@@ -29,8 +29,10 @@ from pipeinfer_cpu.head.speculation import SpeculationSwitch
 from pipeinfer_cpu.llama.cpubackend import BackendReport, NoUsableVariant
 from pipeinfer_cpu.llama.drafter import Drafter
 from pipeinfer_cpu.llama.runtime import Stage, StageConfig, Vocab, cpu_backend
-from pipeinfer_cpu.modelfiles.models import ModelInfo, check_supported, read_model_info, resolve_model
+from pipeinfer_cpu.llama.settings import LlamaSettings
+from pipeinfer_cpu.modelfiles.models import ModelInfo, check_supported, read_model_info
 from pipeinfer_cpu.modelfiles.planning import split_layers
+from pipeinfer_cpu.modelfiles.registry import resolve_model
 from pipeinfer_cpu.modelfiles.shards import shard_model
 from pipeinfer_cpu.sampling import SamplingConfig
 from pipeinfer_cpu.stats import RunStats, StageStats, peak_rss_bytes
@@ -55,6 +57,8 @@ class EngineSettings:
     draft_in_head: bool = False  # draft in the head's process instead of a dedicated rank
     spec: SpecSettings | None = None
     cpu_variant: str | None = None  # a llama.cpp CPU backend variant to force on every rank (None: auto)
+    llama: LlamaSettings = LlamaSettings()  # KV-cache type, flash attention, loading: every stage alike
+    stage_threads: tuple[int, ...] | None = None  # per stage, threads the hostfile asks for (0: n_threads)
 
     def __post_init__(self) -> None:
         try:
@@ -87,6 +91,8 @@ class EngineSettings:
             data[name] = None if data[name] is None else Path(data[name])
         data["weights"] = None if data["weights"] is None else tuple(data["weights"])
         data["spec"] = None if data["spec"] is None else SpecSettings(**data["spec"])
+        data["llama"] = LlamaSettings(**data["llama"])
+        data["stage_threads"] = None if data["stage_threads"] is None else tuple(data["stage_threads"])
         return EngineSettings(**data)
 
 
@@ -135,7 +141,8 @@ class Engine:
     def _start_single(settings: EngineSettings, info: ModelInfo) -> "Engine":
         head = _head_backend(settings.cpu_variant)
         threads = settings.n_threads or _default_threads(1)
-        stage = Stage(StageConfig(info.path, True, True, settings.n_ctx, settings.n_batch, threads, 1))
+        stage = Stage(StageConfig(info.path, True, True, settings.n_ctx, settings.n_batch, threads, 1,
+                                  settings.llama))
         vocab = Vocab(info.path)
         return Engine(settings, info, vocab, LocalExecutor(stage), None, [], stage, backends={HEAD: head})
 
@@ -167,7 +174,8 @@ class Engine:
         plan = shard_model(info, ranges, out_dir=settings.shard_dir, progress=_progress(settings.verbose))
         cancellation = settings.mode == Mode.PIPEINFER
         stage_settings = StageSettings(settings.n_ctx, settings.n_batch, settings.n_threads,
-                                       settings.speculation.kv_sequences, cancellation)
+                                       settings.speculation.kv_sequences, cancellation, settings.llama,
+                                       settings.stage_threads)
         cluster.load_stages(plan, stage_ranks, stage_settings)
         draft: DraftClient | None = None
         if draft_info is not None and settings.mode.speculative:
@@ -281,7 +289,10 @@ def check_draft(target: ModelInfo, draft: ModelInfo) -> None:
     """Refuse a draft that cannot serve this target."""
     check_supported(draft)
     if draft.vocab_sha256 != target.vocab_sha256:
-        raise UserError(f"the draft {draft.path.name} has a different vocabulary from the target {target.path.name}")
+        sizes = (f"both {draft.n_vocab} tokens, but other token strings" if draft.n_vocab == target.n_vocab
+                 else f"{draft.n_vocab} tokens against {target.n_vocab}")
+        raise UserError(f"the draft {draft.path.name} has a different vocabulary from the target "
+                        f"{target.path.name} ({sizes}): its token ids would mean other text")
     if draft.size_bytes > target.size_bytes:
         raise UserError(f"the draft {draft.path.name} ({draft.size_bytes / 1e6:.0f} MB) is larger than the "
                         f"target {target.path.name} ({target.size_bytes / 1e6:.0f} MB)")
@@ -294,7 +305,8 @@ def _start_draft(settings: EngineSettings, draft: ModelInfo, cluster: Cluster, s
         cluster.load_draft(rank, draft, stage_settings)
         return RemoteDraftClient(cluster.transport, rank)
     threads = settings.n_threads or 1
-    stage = Stage(StageConfig(draft.path, True, True, settings.n_ctx, settings.n_batch, threads, 1))
+    stage = Stage(StageConfig(draft.path, True, True, settings.n_ctx, settings.n_batch, threads, 1,
+                              settings.llama))
     return LocalDraftClient(Drafter(stage, settings.n_batch))
 
 

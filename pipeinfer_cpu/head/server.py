@@ -177,9 +177,16 @@ def _field(request: dict, name: str, kind: type, default=None):
 
 
 def _sampling(request: dict) -> SamplingConfig:
+    """The request's sampling settings (SamplingConfig's fields; those left out take its defaults)."""
+    settings = request.get("sampling", {})
+    if not isinstance(settings, dict):
+        raise UserError(f"bad sampling settings: expected an object, got {settings!r}")
+    unknown = set(settings) - set(sampling_json(SamplingConfig()))
+    if unknown:
+        raise UserError(f"bad sampling settings: unknown {', '.join(sorted(unknown))}")
     try:
-        return SamplingConfig(**request.get("sampling", {}))
-    except (TypeError, ValueError) as exc:
+        return SamplingConfig(**settings)
+    except ValueError as exc:
         raise UserError(f"bad sampling settings: {exc}") from None
 
 

@@ -122,7 +122,7 @@ class SpecState:
                                       range(1, settings.kv_sequences))
         self.record = Record(time.perf_counter())
         self._rng = make_rng(request.sampling)
-        self._output = Output.ARGMAX if request.sampling.greedy else Output.LOGITS
+        self._output = Output.LOGITS if request.sampling.needs_logits else Output.ARGMAX
         self._draft_ids = 0
 
     @property
@@ -149,7 +149,8 @@ class SpecState:
         """Decide what a result says (None for a stale run's), cancel the runs it made stale, and
         record and stream the decided tokens."""
         sampling = self.request.sampling
-        verdict = self.chain.on_result(result.run_id, lambda row: choose(result, row, sampling, self._rng))
+        verdict = self.chain.on_result(result.run_id,
+                                       lambda row: choose(result, row, sampling, self._rng, self.chain.decided))
         if verdict is None:
             return None
         self._account(verdict)

@@ -230,7 +230,9 @@ class Chain:
 
     def on_result(self, run_id: int, choose: Callable[[int], int]) -> Verdict | None:
         """Process the result of a run; `choose(row)` gives the target's token for an output row
-        (called only for rows that decide something, in order). None for a stale run's result."""
+        (called only for rows that decide something, in order, each time with `decided` holding
+        exactly the tokens before the position the row decides: a choice that depends on them, as
+        a repetition penalty does, reads them there). None for a stale run's result."""
         if not self.inflight or self.inflight[0].run_id != run_id:
             if self.is_live(run_id):
                 raise RuntimeError(f"result of run {run_id} arrived before older runs' results")

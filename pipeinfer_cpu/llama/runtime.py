@@ -3,7 +3,7 @@
 `Vocab` tokenises and detokenises with a vocabulary-only load; `Stage` runs a GGUF (a whole model or
 a shard holding a layer range): token ids or hidden states in, hidden states of its last block or
 logits out, with KV-cache operations and a cancellation flag that aborts `llama_decode` between
-graph nodes.
+graph nodes. What a stage of each architecture must do is in modelfiles/architectures.py.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from llama_cpp import llama_cpp as _llama_module
 from pipeinfer_cpu.errors import ModelError
 from pipeinfer_cpu.llama.cpubackend import VARIANT_ENV, BackendReport, NoUsableVariant, read_cpu, select
 from pipeinfer_cpu.llama.native import Capture, load_callbacks
+from pipeinfer_cpu.llama.settings import LlamaSettings
+from pipeinfer_cpu.modelfiles.architectures import stage_input_tensor
 from pipeinfer_cpu.modelfiles.shards import default_cache_dir
 from pipeinfer_cpu.modelfiles.tinymodel import TinyShape
 
@@ -35,6 +37,8 @@ _ggml_lib.ggml_nbytes.restype = ctypes.c_size_t
 _ggml_lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
 _ggml_lib.ggml_backend_tensor_get.restype = None
 _ggml_lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+_ggml_lib.ggml_backend_tensor_set.restype = None
+_ggml_lib.ggml_backend_tensor_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
 
 _ggml_lib.ggml_backend_load.restype = ctypes.c_void_p
 _ggml_lib.ggml_backend_load.argtypes = [ctypes.c_char_p]
@@ -141,11 +145,20 @@ def exercise_variant(path: Path) -> None:
     stage.close()
 
 
-def _load_model(path: Path, vocab_only: bool) -> llama_cpp.llama_model_p:
+def _metadata(model: llama_cpp.llama_model_p, key: str) -> str | None:
+    """One of a loaded model's metadata values, as llama.cpp writes it as text (None if absent)."""
+    buffer = ctypes.create_string_buffer(256)
+    if llama_cpp.llama_model_meta_val_str(model, key.encode(), buffer, len(buffer)) < 0:
+        return None
+    return buffer.value.decode("utf-8", errors="replace")
+
+
+def _load_model(path: Path, vocab_only: bool, settings: LlamaSettings = LlamaSettings()) -> llama_cpp.llama_model_p:
     _init_backend()
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = vocab_only
-    params.use_mmap = True
+    params.load_mode = settings.load_mode_id
+    params.use_extra_bufts = settings.repack
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
     if not model:
         raise ModelError(f"llama.cpp could not load {path} (see PIPEINFER_LLAMA_LOG=1 for its log)")
@@ -234,30 +247,39 @@ class StageConfig:
     n_batch: int = 256
     n_threads: int = 1
     n_seq_max: int = 1
+    llama: LlamaSettings = LlamaSettings()
 
 
 class Stage:
     """One llama.cpp context over a GGUF holding a layer range.
 
     `decode` takes token ids (first stage) or hidden states (other stages) and returns the hidden
-    states of the shard's last block, or logits when the shard ends the model.
+    states of the shard's last block, or logits when the shard ends the model. Where the graph
+    scales its input whatever it is (gemma), a stage fed hidden states overwrites the scaled tensor
+    with them once computed, so its blocks see exactly the previous stage's output.
     """
 
     def __init__(self, config: StageConfig) -> None:
         self.config = config
-        self._model = _load_model(config.path, vocab_only=False)
+        self._model = _load_model(config.path, vocab_only=False, settings=config.llama)
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
         self.n_layer = llama_cpp.llama_model_n_layer(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
-        self._hidden_name = f"l_out-{self.n_layer - 1}".encode()
+        embd = 0 if config.is_first else self.n_embd
+        self._batch = llama_cpp.llama_batch_init(config.n_batch, embd, config.n_seq_max)
+        self._hidden_name = b"" if config.is_last else f"l_out-{self.n_layer - 1}".encode()
+        self._input_name = b"" if config.is_first else self._scaled_input_name()
         self._hidden = np.empty((config.n_batch, self.n_embd), dtype=np.float32)
-        self._capture = Capture(self._hidden_name, self._hidden.ctypes.data, self._hidden.nbytes, 0)
+        self._capture = Capture(self._hidden_name, self._hidden.ctypes.data, self._hidden.nbytes, 0,
+                                self._input_name, ctypes.cast(self._batch.embd, ctypes.c_void_p).value, 0, 0)
         self._cancel_flag = ctypes.create_string_buffer(2)
         self._eval_cb, self._abort_cb = self._callbacks()
         self._ctx = self._new_context()
         self._memory = llama_cpp.llama_get_memory(self._ctx)
-        embd = 0 if config.is_first else self.n_embd
-        self._batch = llama_cpp.llama_batch_init(config.n_batch, embd, config.n_seq_max)
+
+    def _scaled_input_name(self) -> bytes:
+        arch = _metadata(self._model, "general.architecture") or ""
+        return (stage_input_tensor(arch, functools.partial(_metadata, self._model)) or "").encode()
 
     def _new_context(self):
         c = self.config
@@ -269,7 +291,9 @@ class Stage:
         params.n_threads = c.n_threads
         params.n_threads_batch = c.n_threads
         params.kv_unified = True
-        if not c.is_last:
+        params.type_k = params.type_v = c.llama.ggml_kv_type
+        params.flash_attn_type = c.llama.flash_attn_type
+        if self._hidden_name or self._input_name:
             params.cb_eval = self._eval_cb
             params.cb_eval_user_data = ctypes.addressof(self._capture)
         ctx = llama_cpp.llama_init_from_model(self._model, params)
@@ -290,15 +314,22 @@ class Stage:
                 llama_cpp.ggml_abort_callback(lambda data: flag.raw[0] != 0))
 
     def _on_tensor(self, tensor: int, ask: bool, user_data: int) -> bool:
+        """The Python twin of callbacks.c's pipeinfer_capture_cb."""
         name = _ggml_lib.ggml_get_name(tensor)
+        output = bool(self._hidden_name) and name == self._hidden_name
+        source = bool(self._input_name) and name == self._input_name
         if ask:
-            return name == self._hidden_name
-        if name == self._hidden_name:
-            nbytes = _ggml_lib.ggml_nbytes(tensor)
-            _ggml_lib.ggml_backend_tensor_get(tensor, self._hidden.ctypes.data, 0, nbytes)
-            self._capture.nbytes = nbytes
-            return False  # stop here: the output norm and vocabulary matmul are not needed
-        return True
+            return output or source
+        capture = self._capture
+        if source and _ggml_lib.ggml_nbytes(tensor) == capture.input_nbytes:
+            _ggml_lib.ggml_backend_tensor_set(tensor, capture.input, 0, capture.input_nbytes)
+            capture.written = capture.input_nbytes
+        if not output:
+            return True
+        nbytes = _ggml_lib.ggml_nbytes(tensor)
+        _ggml_lib.ggml_backend_tensor_get(tensor, self._hidden.ctypes.data, 0, nbytes)
+        capture.nbytes = nbytes
+        return False  # stop here: the output norm and vocabulary matmul are not needed
 
     # -- decoding -----------------------------------------------------------------------------
 
@@ -316,12 +347,17 @@ class Stage:
         if n > self.config.n_batch:
             raise ValueError(f"batch of {n} tokens exceeds n_batch {self.config.n_batch}")
         self._fill_batch(positions, seq_ids, tokens, hidden, outputs)
-        self._capture.nbytes = 0
+        capture = self._capture
+        capture.nbytes = capture.written = 0
+        capture.input_nbytes = 4 * n * self.n_embd
         rc = llama_cpp.llama_decode(self._ctx, self._batch)
         if rc == _DECODE_ABORTED:
             return None
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc} (context full or bad batch)")
+        if self._input_name and capture.written != capture.input_nbytes:
+            raise RuntimeError(f"llama.cpp's graph has no {self._input_name.decode()} of {n} rows to "
+                               "overwrite with the stage's input")
         if not self.config.is_last:
             rows = self._capture.nbytes // (4 * self.n_embd)
             if rows != n:

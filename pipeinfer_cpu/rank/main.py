@@ -81,7 +81,7 @@ def _run(transport: Transport, assignment: C.Assignment) -> None:
     path = obtain_shard(transport, assignment.shard)
     layers = assignment.layers
     stage = Stage(StageConfig(path, layers.is_first, layers.is_last, assignment.n_ctx, assignment.n_batch,
-                              assignment.n_threads, assignment.n_seq_max))
+                              assignment.n_threads, assignment.n_seq_max, assignment.llama))
     _send(transport, C.Ready(peak_rss_bytes()))
     if assignment.role == C.Role.DRAFT:
         serve_drafts(transport, Drafter(stage, assignment.n_batch))

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeinfer_cpu.llama.cpubackend import BackendReport
+from pipeinfer_cpu.llama.settings import LlamaSettings
 from pipeinfer_cpu.modelfiles.planning import LayerRange
 from pipeinfer_cpu.modelfiles.shards import ShardFile
 from pipeinfer_cpu.stats import StageStats
@@ -49,6 +50,7 @@ class Assignment:
     downstream: int  # the rank results go to
     cancellation: bool  # watch for cancels while computing (pipeinfer)
     role: Role = Role.STAGE
+    llama: LlamaSettings = LlamaSettings()  # KV-cache type, flash attention, loading: the same on every stage
 
 
 class Signal(str, Enum):
@@ -181,7 +183,8 @@ def _build(cls: type, body: dict) -> ControlMessage:
     elif cls is Assign:
         data = body["assignment"]
         body["assignment"] = Assignment(**dict(data, layers=LayerRange(**data["layers"]),
-                                               shard=ShardFile(**data["shard"]), role=Role(data["role"])))
+                                               shard=ShardFile(**data["shard"]), role=Role(data["role"]),
+                                               llama=LlamaSettings(**data["llama"])))
     elif cls is StageReport:
         body["stats"] = StageStats.from_json_dict(body["stats"])
     elif cls is KvUsage:

@@ -1,6 +1,8 @@
 """Each bad input: one readable line on stderr, a non-zero exit, no traceback, no rank left running."""
 
 
+import pytest
+
 from conftest import assert_clean_failure
 
 RUN = ("run", "--hostfile", "hosts/local.txt", "-p", "Hello", "-n", "4")
@@ -79,3 +81,11 @@ def test_no_prompt(cli):
 def test_debug_shows_the_traceback(cli, tmp_path):
     done = cli(*RUN, "--model", str(tmp_path / "nope.gguf"), "--debug")
     assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+@pytest.mark.parametrize("command, option, value, fragment", [
+    ("run", "--min-p", "1.5", "min_p must be in [0, 1] (0 = off), got 1.5"),
+    ("chat", "--repeat-penalty", "0", "repeat_penalty must be a finite number > 0 (1 = off), got 0.0"),
+])
+def test_bad_sampling_value(cli, command, option, value, fragment):
+    assert_clean_failure(cli(command, "--hostfile", "hosts/local.txt", option, value), fragment)

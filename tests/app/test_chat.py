@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeinfer_cpu.app.chat import ChatOptions, ChatSession, format_stats, read_transcript
+from pipeinfer_cpu.app.chat import ChatOptions, ChatSession, choose_sampling, format_stats, read_transcript
 from pipeinfer_cpu.app.client import JobEnded, LocalClient
+from pipeinfer_cpu.app.options import SamplingOptions
 from pipeinfer_cpu.conversation import (
     Conversation,
     Turn,
@@ -31,7 +32,7 @@ from pipeinfer_cpu.errors import ModelError, UserError
 from pipeinfer_cpu.head.decoding import Generation
 from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.head.server import EngineServer, LineReader, json_line_writer, sampling_json, serve_json_lines
-from pipeinfer_cpu.sampling import SamplingConfig
+from pipeinfer_cpu.sampling import LLAMA_CLI_DEFAULTS, SamplingConfig
 from pipeinfer_cpu.stats import RunStats, StageStats
 
 END = 0
@@ -309,7 +310,8 @@ def test_second_turn_prefills_only_its_own_tokens():
 def test_turn_takes_max_tokens_and_sampling_from_the_request():
     engine = FakeEngine("Blue sky.")
     server = EngineServer(engine)
-    sampling = SamplingConfig(temperature=0.7, top_k=5, top_p=0.9, seed=3)
+    sampling = SamplingConfig(temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, repeat_penalty=1.1, repeat_last_n=32,
+                              frequency_penalty=0.2, presence_penalty=-0.1, seed=3)
     done = _ask(server, turn_request(Conversation().with_turn("user", "hi"), max_tokens=3, sampling=sampling))[-1]
     assert engine.calls[0]["sampling"] == sampling
     assert engine.calls[0]["max_tokens"] == 3
@@ -363,6 +365,9 @@ def test_server_reports_bad_requests_and_goes_on():
     assert "bad sampling" in _error(server, turn(Conversation().with_turn("user", "hi"), sampling={"top_p": 0}))
     assert "bad sampling" in _error(server, turn(Conversation().with_turn("user", "hi"), sampling={"colour": 1}))
     assert "bad sampling" in _error(server, turn(Conversation().with_turn("user", "hi"), sampling=None))
+    assert "min_p must be in [0, 1]" in _error(server, turn(Conversation().with_turn("user", "hi"), sampling={"min_p": 2}))
+    assert "repeat_penalty must be a finite number > 0" in _error(
+        server, turn(Conversation().with_turn("user", "hi"), sampling={"repeat_penalty": "x"}))
     assert engine.fed == [] and engine.context_tokens == ()
     assert _ask(server, turn(Conversation().with_turn("user", "hi")))[-1]["event"] == "done"
 
@@ -519,6 +524,39 @@ STATS = {**RunStats("single", 7, 2, 0.01, 0.01, (0.01, 0.02), 0,
          "context_tokens": 20, "reused_tokens": 13, "dropped_turns": 0, "stopped_by": "eos"}
 
 
+# -- the chat's sampling: the options given, else the model's recommendation, else llama.cpp's ---------
+
+def test_chat_samples_with_llama_cpps_defaults_when_the_model_recommends_nothing():
+    config, source = choose_sampling(SamplingOptions({}), {})
+    assert config == LLAMA_CLI_DEFAULTS
+    assert f"{config.summary()} ({source})" == ("temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, seed 0 "
+                                                "(llama.cpp's defaults; --temp 0 for greedy)")
+
+
+def test_chat_options_override_the_models_recommendation_which_overrides_llama_cpp():
+    config, source = choose_sampling(SamplingOptions({"temperature": 0.2, "seed": 5}),
+                                     {"temperature": 0.6, "top_p": 0.9, "repeat_penalty": 1.05})
+    assert config == SamplingConfig(temperature=0.2, top_k=40, top_p=0.9, min_p=0.05, repeat_penalty=1.05, seed=5)
+    assert source == ("temperature, seed: yours; top-p, repeat-penalty: the model's recommendation; "
+                      "the rest llama.cpp's defaults; --temp 0 for greedy")
+    assert choose_sampling(SamplingOptions({"temperature": 0.0}), {})[1] == (
+        "temperature: yours; the rest llama.cpp's defaults")
+
+
+def test_a_recommendation_that_does_not_work_is_a_user_error_unless_overridden():
+    with pytest.raises(UserError, match="general.sampling.* in its GGUF file.*top_p must be in"):
+        choose_sampling(SamplingOptions({}), {"top_p": 0.0})
+    assert choose_sampling(SamplingOptions({"top_p": 0.5}), {"top_p": 0.0})[0].top_p == 0.5
+
+
+@pytest.mark.parametrize("given, fragment", [({"min_p": 1.5}, "min_p must be in [0, 1]"),
+                                             ({"repeat_last_n": -1}, "repeat_last_n must be an integer >= 0")])
+def test_bad_sampling_options_are_one_user_error(given, fragment):
+    with pytest.raises(UserError) as caught:
+        SamplingOptions(given)
+    assert fragment in str(caught.value)
+
+
 class FakeClient:
     """Answers every turn with "Hi there" (or what `replies` says for the next ones)."""
 
@@ -580,8 +618,11 @@ def test_each_turn_sends_the_whole_conversation(tmp_path, capsys):
     session.handle("More")
     assert capsys.readouterr().out == "Hi there\nHi there\n"
     asked = Conversation("S", (Turn("user", "Hello"), Turn("assistant", "Hi there"), Turn("user", "More")))
+    assert client.requests[0]["sampling"] == sampling_json(SamplingConfig())
+    # each answer samples with seed + the answers before it: a stream of its own, and still replayable
     assert client.requests[1] == {"type": "turn", "conversation": conversation_to_json(asked), "first": 0,
-                                  "max_tokens": 32, "sampling": sampling_json(SamplingConfig()), "interrupt": False}
+                                  "max_tokens": 32, "sampling": sampling_json(SamplingConfig(seed=1)),
+                                  "interrupt": False}
     assert session.conversation == asked.with_turn("assistant", "Hi there")
 
 

@@ -1,5 +1,6 @@
 """Real chat sessions: `pipeinfer-cpu chat --hostfile hosts/local.txt` (real MPI, 2 stages, the default
-model, greedy) driven through a pseudo-terminal, and through pipes as a script would."""
+model, greedy) driven through a pseudo-terminal, and through pipes as a script would; and `chat` as it
+comes (its own sampling defaults), whose answers must end by themselves."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pexpect
@@ -18,7 +20,7 @@ import pytest
 from conftest import REPO
 from pipeinfer_cpu.conversation import conversation_from_json
 
-CHAT = ["-m", "pipeinfer_cpu", "chat", "--hostfile", "hosts/local.txt"]
+CHAT = ["-m", "pipeinfer_cpu", "chat", "--hostfile", "hosts/local.txt", "--temp", "0"]  # greedy: fixed answers
 PROMPT = r"\n(?:\x1b\[[0-9;?]*[A-Za-z])*> "
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
@@ -175,3 +177,29 @@ def test_dead_job_is_one_error_line_and_a_non_zero_exit(chat_env, tmp_path):
     assert "error: the MPI job ended" in err
     assert json.loads(transcript.read_text().splitlines()[1])["role"] == "assistant"
     assert _still_running(job) == []
+
+
+def _most_repeats(tokens: list[int], n: int) -> int:
+    """How often the most frequent n-token sequence occurs in `tokens` (0 when shorter than n)."""
+    return max(Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)).values(), default=0)
+
+
+def test_default_chat_ends_its_answers_without_looping(chat_env, tmp_path, default_model):
+    """Issue 14's "done when": `chat` as it comes (the default model, its default sampling, which
+    here is llama.cpp's: the model recommends none) ends both answers of a scripted conversation by
+    itself (EOS, not the length limit), and no 8-token sequence occurs more than twice in an answer.
+    Greedy, the same two turns loop on "I'm so glad you're here." up to the 512-token limit."""
+    from pipeinfer_cpu.llama.runtime import Vocab
+
+    transcript = tmp_path / "t.jsonl"
+    done = subprocess.run([sys.executable, "-m", "pipeinfer_cpu", "chat", "--transcript", str(transcript)],
+                          input="My name is Ada. Say hello to me.\nWhat is my name?\n", capture_output=True,
+                          text=True, cwd=REPO, env=chat_env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert ("sampling: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, seed 0 (llama.cpp's defaults; "
+            "--temp 0 for greedy)") in done.stderr
+    answers = [r for r in map(json.loads, transcript.read_text().splitlines()) if r["role"] == "assistant"]
+    assert [a["stopped_by"] for a in answers] == ["eos", "eos"], answers
+    vocab = Vocab(default_model)
+    for answer in answers:
+        assert _most_repeats(vocab.text_tokens(answer["content"], parse_special=False), 8) <= 2, answer

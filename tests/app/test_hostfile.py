@@ -14,6 +14,8 @@ from pipeinfer_cpu.errors import HostfileError
     ("10.0.0.7:2  # weight=2.5", Host("10.0.0.7", 2, 2.5)),
     ("node4 # weight=0.5 an old laptop", Host("node4", 1, 0.5)),
     ("node5  # just a comment", Host("node5")),
+    ("node6:2 # threads=6 weight=2 a faster box", Host("node6", 2, 2.0, 6)),
+    ("node7 # weight = 1.5  threads = 3", Host("node7", 1, 1.5, 3)),
 ])
 def test_parses_mpich_and_openmpi_syntax(line, expected):
     assert parse_line(line, "f:1") == expected
@@ -29,6 +31,8 @@ def test_blank_and_comment_lines_are_skipped(line):
     ("node2:x", "cannot parse"),
     ("node2 # weight=-1", "bad weight"),
     ("node2 # weight=fast", "bad weight"),
+    ("node2 # threads=0", "bad threads"),
+    ("node2 # threads=two", "bad threads"),
     ("node2:0", "slots must be at least 1"),
 ])
 def test_errors_name_file_and_line(tmp_path, line, fragment):

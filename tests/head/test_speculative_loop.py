@@ -3,9 +3,11 @@
 The simulated target computes a deterministic next token from the KV cache it keeps (committed
 sequence only), answering each run on the next poll; the simulated draft guesses the target's
 continuation right with a fixed probability and answers faster than the target. Checks that every feeding strategy of pipeinfer and
-synchronous speculation decide the target's own tokens, and that joint feeding saves runs.
+synchronous speculation decide the target's own tokens, greedy and sampled with penalties (which
+look at the tokens before each position), and that joint feeding saves runs.
 """
 
+import dataclasses
 from collections import deque
 from functools import partial
 
@@ -19,7 +21,7 @@ from pipeinfer_cpu.head.session import Context
 from pipeinfer_cpu.head.specdecode import Request, SpecSettings
 from pipeinfer_cpu.head.speculation import SpeculationSwitch
 from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
-from pipeinfer_cpu.sampling import SamplingConfig
+from pipeinfer_cpu.sampling import SamplingConfig, make_rng, sample
 from pipeinfer_cpu.wire.drafts import DraftReply
 from pipeinfer_cpu.wire.runs import KvKind, Output
 
@@ -48,9 +50,10 @@ class SimulatedTarget:
             assert seqs == (COMMITTED_SEQ,) and position not in self.cache
             self.cache[position] = token
             if wanted:
-                rows.append(target_next([self.cache[p] for p in range(position + 1)]))
+                context = [self.cache[p] for p in range(position + 1)]
+                rows.append(target_next(context) if run.output_kind == Output.ARGMAX else target_logits(context))
         if rows:
-            self.results.append(RunResult(run.run_id, Output.ARGMAX, np.asarray(rows, dtype=np.int32)))
+            self.results.append(RunResult(run.run_id, run.output_kind, np.asarray(rows)))
 
     def poll(self):
         self.polls += 1
@@ -63,16 +66,36 @@ class SimulatedTarget:
         """Runs finish at launch here; stale results still arrive and must be ignored."""
 
 
+def target_logits(context: list[int]) -> np.ndarray:
+    """The simulated target's logits after `context` (when asked for logits): deterministic, with
+    repeated tokens likely enough that the penalties change choices."""
+    row = np.random.default_rng(len(context)).standard_normal(50).astype(np.float32)
+    row[target_next(context)] += 2.0
+    row[context[-1] % row.size] += 1.5  # a wrong draft guess (99) lies outside the vocabulary
+    return row
+
+
+def sampled_continuation(prompt: list[int], n: int, sampling: SamplingConfig) -> list[int]:
+    """What the target alone decides after `prompt`: `sample` over its logits, every token before
+    the position as history."""
+    rng = make_rng(sampling)
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(sample(target_logits(tokens), sampling, rng, tokens))
+    return tokens[len(prompt):]
+
+
 class SimulatedDraft:
     """A DraftClient whose guesses are the target's own tokens with probability `p_right`."""
 
-    def __init__(self, p_right: float, seed: int) -> None:
+    def __init__(self, p_right: float, seed: int, continuation=target_continuation) -> None:
         self.rng = np.random.default_rng(seed)
         self.p_right = p_right
+        self.continuation = continuation  # (context, n) -> the target's next n tokens
         self.reply: DraftReply | None = None
 
     def request(self, request) -> None:
-        truth = target_continuation(list(request.context), request.max_new)
+        truth = self.continuation(list(request.context), request.max_new)
         tokens = tuple(t if self.rng.random() < self.p_right else 99 for t in truth)
         self.reply = DraftReply(request.request_id, tokens, (0.9,) * len(tokens))
 
@@ -81,16 +104,24 @@ class SimulatedDraft:
         return reply
 
 
-def generate(mode: str, strategies: tuple[str, ...], seed: int, n_new: int = 60):
+def generate(mode: str, strategies: tuple[str, ...], seed: int, n_new: int = 60,
+             sampling: SamplingConfig = SamplingConfig()):
     rng = np.random.default_rng(seed)
     prompt = [int(t) for t in rng.integers(0, 50, size=8)]
     target = SimulatedTarget()
     switch = SpeculationSwitch(strategies=strategies, strategy=strategies[0])
-    request = Request(tuple(prompt), n_new, SamplingConfig(), lambda t: False, lambda t: None, lambda: False)
+    request = Request(tuple(prompt), n_new, sampling, lambda t: False, lambda t: None, lambda: False)
     loop = speculative.generate if mode == "speculative" else partial(pipeinfer.generate, switch=switch)
     settings = SpecSettings(mode, draft_max=4)
-    generation, _ = loop(Context(target), SimulatedDraft(0.6, seed), settings, request, 64, 5.0)
-    return list(generation.tokens), target_continuation(prompt, n_new), target.runs
+    if sampling.needs_logits:
+        truth = sampled_continuation(prompt, n_new, sampling)
+        whole = prompt + truth
+        draft = SimulatedDraft(0.6, seed, lambda context, n: (whole[len(context):len(context) + n]
+                                                              if whole[:len(context)] == context else [99] * n))
+    else:
+        truth, draft = target_continuation(prompt, n_new), SimulatedDraft(0.6, seed)
+    generation, _ = loop(Context(target), draft, settings, request, 64, 5.0)
+    return list(generation.tokens), truth, target.runs
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -100,6 +131,20 @@ def generate(mode: str, strategies: tuple[str, ...], seed: int, n_new: int = 60)
 def test_every_strategy_decides_the_targets_own_tokens(seed, mode, strategies):
     tokens, truth, _ = generate(mode, strategies, seed)
     assert tokens == truth
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("mode, strategies", [("pipeinfer", ("eager", "joint", "off")), ("speculative", ("eager",))])
+@pytest.mark.parametrize("sampling", [
+    SamplingConfig(repeat_penalty=1.5),
+    SamplingConfig(temperature=0.8, top_k=20, top_p=0.95, min_p=0.05, repeat_penalty=1.3, repeat_last_n=16,
+                   frequency_penalty=0.1, presence_penalty=0.5, seed=3)])
+def test_penalised_and_sampled_choices_are_the_targets_own(seed, mode, strategies, sampling):
+    tokens, truth, _ = generate(mode, strategies, seed, sampling=sampling)
+    assert tokens == truth
+    assert truth != generate(mode, strategies, seed, sampling=dataclasses.replace(sampling, repeat_penalty=1.0,
+                                                                                   frequency_penalty=0.0,
+                                                                                   presence_penalty=0.0))[1]
 
 
 def test_joint_feeding_sends_fewer_runs_than_eager():

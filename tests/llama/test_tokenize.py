@@ -2,6 +2,7 @@
 
 import pytest
 
+from conftest import real_model
 from pipeinfer_cpu.llama.runtime import Vocab
 
 PREFORMATTED = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
@@ -37,3 +38,43 @@ LLAMA_TOKENIZE = [
 @pytest.mark.parametrize("prompt, parse_special, expected", LLAMA_TOKENIZE)
 def test_token_ids_equal_llama_tokenize(vocab, prompt, parse_special, expected):
     assert vocab.text_tokens(prompt, parse_special) == expected
+
+
+# The real models of the catalogue (fetched by `make test`), the same program and build:
+#   llama-tokenize -m MODEL.gguf -p PROMPT --ids --log-disable [--no-parse-special]
+QWEN_CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+             "Write a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n")
+GEMMA_CHAT = "<start_of_turn>user\nWrite a haiku about the sea.<end_of_turn>\n<start_of_turn>model\n"
+PLAIN = "def add(a, b):  # two   spaces, ünïcödé and 12345"
+QWEN_IDS = [
+    (QWEN_CHAT, True, [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198, 7985,
+                       264, 6386, 38242, 911, 279, 9396, 13, 151645, 198, 151644, 77091, 198]),
+    (QWEN_CHAT, False, [27, 91, 318, 4906, 91, 29, 8948, 198, 2610, 525, 264, 10950, 17847, 15757, 91, 318, 6213, 91,
+                        397, 27, 91, 318, 4906, 91, 29, 872, 198, 7985, 264, 6386, 38242, 911, 279, 9396, 15757, 91,
+                        318, 6213, 91, 397, 27, 91, 318, 4906, 91, 29, 77091, 198]),
+    (PLAIN, True, [750, 912, 2877, 11, 293, 1648, 220, 671, 1378, 256, 12621, 11, 10489, 77, 37572, 66, 2956, 128505,
+                   323, 220, 16, 17, 18, 19, 20]),
+]
+REAL_MODEL_IDS = {
+    "qwen2.5-coder-1.5b": QWEN_IDS,
+    "qwen2.5-coder-0.5b": QWEN_IDS,  # the same tokenizer, checked on its own file
+    "gemma3-270m": [
+        (GEMMA_CHAT, True, [2, 105, 2364, 107, 6974, 496, 678, 20517, 1003, 506, 5442, 236761, 106, 107, 105, 4368,
+                            107]),
+        (GEMMA_CHAT, False, [2, 236820, 3041, 236779, 1340, 236779, 887, 236813, 2364, 107, 6974, 496, 678, 20517,
+                             1003, 506, 5442, 21603, 643, 236779, 1340, 236779, 887, 236813, 107, 236820, 3041,
+                             236779, 1340, 236779, 887, 236813, 4368, 107]),
+        (PLAIN, True, [2, 2063, 1138, 236769, 236746, 236764, 518, 1473, 138, 236865, 1156, 139, 35220, 236764,
+                       174898, 238527, 236755, 55515, 236859, 532, 236743, 236770, 236778, 236800, 236812, 236810]),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", REAL_MODEL_IDS)
+def test_real_models_token_ids_equal_llama_tokenize(name):
+    vocab = Vocab(real_model(name))
+    try:
+        for prompt, parse_special, expected in REAL_MODEL_IDS[name]:
+            assert vocab.text_tokens(prompt, parse_special) == expected, (prompt, parse_special)
+    finally:
+        vocab.close()

@@ -3,8 +3,9 @@
 Run as `mpiexec -n 4 python spec_stress.py TARGET DRAFT OUT.json` (head, 2 target stages, draft rank).
 The head replaces the real draft with a scripted one that knows the target's own greedy
 continuation and guesses right or wrong at random, so every acceptance pattern can be forced.
-It checks, after every request, that the output equals the target alone and that every stage's
-KV cache holds exactly the committed tokens.
+It checks, after every request, that the output equals the target alone (greedy, greedy with a
+repeat penalty, and seeded sampling with penalties) and that every stage's KV cache holds exactly
+the committed tokens.
 """
 
 import json
@@ -25,6 +26,11 @@ from pipeinfer_cpu.wire.drafts import DraftReply, DraftRequest
 from pipeinfer_cpu.wire.transport import MpiTransport
 
 GREEDY = SamplingConfig()
+# Greedy with a repeat penalty (the stages send logits), and seeded sampling with min-p and the
+# penalties: the target's choice then depends on the tokens before the position, which in
+# verification are the committed ones and the draft's prefix.
+CONFIGS = (GREEDY, SamplingConfig(repeat_penalty=1.3),
+           SamplingConfig(temperature=0.8, top_k=40, min_p=0.05, repeat_penalty=1.2, presence_penalty=0.2, seed=5))
 
 
 class ScriptedDraft:
@@ -65,17 +71,22 @@ def main() -> None:
     reference_context = Context(LocalExecutor(Stage(StageConfig(target, True, True, 2048, 256, 1, 1))))
     reference = Decoder(reference_context, 256, 2048)
     prompt = engine.encode("Write a long story about a lighthouse keeper.", chat=True)
-    truth = list(prompt) + list(reference.generate(prompt, 40, GREEDY, lambda t: False).tokens)
+    truths = []
+    for sampling in CONFIGS:
+        reference_context.reset()
+        truths.append(list(prompt) + list(reference.generate(prompt, 40, sampling, lambda t: False).tokens))
     results = {"patterns": 0, "pattern_failures": [], "kv_failures": 0, "cancelled_during": 0,
                "cancelled_before": 0, "continuation_ok": True, "generated": 0}
     real_draft = engine.draft
 
-    # 200 random acceptance patterns: each request forces a different mix of right and wrong guesses.
+    # 200 random acceptance patterns: each request forces a different mix of right and wrong guesses,
+    # under each sampling configuration in turn.
     for pattern in range(200):
         rng = np.random.default_rng(pattern)
+        sampling, truth = CONFIGS[pattern % len(CONFIGS)], truths[pattern % len(CONFIGS)]
         engine.draft = ScriptedDraft(truth, rng, p_right=float(rng.uniform(0, 1)), length=int(rng.integers(1, 9)))
         engine.reset_context()
-        generation, _ = engine.generate(list(prompt), 24, GREEDY)
+        generation, _ = engine.generate(list(prompt), 24, sampling)
         results["patterns"] += 1
         if list(generation.tokens) != truth[len(prompt):len(prompt) + len(generation.tokens)]:
             results["pattern_failures"].append(pattern)
@@ -84,7 +95,7 @@ def main() -> None:
     # Forced cancellations: long runs whose first guess is wrong, so they are cancelled while
     # the stages are still busy with them.
     for attempt in range(12):
-        engine.draft = ScriptedDraft(truth, np.random.default_rng(1000 + attempt), p_right=0.0, length=64)
+        engine.draft = ScriptedDraft(truths[0], np.random.default_rng(1000 + attempt), p_right=0.0, length=64)
         engine.reset_context()
         _, stats = engine.generate(list(prompt), 8, GREEDY)
         results["cancelled_during"] += sum(s.runs_cancelled_during for s in stats.stages)
@@ -102,8 +113,9 @@ def main() -> None:
     while results["generated"] < 500:
         new = pending + engine.encode(turns[turn % len(turns)], chat=True)
         want = min(128, 500 - results["generated"])
-        generation, _ = engine.generate(new, want, GREEDY)
-        expected = reference.generate(new, want, GREEDY, engine.vocab.is_end)
+        sampling = CONFIGS[turn % len(CONFIGS)]  # a penalty's history then spans earlier requests too
+        generation, _ = engine.generate(new, want, sampling)
+        expected = reference.generate(new, want, sampling, engine.vocab.is_end)
         results["continuation_ok"] &= list(generation.tokens) == list(expected.tokens)
         results["kv_failures"] += 0 if kv_ok(engine) else 1
         results["generated"] += len(generation.tokens)

@@ -17,7 +17,9 @@ class Capture(ctypes.Structure):
     """Mirror of `struct pipeinfer_capture`."""
 
     _fields_ = [("name", ctypes.c_char * 64), ("dest", ctypes.c_void_p),
-                ("capacity", ctypes.c_size_t), ("nbytes", ctypes.c_size_t)]
+                ("capacity", ctypes.c_size_t), ("nbytes", ctypes.c_size_t),
+                ("input_name", ctypes.c_char * 64), ("input", ctypes.c_void_p),
+                ("input_nbytes", ctypes.c_size_t), ("written", ctypes.c_size_t)]
 
 
 def load_callbacks(ggml_lib_dir: Path, cache_dir: Path) -> ctypes.CDLL | None:
