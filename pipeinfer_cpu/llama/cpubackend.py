@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -78,6 +79,7 @@ class NoUsableVariant(UserError):
 class CpuInfo:
     model: str
     flags: frozenset[str]
+    machine: str = "x86_64"  # platform.machine()
 
     @property
     def key(self) -> str:
@@ -165,6 +167,11 @@ def choose_variant(variants: tuple[Variant, ...], cpu: CpuInfo, forced: str | No
 
     `verdict(v)` is None when `v` passed its probe, else why it failed. Raises NoUsableVariant.
     """
+    if cpu.machine not in X86_64:
+        # Only x86-64 nodes have been verified to split bit-exactly; other CPUs' kernels may sum rows
+        # differently, so a mixed cluster could silently compute another model.
+        raise NoUsableVariant(f"this node is {cpu.machine}, not x86-64: pipeinfer-cpu's stages are verified on "
+                              "x86-64 CPUs only so far")
     if forced:
         return _forced_variant(variants, cpu, forced, verdict), ()
     missing = missing_features(REQUIRED, cpu)
@@ -217,9 +224,10 @@ def read_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> CpuInfo:
     override = os.environ.get(CPU_FLAGS_ENV)
     if override is not None:
         flags = frozenset(override.replace(",", " ").split())
-    return CpuInfo(model, flags)
+    return CpuInfo(model, flags, platform.machine())
 
 
+X86_64 = ("x86_64", "AMD64", "amd64")
 KILLED = "killed by"
 
 

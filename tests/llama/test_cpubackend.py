@@ -115,3 +115,8 @@ def test_a_variant_that_dies_with_sigill_is_skipped_for_the_next_best(tmp_path, 
         variant, rejected, _ = C.select(lib, tmp_path / "cache", None)
         assert variant.name == "haswell" and rejected == ("sapphirerapids (killed by SIGILL)",)
     assert len(json.loads((tmp_path / "cache" / "cpu-variants.json").read_text())) == 2
+
+
+def test_a_node_that_is_not_x86_64_is_refused_in_one_line(tmp_path):
+    with pytest.raises(C.NoUsableVariant, match="this node is aarch64, not x86-64"):
+        C.choose_variant(variants(tmp_path), CpuInfo("Neoverse-N1", frozenset(), "aarch64"), None, always())
