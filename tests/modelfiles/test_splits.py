@@ -3,7 +3,7 @@ sharded as the whole file would be, run by real MPI processes and llama.cpp with
 and bit-identical logits, and every bad set of parts refused in one line, before anything is written."""
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +16,10 @@ from pipeinfer_cpu.modelfiles.models import GgufHeader, open_gguf, read_model_in
 from pipeinfer_cpu.modelfiles.planning import split_layers
 from pipeinfer_cpu.modelfiles.shards import shard_model, source_hash
 from pipeinfer_cpu.modelfiles.splits import check_tensors
-from pipeinfer_cpu.modelfiles.tinymodel import TinyShape, write_tiny_llama
+from pipeinfer_cpu.modelfiles.tinymodel import VARIED, TinyShape, write_tiny_llama
 
 PROMPT = "Hello world, the one that was in the world is for you and I have this of it"
-SHAPE = TinyShape(n_vocab=2048, n_layer=4)  # 2 + 4 * 9 = 38 tensors
+SHAPE = replace(VARIED, n_vocab=2048, n_layer=4)  # 2 + 4 * 9 = 38 tensors; varied greedy text
 
 
 def write_split(source: Path, folder: Path, max_tensors: int) -> tuple[Path, ...]:
