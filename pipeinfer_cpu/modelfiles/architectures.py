@@ -3,7 +3,7 @@
 A stage is a GGUF of its own, its layer range renumbered from 0 (modelfiles/shards.py), fed the
 previous stage's hidden states through the batch's `embd` (llama/runtime.py). That equals the whole
 model only where llama.cpp's graph is a plain stack of blocks and every per-layer fact travels with
-the shard. Each architecture in `VERIFIED` is proved by tests/test_architectures.py: greedy
+the shard. Each architecture in `VERIFIED` is proved by tests/test_architecture_pipelines.py: greedy
 pipelines of 2 and 3 stages give the tokens of the whole model, and bit-identical logits.
 """
 
