@@ -55,3 +55,21 @@ def test_speculation_on_the_real_pair_is_lossless(cli, tmp_path, pair, single, m
                         "--draft-max", "2", *SAMPLING[sampling], logits=False)
     assert stats["tokens"] == single[sampling][0]["tokens"]
     assert stats["accepted"] > 0  # the draft really proposed tokens the target kept
+
+
+# llama.cpp's own llama-completion, built from the same sdist, greedy with every penalty on (its output,
+# 40 tokens):  llama-completion -m qwen2.5-coder-0.5b.gguf -p CHAT_PROMPT -n 40 -t 2 --temp 0
+#   --repeat-penalty 1.2 --frequency-penalty 0.5 --presence-penalty 0.3 --repeat-last-n 32 -c 1024 -no-cnv
+CHAT_PROMPT = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+               "<|im_start|>user\nExplain in two sentences why the sky is blue.<|im_end|>\n<|im_start|>assistant\n")
+LLAMA_COMPLETION = ("The sky is blue because it's composed of light that comes from Earth, which has a wavelength range "
+                    "between 680 and 725 nanometers. This allows the sun to create colors")
+
+
+def test_penalised_greedy_text_equals_llama_completion(cli, pair):
+    """The penalties work as llama.cpp's sampler chain, prompt tokens in their window included."""
+    done = cli("run", "--hostfile", "hosts/local.txt", "--model", str(pair[1]), "-p", CHAT_PROMPT, "-n", "40",
+               "--temp", "0", "--repeat-penalty", "1.2", "--frequency-penalty", "0.5", "--presence-penalty", "0.3",
+               "--repeat-last-n", "32", timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == LLAMA_COMPLETION
