@@ -140,7 +140,8 @@ class Engine:
     @staticmethod
     def _start_single(settings: EngineSettings, info: ModelInfo) -> "Engine":
         head = _head_backend(settings.cpu_variant)
-        threads = settings.n_threads or _default_threads(1)
+        # the first host's `threads=` from the hostfile, as a stage there would get
+        threads = (settings.stage_threads or (0,))[0] or settings.n_threads or _default_threads(1)
         stage = Stage(StageConfig(info.path, True, True, settings.n_ctx, settings.n_batch, threads, 1,
                                   settings.llama))
         vocab = Vocab(info.path)
