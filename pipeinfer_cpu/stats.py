@@ -108,6 +108,7 @@ class RunStats:
     runs_cancelled: int = 0
     branches: int = 0  # draft-tree branch tokens launched (counted in drafted too)
     branches_adopted: int = 0  # of those, chosen by the target where the main path was wrong
+    decode_bytes_sent: int | None = None  # bytes every rank sent after the first token (None: not counted)
 
     def __post_init__(self) -> None:
         if len(self.token_times_s) != self.n_generated:
@@ -155,6 +156,14 @@ class RunStats:
     def bytes_per_token(self) -> float | None:
         return self.bytes_sent / self.n_generated if self.n_generated else None
 
+    @property
+    def decode_bytes_per_token(self) -> float | None:
+        """Decode traffic per decoded token: bytes every rank sent after the first token (prompt and
+        prefill traffic excluded) / (n_generated - 1), the tokens decoding produced; None below 2 tokens."""
+        if self.decode_bytes_sent is None or self.n_generated < 2:
+            return None
+        return self.decode_bytes_sent / (self.n_generated - 1)
+
     def to_json_dict(self) -> dict[str, Any]:
         """Raw fields plus derived ones, JSON-serialisable; stages as a list of dicts; `schema` names
         the layout (README, "Statistics JSON"): keys are never renamed or dropped without a new number."""
@@ -184,6 +193,8 @@ class RunStats:
             _or_na(self.decode_tokens_per_s, 1.0, "tok/s"),
             _or_na(self.bytes_per_token, 1e-3, "KB/token"),
         ]
+        if self.decode_bytes_per_token is not None:
+            parts.append(f"decode {self.decode_bytes_per_token * 1e-3:.1f} KB/token")
         if self.drafted:
             parts.append(f"accept {self.acceptance_rate:.0%} ({self.accepted}/{self.drafted})")
         if self.runs_launched:
@@ -201,6 +212,7 @@ _DERIVED = (
     "decode_tokens_per_s",
     "acceptance_rate",
     "bytes_per_token",
+    "decode_bytes_per_token",
 )
 
 

@@ -43,7 +43,7 @@ MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
 GRAPH = {name: {imp for imp in imports_of(path) if imp in MODULES and imp != name} for name, path in MODULES.items()}
 
 
-ROLES = ("head", "rank", "wire", "llama", "modelfiles", "app")
+ROLES = ("head", "rank", "wire", "llama", "modelfiles", "app", "plan")
 
 
 def role(name: str) -> str:
@@ -68,8 +68,17 @@ def test_the_head_and_the_ranks_do_not_import_each_other():
 @pytest.mark.parametrize("lower", ["wire", "llama", "modelfiles", "shared"])
 def test_shared_layers_import_no_role(lower):
     upward = [(a, b) for a, deps in GRAPH.items() for b in deps
-              if role(a) == lower and role(b) in ("head", "rank", "app")]
+              if role(a) == lower and role(b) in ("head", "rank", "app", "plan")]
     assert upward == []
+
+
+def test_the_plan_drives_the_head_and_only_the_app_imports_it():
+    """plan/ (the performance model) runs the head's loops on a simulated cluster: it may import the
+    head and the shared layers, never a rank or the app; of the roles only the app imports it."""
+    plan_imports = {role(b) for a, deps in GRAPH.items() if role(a) == "plan" for b in deps}
+    assert plan_imports <= {"plan", "head", "wire", "llama", "modelfiles", "shared"}
+    importers = {role(a) for a, deps in GRAPH.items() for b in deps if role(b) == "plan"}
+    assert importers <= {"plan", "app"}
 
 
 def test_only_the_llama_layer_imports_llama_cpp():

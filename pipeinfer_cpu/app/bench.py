@@ -41,6 +41,8 @@ class BenchConfig:
     n_tokens: int
     prompts: tuple[str, ...]
     draft_max: int | None = None  # speculative modes' --draft-max (None: run's default)
+    wire_dtype: str = "f32"  # the pipelined modes' --wire-dtype
+    link: str | None = None  # the pipelined modes' --link (emulated links between their ranks)
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,13 @@ def mode_spec(mode: str, config: BenchConfig) -> ModeSpec:
     threads = ("-t", str(config.threads))
     if mode == "single":
         return ModeSpec(f"single ({config.threads} thread)", ("--mode", "single", *threads))
-    stages = ("--stages", str(config.stages))
+    wire = () if config.wire_dtype == "f32" else ("--wire-dtype", config.wire_dtype)
+    stages = ("--stages", str(config.stages), *wire)
     label = f"{mode} ({config.stages} target stage{'s' if config.stages > 1 else ''}"
+    label += f", {config.wire_dtype} wire" if wire else ""
+    if config.link is not None:
+        stages += ("--link", config.link)
+        label += f", link {config.link}"
     if mode == "pipeline":
         return ModeSpec(label + ")", ("--mode", "pipeline", *stages, *threads))
     draft_max = ("--draft-max", str(config.draft_max)) if config.draft_max else ()
@@ -178,6 +185,7 @@ def summarize(runs: list[dict]) -> dict:
         "decode_tok_s": avg("decode_tokens_per_s"), "itl_mean_ms": _ms(avg("itl_mean_s")),
         "itl_p50_ms": _ms(avg("itl_p50_s")), "itl_p95_ms": _ms(avg("itl_p95_s")), "ttft_ms": _ms(avg("ttft_s")),
         "acceptance": avg("acceptance_rate"), "bytes_per_token": avg("bytes_per_token"),
+        "decode_bytes_per_token": avg("decode_bytes_per_token"),
         "idle_cpu_max": max(idle_cpu) if idle_cpu else None,
         "peak_rss_mb": max(s["peak_rss_bytes"] for s in stages) / 1e6 if stages else None,
         "tokens": sum(r["n_generated"] for r in runs),

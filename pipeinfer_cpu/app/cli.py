@@ -7,10 +7,13 @@ from pathlib import Path
 
 import click
 
-from pipeinfer_cpu.app.options import EngineOptions, SamplingOptions, engine_options, sampling_options
+from pipeinfer_cpu.app.options import (LINK_OPTION, WIRE_DTYPE_OPTION, EngineOptions, SamplingOptions, engine_options,
+                                       sampling_options)
+from pipeinfer_cpu.app.plan import plan
 from pipeinfer_cpu.app.prompts import read_prompts
 from pipeinfer_cpu.errors import PipeinferError, UserError, exit_with_error, one_line_errors
 from pipeinfer_cpu.head.modes import Mode
+from pipeinfer_cpu.wire.links import LinkSpec
 from pipeinfer_cpu.wire.transport import rank_from_environment
 
 friendly_errors = one_line_errors(PipeinferError)
@@ -54,6 +57,9 @@ def main() -> None:
 @click.version_option(package_name="pipeinfer-cpu")
 def commands() -> None:
     """Run a GGUF language model split layer-wise across the CPU machines of an MPI job."""
+
+
+commands.add_command(plan)  # the performance model (pipeinfer_cpu/app/plan.py)
 
 
 # -- shared options -----------------------------------------------------------------------------
@@ -202,6 +208,35 @@ def models_bench_pair(cost_ratio, agreement, seed, quant, out_dir, debug):
                f"(asked {pair.agreement_requested})")
 
 
+# -- hosts ----------------------------------------------------------------------------------------
+
+@commands.group()
+def hosts() -> None:
+    """The machines of a hostfile: measure how fast each runs the model (`hosts calibrate`)."""
+
+
+@hosts.command("calibrate")
+@click.option("--hostfile", type=click.Path(path_type=Path), required=True, help="The machines, one stage per line.")
+@click.option("--model", "-m", type=click.Path(path_type=Path),
+              help="GGUF file or model name (default: the embedded model).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Write the hostfile here, each host line with its measured `# weight=W`.")
+@click.option("--timings", type=click.Path(path_type=Path),
+              help="Write the timings (for `plan`) here (default: OUT with the suffix .timings.json).")
+@click.option("--threads", "-t", type=int, default=0, show_default=True,
+              help="Threads of a host whose line has no threads= (0: the host's cores shared by its ranks, as `run`).")
+@click.option("--cpu-variant", envvar="PIPEINFER_CPU_VARIANT",
+              help="Force this llama.cpp CPU backend variant on every host.")
+@click.option("--debug", is_flag=True)
+@friendly_errors
+def hosts_calibrate(hostfile, model, out, timings, threads, cpu_variant, debug):
+    """Time the model on every host of the hostfile (real llama.cpp, each host's CPU backend and
+    threads; a few seconds each, all at once); write the hostfile with weights, and the timings."""
+    from pipeinfer_cpu.app.calibrate import CalibrateRequest, calibrate_hosts
+
+    sys.exit(calibrate_hosts(CalibrateRequest(hostfile, out, timings, model, threads, cpu_variant or None, debug)))
+
+
 # -- bench ----------------------------------------------------------------------------------------
 
 BENCH_MODES = ("plain", *(mode.value for mode in Mode))  # plain: a bare llama-cpp-python loop, the yardstick
@@ -221,12 +256,14 @@ BENCH_MODES = ("plain", *(mode.value for mode in Mode))  # plain: a bare llama-c
 @click.option("--n-predict", "-n", "n_tokens", type=int, default=64, show_default=True)
 @click.option("--prompts-file", type=click.Path(path_type=Path), help="One prompt per line (default: four built-in).")
 @click.option("--draft-max", type=int, help="Draft tokens per speculative run, at most (default: run's).")
+@WIRE_DTYPE_OPTION
+@LINK_OPTION
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True)
 @click.option("--merge", "merge", multiple=True, type=click.Path(path_type=Path, exists=True),
               help="Instead of running: merge these bench.json reports (e.g. a sweep split over several runs).")
 @click.option("--debug", is_flag=True)
 def bench(hostfile, model, draft, agreements, cost_ratio, modes, stages, threads, n_tokens, prompts_file, draft_max,
-          out_dir, merge, debug):
+          wire_dtype, link, out_dir, merge, debug):
     """Run the same prompts through several modes; write bench.json, bench.md (and bench.png for sweeps)."""
     from pipeinfer_cpu.app import bench as B
 
@@ -240,7 +277,9 @@ def bench(hostfile, model, draft, agreements, cost_ratio, modes, stages, threads
     if any(mode != "plain" and Mode(mode).speculative for mode in wanted) and draft is None and agreements is None:
         raise UserError("speculative and pipeinfer need --draft or --agreements")
     prompts = read_prompts(None, None, prompts_file) if prompts_file else B.DEFAULT_PROMPTS
-    config = B.BenchConfig(hostfile, tuple(wanted), stages, threads, n_tokens, prompts, draft_max)
+    if link is not None:
+        LinkSpec.parse(link)
+    config = B.BenchConfig(hostfile, tuple(wanted), stages, threads, n_tokens, prompts, draft_max, wire_dtype, link)
     if agreements is None:
         rows = B.run_modes(config, model, draft, label="")
         title = f"pipeinfer-cpu bench, {n_tokens} tokens x {len(prompts)} prompts"
@@ -248,6 +287,84 @@ def bench(hostfile, model, draft, agreements, cost_ratio, modes, stages, threads
         return
     levels = [float(a) for a in agreements.split(",")]
     click.echo(B.agreement_sweep(config, levels, cost_ratio, out_dir))
+
+
+# -- netlab ---------------------------------------------------------------------------------------
+
+@commands.group()
+def netlab() -> None:
+    """Emulated slow links (--link, the hostfile's `# link` lines): measure what they give."""
+
+
+@netlab.command("probe")
+@LINK_OPTION
+@click.option("--hostfile", type=click.Path(path_type=Path),
+              help="Probe between its first two hosts, with its `# link` line for them (default: this machine twice).")
+@click.option("--sizes", default="8,1MiB", show_default=True, help="Message sizes, comma-separated (B, KiB, MiB, KB, MB).")
+@click.option("--budget", "budget_s", type=float, default=1.0, show_default=True,
+              help="About how many seconds each measurement of each size takes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--debug", is_flag=True)
+@friendly_errors
+def netlab_probe(link, hostfile, sizes, budget_s, as_json, debug):
+    """Ping-pong latency (median one-way) and streaming throughput between two ranks, through the real
+    transport: first unshaped, then over the link."""
+    import json
+
+    from pipeinfer_cpu.app.netlab import ProbeRequest, parse_sizes, probe_table, run_probe
+
+    if link is not None:
+        LinkSpec.parse(link)
+    if not budget_s > 0:
+        raise UserError(f"--budget must be above 0, got {budget_s}")
+    result = run_probe(ProbeRequest(link, hostfile, parse_sizes(sizes), budget_s))
+    click.echo(json.dumps(result, indent=1) if as_json else probe_table(result))
+
+
+@netlab.command("sweep")
+@click.option("--bandwidth", "bandwidths", default="1gbit,100mbit,10mbit", show_default=True,
+              help="Link rates, comma-separated (bit, kbit, mbit, gbit).")
+@click.option("--delay", "delays", default="0.1ms,1ms,5ms", show_default=True,
+              help="One-way delays, comma-separated (us, ms, s); every one with every --bandwidth.")
+@click.option("--modes", default="pipeline,speculative,pipeinfer", show_default=True)
+@WIRE_DTYPE_OPTION
+@click.option("--agreement", type=float, help="Run a SYNTHETIC bench pair of this top-1 agreement "
+              "(`models bench-pair`, cost ratio 3.4) instead of --model/--draft.")
+@click.option("--pair-dir", type=click.Path(path_type=Path), help="Build or reuse that pair here (default: OUT/pair).")
+@click.option("--model", "-m", type=click.Path(path_type=Path), help="Target file or model name (default: the embedded model).")
+@click.option("--draft", type=click.Path(path_type=Path), help="Draft file or model name for speculative and pipeinfer.")
+@click.option("--stages", type=int, default=2, show_default=True, help="Target stages.")
+@click.option("--hostfile", type=click.Path(path_type=Path), default=Path("hosts/local.txt"), show_default=True)
+@click.option("--n-predict", "-n", "n_tokens", type=int, default=64, show_default=True, help="Tokens per prompt.")
+@click.option("--prompts-file", type=click.Path(path_type=Path), help="One prompt per line (default: bench's four).")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Jobs per point; the table shows medians.")
+@click.option("--threads", "-t", type=int, default=1, show_default=True, help="Threads per rank.")
+@click.option("--draft-max", type=int, help="Draft tokens per speculative run, at most (default: run's, 8).")
+@click.option("--predict", "calibration", type=click.Path(path_type=Path),
+              help="Also predict every point with the performance model from this `hosts calibrate` timings file.")
+@click.option("--draft-calibration", type=click.Path(path_type=Path),
+              help="With --predict: the draft's `hosts calibrate` timings (its cost per drafted token).")
+@click.option("--acceptance", type=float, help="With --predict: the acceptance to model (default: the synthetic "
+              "pair's measured agreement).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Write sweep.json, sweep.md, sweep-tokens.png and sweep-heatmap.png here.")
+@click.option("--debug", is_flag=True)
+@friendly_errors
+def netlab_sweep(bandwidths, delays, modes, wire_dtype, agreement, pair_dir, model, draft, stages, hostfile, n_tokens,
+                 prompts_file, repeats, threads, draft_max, calibration, draft_calibration, acceptance, out_dir, debug):
+    """Run every mode over every (bandwidth, delay) emulated link, --repeats times each; report the
+    medians (and, with --predict, the performance model's prediction and its error)."""
+    import shlex
+
+    from pipeinfer_cpu.app.bench import DEFAULT_PROMPTS, BenchConfig
+    from pipeinfer_cpu.app.netlab import SweepGrid, SweepRequest, sweep
+
+    grid = SweepGrid.parse(bandwidths, delays, modes)
+    prompts = read_prompts(None, None, prompts_file) if prompts_file else DEFAULT_PROMPTS
+    config = BenchConfig(hostfile, grid.modes, stages, threads, n_tokens, prompts, draft_max, wire_dtype)
+    command = shlex.join(["pipeinfer-cpu", *sys.argv[1:]])
+    click.echo(sweep(SweepRequest(grid, config, out_dir, repeats, agreement, pair_dir, model, draft, calibration,
+                                  draft_calibration, acceptance, command)))
 
 
 # -- chat -----------------------------------------------------------------------------------------

@@ -64,16 +64,22 @@ def check_hosts(hosts: tuple[str, ...]) -> None:
     remote = sorted({h for h in hosts if not is_local(h)})
     if not remote:
         return
-    if shutil.which("ssh") is None:
-        raise LaunchError(f"host {remote[0]} is remote but ssh is not installed")
+    if shutil.which(ssh_program()) is None:
+        raise LaunchError(f"host {remote[0]} is remote but {ssh_program()} is not installed")
     with ThreadPoolExecutor(max_workers=min(16, len(remote))) as pool:
         for host, problem in zip(remote, pool.map(_ssh_problem, remote)):
             if problem:
                 raise LaunchError(f"host {host} is unreachable: {problem}")
 
 
+def ssh_program() -> str:
+    """The ssh client for remote hosts, for the host check and mpiexec alike: $PIPEINFER_SSH (e.g. a
+    script running `ssh -F <config>` for hosts that only that config names), else ssh."""
+    return os.environ.get("PIPEINFER_SSH") or "ssh"
+
+
 def _ssh_problem(host: str) -> str | None:
-    command = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_TIMEOUT_S}", host, "true"]
+    command = [ssh_program(), "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_TIMEOUT_S}", host, "true"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=SSH_TIMEOUT_S + 4,
                               stdin=subprocess.DEVNULL)
@@ -89,11 +95,29 @@ def mpiexec_command(mpi: MpiExec, placement: tuple[str, ...], machinefile: Path)
     """The mpiexec command line that starts rank i on placement[i]: the head, then the other ranks."""
     head = ["-n", "1", sys.executable, "-m", "pipeinfer_cpu.head"]
     ranks = [":", "-n", str(len(placement) - 1), sys.executable, "-m", "pipeinfer_cpu.rank"] if len(placement) > 1 else []
+    return [*mpiexec_prefix(mpi, machinefile), *head, *ranks]
+
+
+def mpiexec_prefix(mpi: MpiExec, machinefile: Path) -> list[str]:
+    """mpiexec and its options, up to the programs: place ranks in the machinefile's order."""
     extra_args = shlex.split(os.environ.get("PIPEINFER_MPIEXEC_ARGS", ""))  # e.g. "-bind-to core"
+    ssh = os.environ.get("PIPEINFER_SSH")
     if mpi.flavour == "openmpi":
         extra = ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
-        return [mpi.path, *extra, *extra_args, "--hostfile", str(machinefile), "--map-by", "slot", *head, *ranks]
-    return [mpi.path, *extra_args, "-f", str(machinefile), *head, *ranks]
+        extra += ["--mca", "plm_rsh_agent", ssh] if ssh else []
+        return [mpi.path, *extra, *extra_args, "--hostfile", str(machinefile), "--map-by", "slot"]
+    launcher = ["-launcher", "ssh", "-launcher-exec", ssh] if ssh else []
+    return [mpi.path, *launcher, *extra_args, "-f", str(machinefile)]
+
+
+def write_machinefile(mpi: MpiExec, placement: tuple[str, ...], tmp: Path) -> Path:
+    """A machinefile in `tmp` that puts rank i on placement[i], in this mpiexec's syntax."""
+    machinefile = tmp / "machinefile"
+    lines = machinefile_lines(placement)
+    if mpi.flavour == "openmpi":  # host:n is MPICH's syntax; Open MPI fills `host slots=n` in order the same way
+        lines = [line.replace(":", " slots=") for line in lines]
+    machinefile.write_text("\n".join(lines) + "\n")
+    return machinefile
 
 
 def start(placement: tuple[str, ...], tmp: Path) -> subprocess.Popen:
@@ -104,11 +128,7 @@ def start(placement: tuple[str, ...], tmp: Path) -> subprocess.Popen:
     """
     mpi = find_mpiexec()
     check_hosts(placement)
-    machinefile = tmp / "machinefile"
-    lines = machinefile_lines(placement)
-    if mpi.flavour == "openmpi":  # host:n is MPICH's syntax; Open MPI fills `host slots=n` in order the same way
-        lines = [line.replace(":", " slots=") for line in lines]
-    machinefile.write_text("\n".join(lines) + "\n")
+    machinefile = write_machinefile(mpi, placement, tmp)
     command = mpiexec_command(mpi, placement, machinefile)
     return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)

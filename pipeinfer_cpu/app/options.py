@@ -13,17 +13,18 @@ from pathlib import Path
 
 import click
 
-from pipeinfer_cpu.app.hostfile import Host, parse_hostfile
+from pipeinfer_cpu.app.hostfile import Host, link_map, parse_hostfile
 from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.head.engine import EngineSettings, check_draft
 from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.head.specdecode import SpecSettings
 from pipeinfer_cpu.llama.runtime import MAX_SEQUENCES
-from pipeinfer_cpu.llama.settings import FLASH_ATTN, KV_TYPES, LOAD_MODES, LlamaSettings
+from pipeinfer_cpu.llama.settings import FLASH_ATTN, KV_TYPES, LOAD_MODES, WIRE_DTYPES, LlamaSettings
 from pipeinfer_cpu.modelfiles.models import check_supported, read_model_info
 from pipeinfer_cpu.modelfiles.planning import parse_weights, split_layers
 from pipeinfer_cpu.modelfiles.registry import resolve_model
 from pipeinfer_cpu.sampling import LLAMA_CLI_DEFAULTS, MODEL_SAMPLING_KEYS, SamplingConfig
+from pipeinfer_cpu.wire.links import LinkMap, LinkSpec
 from pipeinfer_cpu.wire.transport import under_mpi
 
 
@@ -41,6 +42,20 @@ class Topology:
         """Host of each MPI rank: the head beside the first stage, the stages in order, then the draft."""
         draft = (self.draft_host,) if self.draft_host else ()
         return (self.stage_hosts[0], *self.stage_hosts, *draft)
+
+
+# Declared here once; `bench` passes it on to its runs.
+WIRE_DTYPE_OPTION = click.option(
+    "--wire-dtype", type=click.Choice(list(WIRE_DTYPES)), default="f32", show_default=True,
+    help="Hidden states between stages: f32 as computed (bit-exact), f16 (half the bytes; beyond +-65504 clipped) "
+         "or q8 (int8 in blocks of 32 with a float32 scale, 1.125 bytes a value); f16 and q8 are lossy (see README).")
+
+
+# Declared here once; `bench` passes it on to its runs, `netlab probe` uses it too.
+LINK_OPTION = click.option(
+    "--link", help="Emulate slow links between every pair of ranks (one host too), in the transport: "
+                   "bw=RATE (bit, kbit, mbit, gbit), delay=TIME (us, ms, s), optional jitter=TIME, e.g. "
+                   "bw=100mbit,delay=2ms. Hostfile lines `# link A B SETTING` set host pairs (they win).")
 
 
 @dataclass(frozen=True)
@@ -62,10 +77,13 @@ class EngineOptions:
     spec: SpecSettings = SpecSettings(Mode.PIPELINE)  # the mode and the speculation options (checked there)
     cpu_variant: str | None = None
     llama: LlamaSettings = LlamaSettings()  # KV-cache type, flash attention, loading (checked there)
+    link: str | None = None  # --link: every pair of ranks' emulated link (wire/links.py)
     verbose: bool = False
     debug: bool = False
 
     def __post_init__(self) -> None:
+        if self.link is not None:
+            LinkSpec.parse(self.link)  # a bad setting is a one-line error before anything starts
         if self.threads < 0:
             raise UserError(f"--threads must be 0 (auto) or more, got {self.threads}")
         spec = self.spec
@@ -101,6 +119,11 @@ class EngineOptions:
         return Topology(stage_hosts, weights, (self.draft_host or stage_hosts[0]) if dedicated else None,
                         tuple(hosts[i % len(hosts)].threads for i in range(n_stages)))
 
+    @functools.cached_property
+    def links(self) -> LinkMap | None:
+        """The emulated links of the job's ranks: --link for every pair, the hostfile's `# link` lines for theirs."""
+        return link_map(self.link, self.hostfile, self.topology.placement)
+
     @property
     def settings(self) -> EngineSettings:
         # Under the user's own `mpiexec -n N` with nothing said about stages, the stages are the ranks it
@@ -114,7 +137,8 @@ class EngineOptions:
                               shard_dir=self.shard_dir, verbose=self.verbose, draft=draft,
                               draft_in_head=self.draft_ranks == "head", spec=self.spec,
                               cpu_variant=self.cpu_variant or None, llama=self.llama,
-                              stage_threads=self.topology.stage_threads if split is not None else None)
+                              stage_threads=self.topology.stage_threads if split is not None else None,
+                              links=self.links)
 
     def preflight(self) -> None:
         """Check what can be checked before any process starts: the model, the draft and the split."""
@@ -183,6 +207,8 @@ _OPTIONS = [
     click.option("--repack/--no-repack", default=True, show_default=True,
                  help="Let llama.cpp repack weights for its faster batch kernels (--no-repack: rows of batches of "
                       "up to 7 decode exactly as single rows; see README)."),
+    WIRE_DTYPE_OPTION,
+    LINK_OPTION,
     click.option("--verbose", "-v", is_flag=True, help="Say what is being set up, and each rank's CPU backend."),
     click.option("--debug", is_flag=True, help="Tracebacks and mpiexec's own output on errors."),
 ]

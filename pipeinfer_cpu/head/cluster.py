@@ -22,6 +22,7 @@ from pipeinfer_cpu.modelfiles.shards import ShardFile, ShardPlan, default_cache_
 from pipeinfer_cpu.stats import StageStats
 from pipeinfer_cpu.wire import control as C
 from pipeinfer_cpu.wire.control import Assignment, Role
+from pipeinfer_cpu.wire.links import LinkMap
 from pipeinfer_cpu.wire.runs import HEAD, WIRE_VERSION, Tag, WireVersionError
 from pipeinfer_cpu.wire.transport import Transport, wait
 
@@ -52,6 +53,7 @@ class Cluster:
         self.timeout_s = timeout_s
         self.hosts: dict[int, str] = {HEAD: "head"}
         self._bytes_sent: dict[int, int] = {}
+        self._decode_bytes_sent: dict[int, int | None] = {}
         self.cpus: dict[int, int] = {}
         self.backends: dict[int, BackendReport] = {}  # the llama.cpp CPU backend each worker loaded
 
@@ -62,9 +64,12 @@ class Cluster:
     def host(self, rank: int) -> str:
         return self.hosts.get(rank, "?")
 
-    def greet(self, cpu_variant: str | None) -> None:
-        """Tell every worker how to set up llama.cpp; collect its hello: host, cores, wire format, CPU backend."""
-        self.broadcast(C.Setup(cpu_variant))
+    def greet(self, cpu_variant: str | None, links: LinkMap | None = None) -> None:
+        """Tell every worker how to set up llama.cpp and its links; collect its hello: host, cores, wire
+        format, CPU backend. The head shapes its own sends first, so Setup itself travels shaped."""
+        if links:
+            self.transport.use_links(links)
+        self.broadcast(C.Setup(cpu_variant, links=links or None))
         for rank in self.workers:
             hello = self.expect(rank, C.Hello, timeout_s=HELLO_TIMEOUT_S)
             self.hosts[rank] = hello.host
@@ -141,6 +146,17 @@ class Cluster:
         for rank in assignments:
             self.expect(rank, C.Ready, timeout_s=LOAD_TIMEOUT_S)
 
+    def calibrate(self, requests: dict[int, C.Calibrate], timeout_s: float) -> dict[int, C.CalibrationReport]:
+        """Send each rank its calibration (they all run at once) and each shard it lacks; wait up to
+        `timeout_s` for each report."""
+        for rank, request in requests.items():
+            self.send_control(rank, request)
+        for rank, request in requests.items():
+            for shard in request.shards:
+                if self.expect(rank, C.Signal.HAVE_FILE, C.Signal.NEED_FILE) == C.Signal.NEED_FILE:
+                    self._send_file(rank, Path(shard.path))
+        return {rank: self.expect(rank, C.CalibrationReport, timeout_s=timeout_s) for rank in requests}
+
     def _send_file(self, rank: int, path: Path) -> None:
         size = path.stat().st_size
         label = f"shard -> rank {rank} ({self.host(rank)})"
@@ -167,11 +183,25 @@ class Cluster:
             report = self.expect(rank, C.StageReport)
             stats.append(report.stats)
             self._bytes_sent[rank] = report.bytes_sent
+            self._decode_bytes_sent[rank] = report.decode_bytes_sent
         return tuple(stats)
 
     def worker_bytes_sent(self) -> int:
         """Bytes all workers had sent when their statistics were last collected."""
         return sum(self._bytes_sent.values())
+
+    def mark_decode(self, ranks: list[int]) -> None:
+        """Tell the stages that the prompt is in: they count what they send from now on as decode traffic.
+
+        Sent when the first token is decided, so each stage has sent its prefill traffic already (the
+        head has its result), and before the first decode run (which the stage sees after this, on
+        the same link, as control comes before runs in its poll)."""
+        self.broadcast(C.Signal.DECODE_STARTED, ranks)
+
+    def worker_decode_bytes_sent(self) -> int | None:
+        """Bytes all workers sent since `mark_decode`, as last collected; None if any did not count them."""
+        values = list(self._decode_bytes_sent.values())
+        return None if not values or None in values else sum(values)  # type: ignore[arg-type]
 
     def kv_usage(self, rank: int, seqs: list[int]) -> dict[int, tuple[int, int]]:
         self.send_control(rank, C.KvUsageRequest(tuple(seqs)))

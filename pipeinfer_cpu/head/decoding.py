@@ -8,13 +8,13 @@ an interrupt).
 from __future__ import annotations
 
 import codecs
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
+from pipeinfer_cpu.head.clock import REAL_CLOCK, Clock
 from pipeinfer_cpu.head.executors import RunResult
 from pipeinfer_cpu.head.session import Context
 from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
@@ -44,13 +44,16 @@ class Record:
     times: list[float] = field(default_factory=list)
     first_token_at: float | None = None  # when the first token was decided: prefill ends, decoding starts
     stopped_by: str = "length"  # or "eos", "interrupt", "context"
+    clock: Clock = field(default=REAL_CLOCK, repr=False, compare=False)
 
-    def add(self, token: int, on_token: Callable[[int], None], is_end: Callable[[int], bool]) -> bool:
-        """Record a decided token and stream it; False when it ends the generation (EOS)."""
+    def add(self, token: int, on_token: Callable[[int], None], is_end: Callable[[int], bool],
+            decided_at: float | None = None) -> bool:
+        """Record a token decided now (or at `decided_at`) and stream it; False when it ends the generation (EOS)."""
         self.tokens.append(token)
-        self.times.append(time.perf_counter() - self.started)
+        now = self.clock.now() if decided_at is None else decided_at
+        self.times.append(now - self.started)
         if len(self.tokens) == 1:
-            self.first_token_at = time.perf_counter()
+            self.first_token_at = now
         on_token(token)
         if is_end(token):
             self.stopped_by = "eos"
@@ -101,14 +104,26 @@ class Decoder:
         self.context.extend(tokens)
         return self.executor.wait()
 
-    def step(self, token: int, want_logits: bool) -> RunResult:
-        """Feed one sampled token; return the result for the position after it."""
+    def launch_step(self, token: int, want_logits: bool) -> None:
+        """Feed one sampled token; its result (for the position after it) comes from the executor."""
         position = len(self.context)
         self.executor.launch(RunMessage(
             self.context.new_run_id(), positions=(position,), seq_ids=((COMMITTED_SEQ,),), tokens=(token,),
             outputs=(True,), output_kind=Output.LOGITS if want_logits else Output.ARGMAX))
         self.context.extend((token,))
-        return self.executor.wait()
+
+    def _stop_reason(self, token: int, n_decided: int, max_tokens: int, is_end: Callable[[int], bool],
+                     should_stop: Callable[[], bool]) -> str | None:
+        """Why the generation ends with `token` (the n-th decided), or None to go on."""
+        if is_end(token):
+            return "eos"
+        if n_decided == max_tokens:
+            return "length"
+        if should_stop():
+            return "interrupt"
+        if len(self.context) + 1 >= self.n_ctx:
+            return "context"
+        return None
 
     def generate(
         self,
@@ -127,23 +142,29 @@ class Decoder:
         """
         rng = make_rng(sampling)
         want_logits = sampling.needs_logits or keep_first_logits
-        started = time.perf_counter()
+        clock = self.context.clock
+        started = clock.now()
         result = self.prefill(new_tokens, want_logits)
-        prefill_s = time.perf_counter() - started
+        prefill_s = clock.now() - started
         first_logits = result.payload[0].copy() if result.output_kind == Output.LOGITS else None
         want_logits = sampling.needs_logits
-        record = Record(started)
+        record = Record(started, clock=clock)
         while len(record.tokens) < max_tokens:
             token = choose(result, 0, sampling, rng, self.context.tokens)  # a plain run has one output row
-            if not record.add(token, on_token, is_end) or len(record.tokens) == max_tokens:
+            decided_at = clock.now()
+            stop = self._stop_reason(token, len(record.tokens) + 1, max_tokens, is_end, should_stop)
+            # Launch first, so that the pipeline computes the next token while this one is streamed; but
+            # stream the first token before: decoding, and its statistics (decode bytes), start with it.
+            launch_early = stop is None and len(record.tokens) > 0
+            if launch_early:
+                self.launch_step(token, want_logits)
+            record.add(token, on_token, is_end, decided_at)
+            if stop is not None:
+                record.stopped_by = stop
                 break
-            if should_stop():
-                record.stopped_by = "interrupt"
-                break
-            if len(self.context) + 1 >= self.n_ctx:
-                record.stopped_by = "context"
-                break
-            result = self.step(token, want_logits)
+            if not launch_early:
+                self.launch_step(token, want_logits)
+            result = self.executor.wait()
         return Generation(tuple(new_tokens), tuple(record.tokens), prefill_s, tuple(record.times), first_logits,
                           record.stopped_by)
 

@@ -18,6 +18,7 @@ from typing import Callable
 
 from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.head import pipeinfer, speculative
+from pipeinfer_cpu.head.clock import RealClock
 from pipeinfer_cpu.head.cluster import Cluster, StageSettings
 from pipeinfer_cpu.head.decoding import Decoder, Generation
 from pipeinfer_cpu.head.draft_clients import LocalDraftClient, RemoteDraftClient
@@ -36,6 +37,7 @@ from pipeinfer_cpu.modelfiles.registry import resolve_model
 from pipeinfer_cpu.modelfiles.shards import shard_model
 from pipeinfer_cpu.sampling import SamplingConfig
 from pipeinfer_cpu.stats import RunStats, StageStats, peak_rss_bytes
+from pipeinfer_cpu.wire.links import LinkMap
 from pipeinfer_cpu.wire.runs import HEAD
 from pipeinfer_cpu.wire.transport import Transport
 
@@ -59,6 +61,7 @@ class EngineSettings:
     cpu_variant: str | None = None  # a llama.cpp CPU backend variant to force on every rank (None: auto)
     llama: LlamaSettings = LlamaSettings()  # KV-cache type, flash attention, loading: every stage alike
     stage_threads: tuple[int, ...] | None = None  # per stage, threads the hostfile asks for (0: n_threads)
+    links: LinkMap | None = None  # emulated slow links between the ranks (None: the real network)
 
     def __post_init__(self) -> None:
         try:
@@ -82,6 +85,7 @@ class EngineSettings:
         data = dataclasses.asdict(self)
         for name in _PATHS:
             data[name] = None if data[name] is None else str(Path(data[name]).resolve())
+        data["links"] = None if self.links is None else self.links.to_json()
         return data
 
     @staticmethod
@@ -93,6 +97,7 @@ class EngineSettings:
         data["spec"] = None if data["spec"] is None else SpecSettings(**data["spec"])
         data["llama"] = LlamaSettings(**data["llama"])
         data["stage_threads"] = None if data["stage_threads"] is None else tuple(data["stage_threads"])
+        data["links"] = None if data.get("links") is None else LinkMap.from_json(data["links"])
         return EngineSettings(**data)
 
 
@@ -114,7 +119,7 @@ class Engine:
         self.stage_ranks = stage_ranks
         self._local_stage = local_stage
         self.draft = draft
-        self.context = Context(executor)  # the committed tokens and the run ids, for every loop
+        self.context = Context(executor, RealClock(cluster.transport if cluster else None))  # the committed tokens and the run ids, for every loop
         self.decoder = Decoder(self.context, settings.n_batch, settings.n_ctx)
         # what pipeinfer learnt about feeding this pipeline, kept across requests
         self.switch = SpeculationSwitch.for_stages(max(1, len(stage_ranks)))
@@ -170,7 +175,7 @@ class Engine:
         if len(weights) != len(stage_ranks):
             raise UserError(f"{len(weights)} stage weights for {len(stage_ranks)} stages")
         ranges = split_layers(info.n_layer, weights)
-        cluster.greet(settings.cpu_variant)  # first: a worker that cannot run llama.cpp is named before anything else starts
+        cluster.greet(settings.cpu_variant, settings.links)  # first: a worker that cannot run llama.cpp is named before anything else starts
         backends = {HEAD: _head_backend(settings.cpu_variant), **cluster.backends}
         plan = shard_model(info, ranges, out_dir=settings.shard_dir, progress=_progress(settings.verbose))
         cancellation = settings.mode == Mode.PIPEINFER
@@ -226,6 +231,16 @@ class Engine:
         if self.cluster is not None:
             self.cluster.reset_stats()
         bytes_before = self._head_bytes()
+        decode_from: list[int] = []  # the head's bytes_sent when decoding started (the first token)
+        user_on_token = on_token
+
+        def on_token(token: int) -> None:
+            if not decode_from:
+                if self.cluster is not None:
+                    self.cluster.mark_decode(self.stage_ranks)
+                decode_from.append(self._head_bytes())
+            user_on_token(token)
+
         counters = None
         if self.draft is None:
             generation = self.decoder.generate(tokens, max_tokens, sampling, self.vocab.is_end, on_token,
@@ -239,24 +254,28 @@ class Engine:
             else:
                 generation, counters = pipeinfer.generate(self.context, self.draft, spec, request, n_batch,
                                                           timeout_s, self.switch)
-        return generation, self._stats(generation, self._head_bytes() - bytes_before, counters)
+        head_decode = self._head_bytes() - decode_from[0] if decode_from else None
+        return generation, self._stats(generation, self._head_bytes() - bytes_before, counters, head_decode)
 
     def _head_bytes(self) -> int:
         return self.cluster.transport.bytes_sent if self.cluster is not None else 0
 
-    def _stats(self, generation: Generation, head_bytes: int, counters: SpecCounters | None = None) -> RunStats:
-        """The request's statistics; `counters` are a speculative loop's."""
+    def _stats(self, generation: Generation, head_bytes: int, counters: SpecCounters | None = None,
+               head_decode_bytes: int | None = None) -> RunStats:
+        """The request's statistics; `counters` are a speculative loop's; `head_decode_bytes`, what the
+        head sent after the first token (None: no token)."""
         if self.cluster is None:
             stages = (self._local_stage_stats(generation),)
-            worker_bytes = 0
+            worker_bytes, worker_decode = 0, 0
         else:
             stages = self.cluster.stage_stats(self.stage_ranks)
-            worker_bytes = self.cluster.worker_bytes_sent()
+            worker_bytes, worker_decode = self.cluster.worker_bytes_sent(), self.cluster.worker_decode_bytes_sent()
+        decode_bytes = None if head_decode_bytes is None or worker_decode is None else head_decode_bytes + worker_decode
         times = generation.token_times_s
         return RunStats(mode=self.settings.mode, n_prompt=len(generation.prompt_tokens),
                         n_generated=len(generation.tokens), prefill_s=generation.prefill_s,
                         ttft_s=times[0] if times else 0.0, token_times_s=times,
-                        bytes_sent=head_bytes + worker_bytes, stages=stages,
+                        bytes_sent=head_bytes + worker_bytes, decode_bytes_sent=decode_bytes, stages=stages,
                         head_peak_rss_bytes=peak_rss_bytes(),
                         **(counters.stats_fields() if counters is not None else {}))
 

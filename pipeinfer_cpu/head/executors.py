@@ -21,7 +21,7 @@ from pipeinfer_cpu.llama.runtime import Stage
 from pipeinfer_cpu.wire import control as C
 from pipeinfer_cpu.wire import runs as P
 from pipeinfer_cpu.wire.runs import Output, RunMessage, Tag
-from pipeinfer_cpu.wire.transport import Waiter
+from pipeinfer_cpu.wire.transport import wait
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,6 @@ class PipelineExecutor:
         self.transport = cluster.transport
         self.stage_ranks = stage_ranks
         self.timeout_s = timeout_s
-        self._waiter = Waiter(cluster.transport)
 
     def launch(self, run: RunMessage) -> None:
         self.transport.send(self.stage_ranks[0], int(Tag.RUN), P.encode_run(run))
@@ -92,7 +91,7 @@ class PipelineExecutor:
 
     def wait(self) -> RunResult:
         last = self.stage_ranks[-1]
-        message = self._waiter.wait([(last, Tag.RUN), (-1, Tag.REPLY)], self.timeout_s)
+        message = wait(self.transport, [(last, Tag.RUN), (-1, Tag.REPLY)], self.timeout_s)
         if message is None:
             raise ClusterError(
                 f"no result from the pipeline within {self.timeout_s:.0f} s; last stage is rank "

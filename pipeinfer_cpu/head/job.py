@@ -2,7 +2,8 @@
 
 `python -m pipeinfer_cpu.head` is started by the user-facing process (app/), which talks to it in
 JSON lines over the job's stdin/stdout (head/server.py): its first line is
-`{"type": "start", "settings": EngineSettings.to_json(), "debug": bool}`. Anything else that
+`{"type": "start", "settings": EngineSettings.to_json(), "debug": bool}` (or, for `hosts calibrate`,
+`{"type": "calibrate", "settings": CalibrationSettings.to_json(), ...}`). Anything else that
 writes to stdout (a library's stray print) is sent to stderr, so stdout holds only events.
 """
 
@@ -15,6 +16,7 @@ import traceback
 from typing import Callable
 
 from pipeinfer_cpu.errors import PipeinferError
+from pipeinfer_cpu.head.calibration import CalibrationSettings, calibrate
 from pipeinfer_cpu.head.engine import Engine, EngineSettings
 from pipeinfer_cpu.head.server import EngineServer, LineReader, json_line_writer, serve_json_lines
 from pipeinfer_cpu.wire import control as C
@@ -34,6 +36,9 @@ def main() -> int:
 
 
 def _serve(start: dict, transport: MpiTransport, reader: LineReader, emit) -> None:
+    if start.get("type") == "calibrate":
+        emit(calibrate(CalibrationSettings.from_json(start["settings"]), transport))
+        return
     if start.get("type") != "start":
         raise PipeinferError("the head of the job expected a start request first")
     with Engine.start(EngineSettings.from_json(start["settings"]), transport) as engine:

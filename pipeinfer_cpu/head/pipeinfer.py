@@ -12,7 +12,6 @@ for why they are off by default).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from pipeinfer_cpu.errors import ClusterError
@@ -20,7 +19,6 @@ from pipeinfer_cpu.head.decoding import Generation
 from pipeinfer_cpu.head.session import Context
 from pipeinfer_cpu.head.specdecode import DraftClient, Request, SpecCounters, SpecSettings, SpecState
 from pipeinfer_cpu.head.speculation import SpeculationSwitch, branch_candidates
-from pipeinfer_cpu.wire.transport import Backoff
 
 
 def generate(context: Context, draft: DraftClient, settings: SpecSettings, request: Request, n_batch: int,
@@ -65,8 +63,9 @@ class PipeInferLoop:
         self._window: _Window | None = None
 
     def run(self) -> None:
-        last_progress = time.perf_counter()
-        backoff = Backoff()
+        clock = self.state.clock
+        last_progress = clock.now()
+        backoff = clock.idler()
         while self.state.running:
             progressed = self._launch_what_is_due()
             result = self.state.executor.poll()
@@ -75,9 +74,9 @@ class PipeInferLoop:
                 if self.state.verify(result) is not None:
                     self._maybe_switch()
             if progressed:
-                last_progress = time.perf_counter()
-                backoff = Backoff()
-            elif time.perf_counter() - last_progress > self.timeout_s:
+                last_progress = clock.now()
+                backoff = clock.idler()
+            elif clock.now() - last_progress > self.timeout_s:
                 raise ClusterError(f"no result from the pipeline or the draft within {self.timeout_s:.0f} s")
             else:
                 backoff.sleep()
@@ -91,7 +90,7 @@ class PipeInferLoop:
         window = self._window or _Window(record.first_token_at, 1)
         tokens = len(record.tokens) - window.tokens
         if tokens >= self.switch.window:
-            now = time.perf_counter()
+            now = self.state.clock.now()
             self.switch.observe(tokens, now - window.start)
             window = _Window(now, len(record.tokens))
         self._window = window

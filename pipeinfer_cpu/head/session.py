@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pipeinfer_cpu.head.clock import REAL_CLOCK, Clock
 from pipeinfer_cpu.head.executors import Executor
 from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
 from pipeinfer_cpu.wire.runs import KvKind, KvOp, RunMessage
@@ -20,8 +21,9 @@ class Context:
     result of an earlier request can still arrive and must not be taken for a new run's.
     """
 
-    def __init__(self, executor: Executor) -> None:
+    def __init__(self, executor: Executor, clock: Clock = REAL_CLOCK) -> None:
         self.executor = executor
+        self.clock = clock  # what every loop on this context reads the time from
         self._tokens: list[int] = []  # tokens whose KV entries are in sequence 0 on every stage
         self._next_run = 0
 

@@ -12,7 +12,6 @@ seed, whatever the draft, the timing or the cancellations, which makes it lossle
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -120,7 +119,8 @@ class SpecState:
         limit = len(context) + len(request.prompt) + request.max_tokens
         self.chain = Chain.for_prompt(list(context.tokens), list(request.prompt), limit, context.new_run_id,
                                       range(1, settings.kv_sequences))
-        self.record = Record(time.perf_counter())
+        self.clock = context.clock
+        self.record = Record(self.clock.now(), clock=self.clock)
         self._rng = make_rng(request.sampling)
         self._output = Output.LOGITS if request.sampling.needs_logits else Output.ARGMAX
         self._draft_ids = 0
@@ -185,7 +185,7 @@ class SpecState:
             self.executor.launch(RunMessage(self.context.new_run_id(), kv_ops=ops))
         self.context.commit(self.chain.fed)
         record = self.record
-        prefill_s = record.times[0] if record.times else time.perf_counter() - record.started
+        prefill_s = record.times[0] if record.times else self.clock.now() - record.started
         generation = Generation(self.request.prompt, tuple(record.tokens), prefill_s, tuple(record.times), None,
                                 record.stopped_by)
         return generation, self.counters

@@ -6,14 +6,12 @@ result, verify, repeat: the draft and the target never work at the same time.
 
 from __future__ import annotations
 
-import time
-
 from pipeinfer_cpu.errors import ClusterError
+from pipeinfer_cpu.head.clock import Clock
 from pipeinfer_cpu.head.decoding import Generation
 from pipeinfer_cpu.head.session import Context
 from pipeinfer_cpu.head.specdecode import DraftClient, Request, SpecCounters, SpecSettings, SpecState
 from pipeinfer_cpu.wire.drafts import DraftReply
-from pipeinfer_cpu.wire.transport import Backoff
 
 
 def generate(context: Context, draft: DraftClient, settings: SpecSettings, request: Request, n_batch: int,
@@ -26,18 +24,18 @@ def generate(context: Context, draft: DraftClient, settings: SpecSettings, reque
             while chain.needs_feed():
                 state.send(chain.feed_decided(n_batch))
         else:  # the last decided token and the draft's continuation of it, verified in one run
-            reply = _wait_for_draft(draft, state.ask_draft(chain.decided), timeout_s)
+            reply = _wait_for_draft(draft, state.ask_draft(chain.decided), timeout_s, state.clock)
             state.send(chain.feed_with_draft(list(reply.tokens)))
         while state.verify(state.executor.wait()) is None:
             pass  # a stale result, of a run an earlier request left behind
     return state.finish()
 
 
-def _wait_for_draft(draft: DraftClient, request_id: int, timeout_s: float) -> DraftReply:
+def _wait_for_draft(draft: DraftClient, request_id: int, timeout_s: float, clock: Clock) -> DraftReply:
     """The draft's reply to `request_id` (older replies are dropped)."""
-    deadline = time.perf_counter() + timeout_s
-    backoff = Backoff()
-    while time.perf_counter() < deadline:
+    deadline = clock.now() + timeout_s
+    backoff = clock.idler()
+    while clock.now() < deadline:
         reply = draft.poll()
         if reply is not None and reply.request_id == request_id:
             return reply

@@ -16,6 +16,8 @@ FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # llama_flash_attn_type
 # How the weights are read: llama_load_mode (llama.h). mmap shares the page cache between ranks
 # of one host; mlock keeps the weights in RAM on a node that would otherwise swap them out.
 LOAD_MODES = {"none": 0, "mmap": 1, "mlock": 2, "mmap+mlock": 3}
+# How a stage sends its hidden states to the next (wire/hidden.py): f32 as computed, or f16 / q8 (lossy).
+WIRE_DTYPES = ("f32", "f16", "q8")
 
 
 @dataclass(frozen=True)
@@ -26,16 +28,21 @@ class LlamaSettings:
     Repacked kernels change how a row of a batch of 4 or more is summed, so its logits differ from
     one-token decoding (measured on Q4_K/Q5_0/Q8_0, README "The Qwen2.5-Coder pair"); without them
     batches of up to 7 rows decode exactly as single rows, which lossless speculation needs.
+
+    Also the dtype of the hidden states a stage sends to the next: not llama.cpp's, but a per-stage
+    setting all the same, so it travels to the ranks with the others (decoded back to float32 there).
     """
 
     kv_type: str = "f16"
     flash_attn: str = "auto"
     load_mode: str = "mmap"
     repack: bool = True
+    wire_dtype: str = "f32"
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("--kv-type", self.kv_type, KV_TYPES), ("--flash-attn", self.flash_attn,
-                                     FLASH_ATTN), ("--load-mode", self.load_mode, LOAD_MODES)):
+                                     FLASH_ATTN), ("--load-mode", self.load_mode, LOAD_MODES),
+                                     ("--wire-dtype", self.wire_dtype, WIRE_DTYPES)):
             if value not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.kv_type != "f16" and self.flash_attn == "off":

@@ -17,6 +17,7 @@ from pipeinfer_cpu.llama.cpubackend import NoUsableVariant
 from pipeinfer_cpu.llama.drafter import Drafter
 from pipeinfer_cpu.llama.runtime import Stage, StageConfig, cpu_backend
 from pipeinfer_cpu.modelfiles.shards import ShardFile, check_readable, default_cache_dir, verify_shard
+from pipeinfer_cpu.rank.calibration import measure
 from pipeinfer_cpu.rank.draft_loop import serve_drafts
 from pipeinfer_cpu.rank.stage_loop import StageLoop
 from pipeinfer_cpu.stats import peak_rss_bytes
@@ -48,11 +49,18 @@ class _HeadSilent(Exception):
 def serve(transport: Transport) -> int:
     """Greet the head, run what it assigns, and leave when it says so."""
     try:
-        hello = _hello(_expect(transport, C.Setup))
+        setup = _expect(transport, C.Setup)
+        if setup.links is not None:
+            transport.use_links(setup.links)  # before this rank sends anything
+        hello = _hello(setup)
         _send(transport, hello)
         if hello.backend is None:
             return leave_when_the_head_stops(transport)
-        _run(transport, _expect(transport, C.Assign).assignment)
+        work = _expect(transport, (C.Assign, C.Calibrate))
+        if isinstance(work, C.Calibrate):
+            _calibrate(transport, work)
+        else:
+            _run(transport, work.assignment)
         return 0
     except _HeadStopped:
         _send(transport, C.Signal.BYE)
@@ -88,6 +96,13 @@ def _run(transport: Transport, assignment: C.Assignment) -> None:
     else:
         StageLoop(transport, stage, assignment).serve()
     stage.close()
+
+
+def _calibrate(transport: Transport, request: C.Calibrate) -> None:
+    """Time this host (rank/calibration.py), report, and wait for the head's SHUTDOWN (serve says bye)."""
+    paths = [obtain_shard(transport, shard) for shard in request.shards]
+    _send(transport, measure(paths, request))
+    _expect(transport, ())  # only SHUTDOWN may come now
 
 
 def leave_when_the_head_stops(transport: Transport) -> int:
@@ -128,7 +143,7 @@ def _send(transport: Transport, message: C.ControlMessage) -> None:
     transport.send(HEAD, int(Tag.REPLY), C.encode(message))
 
 
-def _expect(transport: Transport, kind: type):
+def _expect(transport: Transport, kind: type | tuple[type, ...]):
     """The head's next control message, which must be a `kind` (or SHUTDOWN: _HeadStopped)."""
     message = wait(transport, [(HEAD, Tag.CONTROL)], ASSIGN_TIMEOUT_S)
     if message is None:
@@ -137,5 +152,6 @@ def _expect(transport: Transport, kind: type):
     if command == C.Signal.SHUTDOWN:
         raise _HeadStopped()
     if not isinstance(command, kind):
-        raise WireVersionError(f"expected {C.kind_of(kind)} from the head, got {C.kind_of(command)}")
+        expected = " or ".join(C.kind_of(k) for k in (kind if isinstance(kind, tuple) else (kind,))) or "shutdown"
+        raise WireVersionError(f"expected {expected} from the head, got {C.kind_of(command)}")
     return command

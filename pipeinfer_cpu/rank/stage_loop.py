@@ -18,7 +18,7 @@ from pipeinfer_cpu.stats import StageStats, peak_rss_bytes
 from pipeinfer_cpu.wire import control as C
 from pipeinfer_cpu.wire import runs as R
 from pipeinfer_cpu.wire.runs import HEAD, Output, RunMessage, Tag
-from pipeinfer_cpu.wire.transport import Transport, Waiter
+from pipeinfer_cpu.wire.transport import Transport, wait
 
 
 class StageCounters:
@@ -29,6 +29,7 @@ class StageCounters:
 
     def reset(self, bytes_sent: int = 0) -> None:
         self.bytes_at_reset = bytes_sent
+        self.bytes_at_decode: int | None = None  # bytes_sent when the head said decoding started
         self.started = time.perf_counter()
         self.compute_s = 0.0
         self.runs_computed = 0
@@ -48,6 +49,8 @@ class StageCounters:
 class StageLoop:
     """Serve runs until the head says stop."""
 
+    CANCEL_POLL_S = 0.001  # the watcher's longest sleep between looks for a cancel (a ring ends it sooner)
+
     def __init__(self, transport: Transport, stage: Stage, assignment: C.Assignment) -> None:
         self.transport = transport
         self.stage = stage
@@ -58,7 +61,6 @@ class StageLoop:
         self._current_run = -1
         self._computing = threading.Event()
         self._stopping = False
-        self._waiter = Waiter(transport)
         if assignment.cancellation:
             threading.Thread(target=self._watch_cancels, daemon=True).start()
 
@@ -78,7 +80,7 @@ class StageLoop:
     def _wait_for_work(self, channels):
         """Wait for the next message, accounting the CPU the wait itself costs (it should be ~0)."""
         wall, cpu = time.perf_counter(), time.process_time()
-        message = self._waiter.wait(channels, timeout_s=None)
+        message = wait(self.transport, channels, timeout_s=None)
         self.counters.idle_wall_s += time.perf_counter() - wall
         self.counters.idle_cpu_s += time.process_time() - cpu
         return message
@@ -91,8 +93,12 @@ class StageLoop:
             self._reply(C.Signal.BYE)
         elif command == C.Signal.RESET_STATS:
             self.counters.reset(self.transport.bytes_sent)
+        elif command == C.Signal.DECODE_STARTED:
+            self.counters.bytes_at_decode = self.transport.bytes_sent
         elif command == C.Signal.STATS:
-            self._reply(C.StageReport(self._stats(), self.transport.bytes_sent - self.counters.bytes_at_reset))
+            at_decode = self.counters.bytes_at_decode
+            self._reply(C.StageReport(self._stats(), self.transport.bytes_sent - self.counters.bytes_at_reset,
+                                      None if at_decode is None else self.transport.bytes_sent - at_decode))
         elif isinstance(command, C.KvUsageRequest):
             self._reply(C.KvUsage({s: (self.stage.seq_pos_min(s), self.stage.seq_pos_max(s)) for s in command.seqs}))
         else:
@@ -160,7 +166,8 @@ class StageLoop:
     def _send_result(self, run: RunMessage, result: np.ndarray) -> None:
         a = self.assignment
         if not a.layers.is_last:
-            self.transport.send(a.downstream, int(Tag.RUN), R.encode_run(run.with_payload(result)))
+            # hidden states in the job's wire dtype; the next stage decodes them to float32 (wire/hidden.py)
+            self.transport.send(a.downstream, int(Tag.RUN), R.encode_run(run.with_payload(result), a.llama.wire_dtype))
             return
         if not any(run.outputs):
             return  # a prefill chunk whose logits nobody asked for
@@ -196,5 +203,5 @@ class StageLoop:
                     message = self.transport.poll([(HEAD, Tag.CANCEL)])
                 if message is not None:
                     self._note_cancelled(R.decode_ids(message.data))
-                else:
-                    time.sleep(0.0002)
+                else:  # a cancel rings this rank's doorbell: no need to wake up every few hundred microseconds
+                    self.transport.idle(self.CANCEL_POLL_S)

@@ -2,15 +2,19 @@
 
 The head sends on `Tag.CONTROL`, a rank answers on `Tag.REPLY`. A job starts like this:
 
-    head -> rank   Setup          how to start llama.cpp (the CPU backend variant to force, if any)
+    head -> rank   Setup          how to start llama.cpp (the CPU backend variant to force, if any), and
+                                  the emulated links (wire/links.py), which the rank applies at once
     rank -> head   Hello          host, cores, wire version, the CPU backend it loaded (or why none)
     head -> rank   Assign         a stage's layer range and shard (or the whole draft model)
     rank -> head   HAVE_FILE | NEED_FILE   (NEED_FILE: the head sends the shard's bytes on Tag.FILE)
     rank -> head   Ready          loaded; then runs flow on Tag.RUN (wire/runs.py)
 
-then, any time: RESET_STATS, STATS -> StageReport, KvUsageRequest -> KvUsage, and at the end
+then, any time: RESET_STATS, DECODE_STARTED (no answer), STATS -> StageReport, KvUsageRequest -> KvUsage, and at the end
 SHUTDOWN -> BYE. A rank that fails answers Failure and waits for the head's word. Messages with a
 body are frozen dataclasses; those without one are the members of `Signal`.
+
+A calibration job (`hosts calibrate`) sends Calibrate instead of Assign: the rank answers HAVE_FILE
+or NEED_FILE for each of its shards in turn, then a CalibrationReport, then waits for SHUTDOWN.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pipeinfer_cpu.llama.settings import LlamaSettings
 from pipeinfer_cpu.modelfiles.planning import LayerRange
 from pipeinfer_cpu.modelfiles.shards import ShardFile
 from pipeinfer_cpu.stats import StageStats
+from pipeinfer_cpu.wire.links import LinkMap
 from pipeinfer_cpu.wire.runs import WIRE_VERSION, WireVersionError
 
 
@@ -57,6 +62,7 @@ class Signal(str, Enum):
     """The messages that carry nothing but their kind."""
 
     RESET_STATS = "reset-stats"  # head -> rank: start counting a new request
+    DECODE_STARTED = "decode-started"  # head -> stage: the prompt is in; what it sends from now on is decode traffic
     STATS = "stats"  # head -> rank: send a StageReport
     SHUTDOWN = "shutdown"  # head -> rank: stop (answered by BYE)
     HAVE_FILE = "have-file"  # rank -> head: this host can read the assigned shard
@@ -70,6 +76,7 @@ class Setup:
 
     cpu_variant: str | None  # None: the best variant this rank's CPU runs
     wire: int = WIRE_VERSION
+    links: LinkMap | None = None  # emulated links: the rank shapes its sends by them before it answers
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,17 @@ class Assign:
     """head -> rank: the work; answered by HAVE_FILE or NEED_FILE, then Ready."""
 
     assignment: Assignment
+
+
+@dataclass(frozen=True)
+class Calibrate:
+    """head -> rank, instead of Assign: time decode runs of the model's first layers (rank/calibration.py)."""
+
+    shards: tuple[ShardFile, ...]  # layers [0, k) of the model, for two k (one when the model is that shallow)
+    n_threads: int
+    token_counts: tuple[int, ...]  # tokens per timed run
+    budget_s: float  # about how long to keep repeating the runs (at least a few repetitions each)
+    llama: LlamaSettings = LlamaSettings()
 
 
 @dataclass(frozen=True)
@@ -111,6 +129,20 @@ class StageReport:
 
     stats: StageStats
     bytes_sent: int
+    decode_bytes_sent: int | None = None  # since DECODE_STARTED (None: it did not come)
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """rank -> head, answering Calibrate: median seconds per run, by tokens per run, of one layer and of
+    the output layer (as timings.HostTiming holds them), how many runs each median is of, and how far
+    the medians lie above the fastest runs (typically: a busy host's spread is well above 1)."""
+
+    layer: tuple[tuple[int, float], ...]
+    output: tuple[tuple[int, float], ...]
+    repeats: int
+    spread: float = 1.0
+    run: tuple[tuple[int, float], ...] = ()  # a run's own cost, beside its layers
 
 
 @dataclass(frozen=True)
@@ -128,9 +160,11 @@ class Failure:
     detail: str = ""  # a traceback, with PIPEINFER_DEBUG
 
 
-ControlMessage = Signal | Setup | Assign | KvUsageRequest | Hello | Ready | StageReport | KvUsage | Failure
+ControlMessage = (Signal | Setup | Assign | Calibrate | KvUsageRequest | Hello | Ready | StageReport | KvUsage
+                  | CalibrationReport | Failure)
 _KINDS: dict[type, str] = {Setup: "setup", Assign: "assign", KvUsageRequest: "kv-usage?", Hello: "hello",
-                           Ready: "ready", StageReport: "stats-report", KvUsage: "kv-usage", Failure: "error"}
+                           Ready: "ready", StageReport: "stats-report", KvUsage: "kv-usage", Failure: "error",
+                           Calibrate: "calibrate", CalibrationReport: "calibration-report"}
 _BY_KIND: dict[str, type] = {kind: cls for cls, kind in _KINDS.items()}
 
 
@@ -165,6 +199,8 @@ def _plain(value: Any) -> Any:
         return value.to_json_dict()
     if isinstance(value, BackendReport):
         return value.to_json()
+    if isinstance(value, LinkMap):
+        return value.to_json()
     if is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, Enum):
@@ -185,10 +221,17 @@ def _build(cls: type, body: dict) -> ControlMessage:
         body["assignment"] = Assignment(**dict(data, layers=LayerRange(**data["layers"]),
                                                shard=ShardFile(**data["shard"]), role=Role(data["role"]),
                                                llama=LlamaSettings(**data["llama"])))
+    elif cls is Setup and body.get("links") is not None:
+        body["links"] = LinkMap.from_json(body["links"])
     elif cls is StageReport:
         body["stats"] = StageStats.from_json_dict(body["stats"])
     elif cls is KvUsage:
         body["seqs"] = {int(k): (int(v[0]), int(v[1])) for k, v in body["seqs"].items()}
     elif cls is KvUsageRequest:
         body["seqs"] = tuple(body["seqs"])
+    elif cls is Calibrate:
+        body.update(shards=tuple(ShardFile(**shard) for shard in body["shards"]),
+                    token_counts=tuple(body["token_counts"]), llama=LlamaSettings(**body["llama"]))
+    elif cls is CalibrationReport:
+        body.update({name: tuple((int(n), float(s)) for n, s in body.get(name, ())) for name in ("layer", "output", "run")})
     return cls(**body)

@@ -14,6 +14,7 @@ from enum import IntEnum
 import numpy as np
 
 from pipeinfer_cpu.errors import PipeinferError
+from pipeinfer_cpu.wire import hidden
 
 HEAD = 0
 
@@ -82,13 +83,16 @@ class RunMessage:
 # A run message is one uint8 buffer: an int64 header, int64 sections, then the payload's raw bytes.
 # The header's first int64 is the format version (so its first byte is the version byte); change
 # WIRE_VERSION whenever the layout changes: a rank never guesses at another version's layout.
-WIRE_VERSION = 2
+# Version 3: hidden states may travel as f16 or q8 (wire/hidden.py), payload kinds 3 and 4.
+WIRE_VERSION = 3
 TEST_VERSION_ENV = "PIPEINFER_TEST_WIRE_VERSION"  # tests only: the version this process writes
 _HEADER_FIELDS = ("version", "run_id", "n_tokens", "n_seq_ids", "n_token_ids", "n_kv_ops", "output_kind",
                   "payload_kind", "payload_rows", "payload_cols")
 _HEADER = len(_HEADER_FIELDS)
-_PAYLOAD_NONE, _PAYLOAD_F32, _PAYLOAD_I32 = 0, 1, 2
+_PAYLOAD_NONE, _PAYLOAD_F32, _PAYLOAD_I32, _PAYLOAD_F16, _PAYLOAD_Q8 = 0, 1, 2, 3, 4
 _PAYLOAD_DTYPES = {_PAYLOAD_F32: np.float32, _PAYLOAD_I32: np.int32}
+_HIDDEN_KINDS = {"f32": _PAYLOAD_F32, "f16": _PAYLOAD_F16, "q8": _PAYLOAD_Q8}  # a float32 payload's wire dtype
+_HIDDEN_DTYPES = {kind: dtype for dtype, kind in _HIDDEN_KINDS.items()}
 _NO_COLUMNS = -1  # a 1-D payload (argmax ids); a 2-D one with 0 columns stays 2-D
 
 
@@ -106,28 +110,33 @@ def check_version(version: int, what: str) -> None:
                                f"{WIRE_VERSION}: install the same pipeinfer-cpu version on every node")
 
 
-def encode_run(msg: RunMessage) -> np.ndarray:
-    """Flatten a run into one uint8 buffer (see above)."""
+def encode_run(msg: RunMessage, wire_dtype: str = "f32") -> np.ndarray:
+    """Flatten a run into one uint8 buffer (see above); a float32 payload (hidden states) goes in
+    `wire_dtype` (wire/hidden.py) and comes out of decode_run as float32 again."""
     counts = [len(ids) for ids in msg.seq_ids]
     flat_ids = [s for ids in msg.seq_ids for s in ids]
     ops = [v for op in msg.kv_ops for v in (int(op.kind), op.a, op.b, op.p0, op.p1)]
-    payload_kind, rows, cols = _payload_shape(msg.payload)
+    payload_kind, rows, cols = _payload_shape(msg.payload, wire_dtype)
     header = [written_version(), msg.run_id, msg.n_tokens, len(flat_ids), len(msg.tokens), len(msg.kv_ops),
               int(msg.output_kind), payload_kind, rows, cols]
     ints = np.array(header + list(msg.positions) + counts + flat_ids + list(msg.tokens)
                     + [int(o) for o in msg.outputs] + ops, dtype=np.int64)
     parts = [ints.view(np.uint8)]
-    if msg.payload is not None:
+    if msg.payload is not None and payload_kind in _HIDDEN_DTYPES:
+        parts.append(hidden.encode(msg.payload, wire_dtype))
+    elif msg.payload is not None:
         parts.append(np.ascontiguousarray(msg.payload).view(np.uint8).reshape(-1))
     return np.concatenate(parts)
 
 
-def _payload_shape(payload: np.ndarray | None) -> tuple[int, int, int]:
+def _payload_shape(payload: np.ndarray | None, wire_dtype: str) -> tuple[int, int, int]:
     if payload is None:
         return _PAYLOAD_NONE, 0, 0
     kind = next((k for k, dtype in _PAYLOAD_DTYPES.items() if payload.dtype == dtype), None)
     if kind is None or payload.ndim not in (1, 2):
         raise TypeError(f"payload must be a 1-D or 2-D float32 or int32 array, got {payload.dtype} {payload.shape}")
+    if kind == _PAYLOAD_F32:
+        kind = _HIDDEN_KINDS[hidden.checked_dtype(wire_dtype)]
     cols = payload.shape[1] if payload.ndim == 2 else _NO_COLUMNS
     return kind, payload.shape[0], cols
 
@@ -160,8 +169,10 @@ def decode_run(data: np.ndarray) -> RunMessage:
 def _decode_payload(raw: np.ndarray, kind: int, rows: int, cols: int) -> np.ndarray | None:
     if kind == _PAYLOAD_NONE:
         return None
-    array = raw.view(_PAYLOAD_DTYPES[kind])
-    return array.reshape(rows) if cols == _NO_COLUMNS else array.reshape(rows, cols)
+    shape = (rows,) if cols == _NO_COLUMNS else (rows, cols)
+    if kind in _HIDDEN_DTYPES:
+        return hidden.decode(raw, _HIDDEN_DTYPES[kind], shape)
+    return raw.view(_PAYLOAD_DTYPES[kind]).reshape(shape)
 
 
 def encode_ids(ids: list[int]) -> np.ndarray:

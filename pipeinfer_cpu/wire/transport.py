@@ -2,19 +2,36 @@
 
 Messages are flat byte buffers (numpy uint8) sent with non-blocking MPI calls; nothing on the hot
 path is pickled. Waiting never spins: MPICH's blocking receive busy-polls a core, which on a small
-machine halves the speed of the rank that is computing, so `wait` polls with short sleeps that grow
-the longer a rank stays idle.
+machine halves the speed of the rank that is computing. Nor does it poll with blind sleeps, which
+wake late (a hop cost ~1.3 ms that way): every send also rings the receiver's doorbell
+(wire/doorbell.py), and a waiting rank sleeps in the kernel until it is rung, polling MPI at once.
+
+Emulated slow links (wire/links.py) are applied here, on the sending side only: `use_links` gives
+the transport one `LinkState` per shaped destination, and `send` hands a shaped message to a
+`Shaper` thread that issues its `Isend` when the message would have arrived (its last bit left at
+the link's rate behind the messages queued before it, plus the one-way delay). The caller's `send`
+returns at once, so pacing never blocks compute; the thread sleeps on a condition between sends.
+Delaying at the sender, not holding at the receiver, keeps the timing independent of when the
+receiver happens to poll (a rank that computes while a message flies would otherwise add the delay
+after its compute) and needs no clock shared between machines; `poll` and `pending` are unchanged.
 """
 
 from __future__ import annotations
 
+import ctypes
+import heapq
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
+
+from pipeinfer_cpu.errors import PipeinferError
+from pipeinfer_cpu.wire.doorbell import IDLE_POLL_S, Doorbell
+from pipeinfer_cpu.wire.links import LinkMap, LinkState
 
 ANY = -1
 
@@ -38,6 +55,12 @@ class Transport(Protocol):
     def poll(self, channels: Iterable[tuple[int, int]]) -> Message | None: ...
 
     def pending(self, channels: Iterable[tuple[int, int]]) -> bool: ...
+
+    def idle(self, at_most_s: float) -> None:
+        """Sleep until a message may have come for this rank, or `at_most_s` has passed."""
+        ...
+
+    def use_links(self, links: LinkMap) -> None: ...
 
 
 class Backoff:
@@ -67,48 +90,28 @@ class Backoff:
             time.sleep(min(self.slow_s, self.fast_s * (1 + idle / self.fast_window_s)))
 
 
-def wait(transport: Transport, channels: Iterable[tuple[int, int]], timeout_s: float | None,
-         backoff: Backoff | None = None) -> Message | None:
-    """Poll until a message arrives on one of (source, tag) channels; None after `timeout_s`."""
+def wait(transport: Transport, channels: Iterable[tuple[int, int]], timeout_s: float | None) -> Message | None:
+    """Poll until a message arrives on one of (source, tag) channels, idling in between; None after `timeout_s`."""
     channels = tuple(channels)
-    backoff = backoff or Backoff()
     deadline = None if timeout_s is None else time.perf_counter() + timeout_s
     while True:
         message = transport.poll(channels)
         if message is not None:
             return message
-        if deadline is not None and time.perf_counter() > deadline:
+        left = IDLE_POLL_S if deadline is None else deadline - time.perf_counter()
+        if left <= 0:
             return None
-        backoff.sleep()
+        transport.idle(left)
 
 
-class Waiter:
-    """`wait` for a loop that waits again and again: it learns how soon messages come.
-
-    In a steady pipeline a rank waits about as long each time (the other stages' compute), so it
-    first sleeps through most of the shortest recent wait in one go, then polls. That cuts the
-    wake-ups of idle ranks, which on a small machine preempt the rank that computes. The shortest
-    recent wait is a safe guess: one early message costs at most 80% of it, and after a long idle
-    spell (a chat between turns) the first sleep is capped.
-    """
-
-    HISTORY = 8
-    CAP_S = 0.01
+class TransportIdler:
+    """The head's idle step between polls of several sources (runs, drafts): the transport's `idle`."""
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
-        self._recent: dict[tuple, list[float]] = {}
 
-    def wait(self, channels: Iterable[tuple[int, int]], timeout_s: float | None) -> Message | None:
-        channels = tuple(channels)
-        recent = self._recent.setdefault(channels, [])
-        first = min(self.CAP_S, 0.8 * min(recent)) if len(recent) == self.HISTORY else 0.0
-        started = time.perf_counter()
-        message = wait(self.transport, channels, timeout_s, Backoff(first_sleep_s=first))
-        if message is not None:
-            recent.append(time.perf_counter() - started)
-            del recent[:-self.HISTORY]
-        return message
+    def sleep(self) -> None:
+        self.transport.idle(IDLE_POLL_S)
 
 
 def under_mpi() -> bool:
@@ -123,6 +126,90 @@ def rank_from_environment() -> int | None:
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
     return None
+
+
+class Shaper:
+    """Sender-side link emulation: `submit` queues a message on its destination's link; a thread
+    hands it to `isend` at its arrival time (heap order; per destination that is FIFO order).
+
+    A timed wait wakes late (on Linux ~60-90 us: the timer slack and the scheduler), so the thread
+    asks to wake earlier by its recent lateness (a running average, at most MAX_LEAD_S) and lowers
+    its own timer slack where the OS allows; it never spins.
+    """
+
+    MAX_LEAD_S = 0.0005
+
+    def __init__(self, links: dict[int, LinkState], isend: Callable[[int, int, np.ndarray], None],
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self._links = dict(links)
+        self._isend = isend
+        self._clock = clock
+        self._due: list[tuple[float, int, int, int, np.ndarray]] = []  # (arrival, order, dest, tag, buffer)
+        self._order = 0
+        self._in_hand = 0  # taken from the heap, Isend not yet issued
+        self._lead_s = 0.0  # how much earlier than due to ask to be woken
+        self._closed = False
+        self._condition = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="link-shaper", daemon=True)
+        self._thread.start()
+
+    def shapes(self, dest: int) -> bool:
+        return dest in self._links
+
+    def submit(self, dest: int, tag: int, buffer: np.ndarray) -> None:
+        with self._condition:
+            self._links[dest], timing = self._links[dest].send(self._clock(), buffer.nbytes)
+            heapq.heappush(self._due, (timing.arrives_s, self._order, dest, tag, buffer))
+            self._order += 1
+            self._condition.notify()
+
+    def idle(self) -> bool:
+        """Nothing queued or being handed over."""
+        with self._condition:
+            return not self._due and not self._in_hand
+
+    def close(self) -> None:
+        """Stop the thread once the queue is empty (callers flush first)."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+
+    def _run(self) -> None:
+        fine_timer_slack()
+        while True:
+            with self._condition:
+                while True:
+                    if self._closed and not self._due:
+                        return
+                    wake_s = self._due[0][0] - self._lead_s if self._due else None
+                    wait_s = None if wake_s is None else wake_s - self._clock()
+                    if wait_s is not None and wait_s <= 0:
+                        _, _, dest, tag, buffer = heapq.heappop(self._due)
+                        self._in_hand += 1
+                        break
+                    if not self._condition.wait(wait_s) and wake_s is not None:  # timed out: it woke this late
+                        late = min(self.MAX_LEAD_S, max(0.0, self._clock() - wake_s))
+                        self._lead_s = 0.9 * self._lead_s + 0.1 * late
+            try:
+                self._isend(dest, tag, buffer)
+            finally:
+                with self._condition:
+                    self._in_hand -= 1
+
+
+def fine_timer_slack() -> None:
+    """Let this thread's timed waits end within ~1 us of their deadline (Linux prctl PR_SET_TIMERSLACK;
+    elsewhere, or if refused, nothing changes)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).prctl(29, 1000, 0, 0, 0)  # PR_SET_TIMERSLACK, in nanoseconds
+    except (OSError, AttributeError):
+        pass
+
+
+EAGER_WINDOW_S = 0.002  # after a ring, how long to keep polling for its message before sleeping again
+EAGER_SLEEP_S = 0.00005
 
 
 class MpiTransport:
@@ -140,14 +227,40 @@ class MpiTransport:
         # reaps) from its own thread while the main thread sends: the lock makes this list one owner's.
         self._pending: list[tuple[object, np.ndarray]] = []
         self._pending_lock = threading.Lock()
+        self._shaper: Shaper | None = None
+        # Every rank learns every other's doorbell once, at the start (each process makes one transport).
+        fine_timer_slack()  # the short sleeps after a ring end when asked to
+        self._doorbell = Doorbell(self.rank)
+        self._doorbell.know_peers(self._comm.allgather(self._doorbell.address))
+        self._eager_until = 0.0
+
+    def use_links(self, links: LinkMap) -> None:
+        """Shape this rank's sends by `links` from now on (every rank calls it, with the head's map, before
+        it sends anything shaped: the head in Cluster.greet, a worker on the head's Setup)."""
+        outgoing = links.outgoing(self.rank, self.size)
+        if not outgoing or self._shaper is not None:
+            return
+        if self._mpi.Query_thread() < self._mpi.THREAD_MULTIPLE:
+            raise PipeinferError("emulated links need an MPI with MPI_THREAD_MULTIPLE (the sends leave from a thread)")
+        self._shaper = Shaper(outgoing, self._isend)
 
     def send(self, dest: int, tag: int, data: np.ndarray) -> None:
         buffer = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+        if self._shaper is not None and self._shaper.shapes(dest):
+            with self._pending_lock:
+                self.bytes_sent += buffer.nbytes
+            self._shaper.submit(dest, tag, buffer.copy())  # the caller may reuse its array before it leaves
+        else:
+            self._isend(dest, tag, buffer, count=True)
+        self._reap()
+
+    def _isend(self, dest: int, tag: int, buffer: np.ndarray, count: bool = False) -> None:
         with self._pending_lock:
             request = self._comm.Isend([buffer, self._mpi.BYTE], dest=dest, tag=tag)
             self._pending.append((request, buffer))  # the buffer must live until the send completes
-            self.bytes_sent += buffer.nbytes
-        self._reap()
+            if count:
+                self.bytes_sent += buffer.nbytes
+        self._doorbell.ring(dest)  # after the Isend: a rung rank must find the message soon
 
     def _reap(self) -> None:
         with self._pending_lock:
@@ -157,6 +270,10 @@ class MpiTransport:
         """Wait (without spinning) until every send has completed; False on timeout."""
         deadline = time.perf_counter() + timeout_s
         backoff = Backoff()
+        while self._shaper is not None and not self._shaper.idle():
+            if time.perf_counter() > deadline:
+                return False
+            backoff.sleep()
         while self._pending:
             self._reap()
             if time.perf_counter() > deadline:
@@ -176,8 +293,20 @@ class MpiTransport:
                 continue
             buffer = np.empty(status.Get_count(self._mpi.BYTE), dtype=np.uint8)
             handle.Recv([buffer, self._mpi.BYTE])
+            self._doorbell.received(status.Get_source())
             return Message(status.Get_source(), status.Get_tag(), buffer)
         return None
+
+    def idle(self, at_most_s: float) -> None:
+        """Sleep until rung (or `at_most_s`, at most IDLE_POLL_S). A ring can come before MPI shows its
+        message (over TCP the data may trail the datagram): then poll in short sleeps for a little while."""
+        if self._doorbell.take_rings():
+            self._eager_until = time.perf_counter() + EAGER_WINDOW_S
+            return  # poll again at once: MPI usually shows the message on the next progress call
+        if self._doorbell.expecting() and time.perf_counter() < self._eager_until:
+            time.sleep(min(at_most_s, EAGER_SLEEP_S))
+            return
+        self._doorbell.sleep(min(at_most_s, IDLE_POLL_S))
 
     def pending(self, channels: Iterable[tuple[int, int]]) -> bool:
         """True when a message waits on one of the channels (it is left there)."""
@@ -204,5 +333,8 @@ class MpiTransport:
 
     def finalize(self) -> None:
         self.flush(5.0)
+        if self._shaper is not None:
+            self._shaper.close()
         self.drain()
+        self._doorbell.close()
         self._mpi.Finalize()

@@ -93,3 +93,67 @@ def test_debug_shows_the_traceback(cli, tmp_path):
 ])
 def test_bad_sampling_value(cli, command, option, value, fragment):
     assert_clean_failure(cli(command, "--hostfile", "hosts/local.txt", option, value), fragment)
+
+
+# -- hosts calibrate ------------------------------------------------------------------------------
+
+def _calibrate(cli, tmp_path, *args, hostfile="hosts/local.txt", out=None):
+    out = out or tmp_path / "calibrated.txt"
+    return cli("hosts", "calibrate", "--hostfile", str(hostfile), "-o", str(out), *args, timeout=60)
+
+
+def test_calibrate_unknown_model(cli, tmp_path):
+    assert_clean_failure(_calibrate(cli, tmp_path, "--model", "no-such-model"), "model file not found: no-such-model")
+    assert not (tmp_path / "calibrated.txt").exists()
+
+
+def test_calibrate_unreadable_hostfile(cli, tmp_path):
+    assert_clean_failure(_calibrate(cli, tmp_path, hostfile=tmp_path / "nope.txt"), "cannot read hostfile")
+
+
+def test_calibrate_unreachable_host(cli, tmp_path):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("localhost\nno-such-host.invalid  # threads=2\n")
+    assert_clean_failure(_calibrate(cli, tmp_path, hostfile=hosts), "host no-such-host.invalid is unreachable")
+    assert not (tmp_path / "calibrated.txt").exists()
+
+
+@pytest.mark.parametrize("where, fragment", [("file/calibrated.txt", "is not a folder"), ("folder", "it is a folder")])
+def test_calibrate_output_not_writable(cli, tmp_path, where, fragment):
+    (tmp_path / "file").write_text("a file, not a folder")
+    (tmp_path / "folder").mkdir()
+    assert_clean_failure(_calibrate(cli, tmp_path, out=tmp_path / where), fragment)
+
+
+def test_calibrate_timings_not_writable(cli, tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    done = _calibrate(cli, tmp_path, "--timings", str(tmp_path / "file" / "t.json"))
+    assert_clean_failure(done, "is not a folder")
+    assert not (tmp_path / "calibrated.txt").exists()
+
+
+def test_calibrate_debug_shows_the_traceback(cli, tmp_path):
+    done = _calibrate(cli, tmp_path, "--model", "no-such-model", "--debug")
+    assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+@pytest.mark.parametrize("link, fragment", [
+    ("bw=100mbps,delay=2ms", "bw '100mbps' is not a number with one of bit, kbit, mbit, gbit"),
+    ("bw=0mbit,delay=2ms", "bw must be above 0"),
+    ("bw=-1gbit", "bw must be above 0"),
+    ("bw=1gbit,lag=2ms", "unknown key 'lag'"),
+])
+def test_bad_link_setting(cli, link, fragment):
+    assert_clean_failure(cli(*RUN, "--link", link), fragment)
+
+
+def test_hostfile_link_naming_an_unknown_host(cli, tmp_path):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("localhost\nlocalhost\n# link localhost node9 bw=1gbit,delay=1ms\n")
+    assert_clean_failure(cli("run", "--hostfile", str(hosts), "-p", "Hi", "-n", "2"),
+                         f"{hosts}:3: link names host 'node9', which no line of the hostfile lists")
+
+
+def test_netlab_probe_bad_link_and_size(cli):
+    assert_clean_failure(cli("netlab", "probe", "--link", "delay=2"), "delay '2' is not a number")
+    assert_clean_failure(cli("netlab", "probe", "--sizes", "8,1MiBs"), "bad message size '1MiBs'")

@@ -12,6 +12,7 @@ from conftest import REPO, processes_tagged
 from pipeinfer_cpu.app.launcher import is_mpi_noise
 from pipeinfer_cpu.llama.cpubackend import installed_variants, ranked_candidates, read_cpu
 from pipeinfer_cpu.llama.runtime import LIB_DIR
+from pipeinfer_cpu.wire.runs import WIRE_VERSION
 
 RUN = ("run", "--hostfile", "hosts/local.txt", "-p", "Hello", "-n", "4")
 NO_AVX2 = "sse4_2 avx f16c fma"  # an Ivy Bridge's view of the world, for PIPEINFER_CPU_FLAGS
@@ -74,4 +75,4 @@ def test_a_forced_variant_this_cpu_cannot_run_or_that_is_not_installed(cli):
 def test_a_tampered_wire_version_byte_is_one_line(cli):
     """The head writes version 99 into its run messages; the first stage refuses the first one."""
     done = cli(*RUN, env={"PIPEINFER_TEST_WIRE_VERSION": "99"})
-    one_error_line(done, "rank 1 (", "wire format version 99", "speaks version 2")
+    one_error_line(done, "rank 1 (", "wire format version 99", f"speaks version {WIRE_VERSION}")
