@@ -10,8 +10,8 @@ line, as the head's Setup gives it to a pipeline's ranks). For each size:
 - throughput: rank 0 sends a stream of messages back to back; rank 1 times the arrivals:
   (n - 1) * size * 8 / (last arrival - first arrival), which needs no clock shared by the ranks.
 
-A waiting rank polls as a pipeline stage does in its first 20 ms of waiting (every ~0.1 ms), for
-the whole wait; the baseline holds that polling's cost, so `added_ms` is what the link adds.
+A waiting rank waits as a pipeline stage does (asleep until its doorbell is rung, wire/doorbell.py);
+the baseline holds that wake-up's cost, so `added_ms` is what the link adds.
 Rank 0 prints one JSON line on stdout: {"link": "...", "rows": [{size, one_way_ms, ...}]}.
 """
 

@@ -64,25 +64,15 @@ class Transport(Protocol):
 
 
 class Backoff:
-    """Sleep intervals for an idle poll loop: short while a message is likely soon, longer later.
-
-    A pipeline stage usually waits a few milliseconds for the next activation, so the first 20 ms
-    poll every ~0.1 ms (a few percent of a core); a rank idle for longer (a chat waiting for the
-    user) backs off to 5 ms, costing almost nothing. `first_sleep_s` lets a caller that knows the
-    message cannot come sooner skip the polls before it.
+    """Sleep intervals for a poll loop that no doorbell can end (sends completing, a head whose every
+    source of results is in its own process): short at first, growing to 5 ms the longer it waits.
     """
 
-    def __init__(self, fast_s: float = 0.0001, fast_window_s: float = 0.02, slow_s: float = 0.005,
-                 first_sleep_s: float = 0.0) -> None:
+    def __init__(self, fast_s: float = 0.0001, fast_window_s: float = 0.02, slow_s: float = 0.005) -> None:
         self.fast_s, self.fast_window_s, self.slow_s = fast_s, fast_window_s, slow_s
-        self.first_sleep_s = first_sleep_s
         self.started = time.perf_counter()
 
     def sleep(self) -> None:
-        if self.first_sleep_s > 0:
-            time.sleep(self.first_sleep_s)
-            self.first_sleep_s = 0.0
-            return
         idle = time.perf_counter() - self.started
         if idle < self.fast_window_s:
             time.sleep(self.fast_s)
