@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from pipeinfer_cpu.app.bench import BenchConfig
-from pipeinfer_cpu.app.netlab import PredictSetup, draft_token_cost, predict_point, write_sweep_report
+from pipeinfer_cpu.app.sweep import PredictSetup, draft_token_cost, predict_point, write_sweep_report
 from pipeinfer_cpu.modelfiles.models import read_model_info
 from pipeinfer_cpu.timings import load_calibration
 

@@ -357,7 +357,7 @@ def netlab_sweep(bandwidths, delays, modes, wire_dtype, agreement, pair_dir, mod
     import shlex
 
     from pipeinfer_cpu.app.bench import DEFAULT_PROMPTS, BenchConfig
-    from pipeinfer_cpu.app.netlab import SweepGrid, SweepRequest, sweep
+    from pipeinfer_cpu.app.sweep import SweepGrid, SweepRequest, sweep
 
     grid = SweepGrid.parse(bandwidths, delays, modes)
     prompts = read_prompts(None, None, prompts_file) if prompts_file else DEFAULT_PROMPTS

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import assert_clean_failure
 from pipeinfer_cpu.app.bench import BenchConfig
-from pipeinfer_cpu.app.netlab import (PredictSetup, SweepGrid, SweepRequest, draft_token_cost, median_summary,
+from pipeinfer_cpu.app.sweep import (PredictSetup, SweepGrid, SweepRequest, draft_token_cost, median_summary,
                                       predict_point, prediction_summary, sweep_point, write_sweep_report)
 from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.timings import Calibration, HostTiming
