@@ -138,5 +138,7 @@ def test_shaper_paces_sends_in_order_from_its_thread():
     to_1 = [s for s in sent if s[1] == 1]
     assert [s[3] for s in to_1] == [0, 1, 2]  # FIFO per destination
     offsets = [s[0] - started for s in to_1]
-    assert offsets == pytest.approx([0.006, 0.007, 0.008], abs=0.0015)  # serialised back to back, then delayed
+    # Serialised back to back, then delayed: never early; late only by scheduling (generous on a loaded machine).
+    for offset, due in zip(offsets, (0.006, 0.007, 0.008)):
+        assert due - 0.0003 <= offset <= due + 0.01
     assert sent[0][4] == "link-shaper"
