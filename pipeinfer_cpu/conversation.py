@@ -16,8 +16,13 @@ from typing import Any, Callable, Sequence
 from pipeinfer_cpu.errors import UserError
 
 ROLES = ("user", "assistant")
+
 Message = tuple[str, str]
 Render = Callable[[Sequence[Message]], list[int]]
+
+
+class ContextLengthExceeded(UserError):
+    """A prompt and the answer asked for do not fit the context (and nothing may be dropped)."""
 
 
 @dataclass(frozen=True)

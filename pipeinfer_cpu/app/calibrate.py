@@ -107,7 +107,7 @@ def _run_job(hosts: Sequence[Host], settings: CalibrationSettings, debug: bool) 
     """Start the job (the head beside the first host, then one worker per line) and wait for its calibration."""
     placement = (hosts[0].name, *(host.name for host in hosts))
     tmp = tempfile.TemporaryDirectory(prefix="pipeinfer-calibrate-")
-    client = JobClient(launcher.start(placement, Path(tmp.name)), debug, tmp)
+    client = JobClient(launcher.start(placement, Path(tmp.name)), debug, tmp, placement)
     try:
         event = client.ask({"type": "calibrate", "settings": settings.to_json(), "debug": debug},
                            lambda text: None, JOB_WAIT_S)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,10 @@ from pipeinfer_cpu.head.server import EngineServer
 from pipeinfer_cpu.wire.transport import MpiTransport, under_mpi
 
 QUIT_WAIT_S = 15.0
+# Where mpiexec says which process died: Open MPI names its rank, MPICH only its host (its PID is
+# the first process of that host's proxy, not the one that died).
+_DEAD_RANK = re.compile(r"process rank (\d+)")
+_DEAD_HOST = re.compile(r"RUNNING AT (\S+)")
 
 
 class JobEnded(Exception):
@@ -36,23 +41,30 @@ class Client(Protocol):
 
     def start(self, wait_s: float) -> dict: ...
 
-    def ask(self, request: dict, on_token: Callable[[str], None], wait_s: float) -> dict: ...
+    def ask(self, request: dict, on_token: Callable[[str], None], wait_s: float,
+            interrupt: threading.Event | None = None) -> dict: ...
+
+    def check(self) -> None: ...
 
     def close(self) -> int: ...
 
 
 class _SigintFlag:
-    """While active, Ctrl-C sets a flag instead of raising, so no event or state is half handled."""
+    """While active, Ctrl-C sets a flag instead of raising, so no event or state is half handled.
+    A caller that has a flag of its own (the HTTP server: a client that left) passes it instead."""
 
-    def __init__(self) -> None:
-        self.event = threading.Event()
+    def __init__(self, given: threading.Event | None = None) -> None:
+        self.event = given or threading.Event()
+        self.given = given is not None
 
     def __enter__(self) -> threading.Event:
-        self._previous = signal.signal(signal.SIGINT, lambda signum, frame: self.event.set())
+        if not self.given:
+            self._previous = signal.signal(signal.SIGINT, lambda signum, frame: self.event.set())
         return self.event
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        if not self.given:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def with_client(options: EngineOptions, session: Callable[[Client], int]) -> int:
@@ -77,7 +89,8 @@ class LocalClient:
     def start(self, wait_s: float) -> dict:
         return self.server.ready_event()
 
-    def ask(self, request: dict, on_token: Callable[[str], None], wait_s: float) -> dict:
+    def ask(self, request: dict, on_token: Callable[[str], None], wait_s: float,
+            interrupt: threading.Event | None = None) -> dict:
         final: dict = {}
 
         def emit(event: dict) -> None:
@@ -86,9 +99,12 @@ class LocalClient:
             else:
                 final.update(event)
 
-        with _SigintFlag() as interrupted:
+        with _SigintFlag(interrupt) as interrupted:
             self.server.handle(request, emit, interrupted.is_set)
         return final
+
+    def check(self) -> None:
+        """Nothing to check: a failure of the model here is an exception where it happens."""
 
     def close(self) -> int:
         self.server.engine.close()
@@ -105,16 +121,21 @@ class JobClient:
         start = {"type": "start", "settings": options.settings.to_json(), "debug": options.debug}  # checks first
         tmp = tempfile.TemporaryDirectory(prefix="pipeinfer-job-")
         process = launcher.start(options.topology.placement, Path(tmp.name))
-        client = JobClient(process, options.debug, tmp)
+        client = JobClient(process, options.debug, tmp, options.topology.placement)
         client._send(start)
         return client
 
-    def __init__(self, process: subprocess.Popen, debug: bool, tmp: tempfile.TemporaryDirectory) -> None:
+    def __init__(self, process: subprocess.Popen, debug: bool, tmp: tempfile.TemporaryDirectory,
+                 placement: tuple[str, ...] = ()) -> None:
         self.process = process
         self.debug = debug
         self.tmp = tmp
         self.events: queue.Queue[dict] = queue.Queue()
         self.death: str | None = None  # mpiexec's word on a rank that died
+        self.dead_rank: int | None = None  # which rank died, where mpiexec says so
+        self.dead_host: str | None = None  # else the host it ran on
+        self.placement = placement  # the hostfile's host of each rank
+        self.ranks: dict[str, str] = {}  # rank -> it in words, from the ready event
         self.reported = False  # did a rank already explain a failure in an `error:` line?
         self._threads = [threading.Thread(target=target, daemon=True)
                          for target in (self._read_events, self._forward_stderr)]
@@ -140,13 +161,20 @@ class JobClient:
             self._show(line)
 
     def _show(self, line: str) -> None:
-        """Pass a line of the job's output on, minus mpiexec's noise (kept: why a rank died)."""
-        if self.debug or not launcher.is_mpi_noise(line):
+        """Pass a line of the job's output on, minus mpiexec's noise (kept: why a rank died, and which)."""
+        noise = launcher.is_mpi_noise(line)
+        if self.debug or not noise:
             self.reported |= line.startswith("error: ")
             sys.stderr.write(line)
             sys.stderr.flush()
-        elif "EXIT STRING" in line or "exited on signal" in line:
-            self.death = line.split(":", 1)[-1].strip()
+        if noise:
+            if self.death is None and ("EXIT STRING" in line or "exited on signal" in line):
+                self.death = line.split(":", 1)[-1].strip()
+            rank, host = _DEAD_RANK.search(line), _DEAD_HOST.search(line)
+            if rank and self.dead_rank is None:
+                self.dead_rank = int(rank.group(1))
+            if host and self.dead_host is None:
+                self.dead_host = host.group(1)
 
     def _send(self, request: dict) -> None:
         try:
@@ -163,14 +191,17 @@ class JobClient:
             event = self._poll(deadline, "the cluster to start")
         if event["event"] != "ready":
             raise JobEnded(event.get("message", "the MPI job did not start"))
+        self.ranks = event.get("ranks") or {}
         return event
 
-    def ask(self, request: dict, on_token: Callable[[str], None], wait_s: float) -> dict:
-        """Send a request; stream its tokens; return its final event. Ctrl-C sends an interrupt."""
+    def ask(self, request: dict, on_token: Callable[[str], None], wait_s: float,
+            interrupt: threading.Event | None = None) -> dict:
+        """Send a request; stream its tokens; return its final event. Ctrl-C (or `interrupt`, when
+        given) sends an interrupt."""
         self._send(request)
         sent_interrupt = False
         deadline = time.monotonic() + wait_s
-        with _SigintFlag() as interrupted:
+        with _SigintFlag(interrupt) as interrupted:
             while True:
                 if interrupted.is_set() and not sent_interrupt:
                     self._send({"type": "interrupt"})
@@ -182,6 +213,11 @@ class JobClient:
                 if event["event"] != "token":
                     return event
                 on_token(event["text"])
+
+    def check(self) -> None:
+        """Between requests: JobEnded if the job is gone (say, a rank died while it was idle)."""
+        if self.process.poll() is not None:
+            raise JobEnded(f"the MPI job ended ({self._exit_text()})")
 
     def _poll(self, deadline: float, what: str) -> dict | None:
         """The next event, or None after a short tick; JobEnded past the deadline or when the job is gone."""
@@ -201,7 +237,10 @@ class JobClient:
         except subprocess.TimeoutExpired:
             return "it closed its output"
         self._drain_stderr()
-        return f"a rank died: {self.death}" if self.death else f"exit code {code}"
+        if self.death is None and self.dead_rank is None and self.dead_host is None:
+            return f"exit code {code}"
+        who = who_died(self.ranks, self.placement, self.dead_rank, self.dead_host)
+        return f"{who} died: {self.death or f'exit code {code}'}"
 
     def _drain_stderr(self) -> None:
         self._threads[1].join(timeout=5)
@@ -222,6 +261,22 @@ class JobClient:
         self._drain_stderr()
         self.tmp.cleanup()
         return code
+
+
+def who_died(ranks: dict[str, str], placement: tuple[str, ...], dead_rank: int | None, dead_host: str | None) -> str:
+    """The rank that died in words (`ranks`: the ready event's), or the ranks it may have been: those
+    placed on the host mpiexec named."""
+    def name(rank: int) -> str:
+        return ranks.get(str(rank), f"rank {rank}")
+
+    if dead_rank is not None:
+        return name(dead_rank)
+    there = [rank for rank, host in enumerate(placement) if host == dead_host]
+    if len(there) == 1:
+        return name(there[0])
+    if there:
+        return f"a process on {dead_host} (one of {', '.join(name(rank) for rank in there)})"
+    return "a rank"
 
 
 def _kill_group(pid: int) -> None:

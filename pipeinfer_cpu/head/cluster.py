@@ -55,6 +55,7 @@ class Cluster:
         self._bytes_sent: dict[int, int] = {}
         self._decode_bytes_sent: dict[int, int | None] = {}
         self.cpus: dict[int, int] = {}
+        self.roles: dict[int, str] = {}  # what each worker runs, in words, once assigned
         self.backends: dict[int, BackendReport] = {}  # the llama.cpp CPU backend each worker loaded
 
     @property
@@ -63,6 +64,11 @@ class Cluster:
 
     def host(self, rank: int) -> str:
         return self.hosts.get(rank, "?")
+
+    def describe(self, rank: int) -> str:
+        """A rank in words, e.g. "rank 2 (stage 2, layers 15-30, on node-b)"."""
+        role = self.roles.get(rank)
+        return f"rank {rank} ({role + ', ' if role else ''}on {self.host(rank)})"
 
     def greet(self, cpu_variant: str | None, links: LinkMap | None = None) -> None:
         """Tell every worker how to set up llama.cpp and its links; collect its hello: host, cores, wire
@@ -140,6 +146,9 @@ class Cluster:
         """Assign all at once (the ranks load in parallel), send each file a rank lacks, wait until all are loaded."""
         for rank, assignment in assignments.items():
             self.send_control(rank, C.Assign(assignment))
+            layers = assignment.layers
+            self.roles[rank] = ("the draft" if assignment.role == Role.DRAFT
+                                else f"stage {assignment.index + 1}, layers {layers.start}-{layers.end}")
         for rank, assignment in assignments.items():
             if self.expect(rank, C.Signal.HAVE_FILE, C.Signal.NEED_FILE) == C.Signal.NEED_FILE:
                 self._send_file(rank, Path(assignment.shard.path))

@@ -160,6 +160,14 @@ class Engine:
         return [{"rank": rank, "host": self._host(rank), **report.to_json()}
                 for rank, report in sorted(self.backends.items())]
 
+    def rank_names(self) -> dict[str, str]:
+        """Every rank of the job in words (by rank number, as JSON keys): what names the rank behind
+        mpiexec's word that a process died."""
+        head = {str(HEAD): f"rank {HEAD} (the head, on {socket.gethostname()})"}
+        if self.cluster is None:
+            return head
+        return {**head, **{str(rank): self.cluster.describe(rank) for rank in self.cluster.workers}}
+
     def _host(self, rank: int) -> str:
         return socket.gethostname() if rank == HEAD or self.cluster is None else self.cluster.host(rank)
 

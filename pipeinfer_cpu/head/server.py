@@ -7,17 +7,24 @@ server renders it, keeps the longest prefix the stages already hold and prefills
 so a turn costs its own tokens, not the conversation's.
 
 Requests:
-  complete {text, chat_template, system, parse_special, fresh, max_tokens, sampling, keep_first_logits}
-      one prompt (raw text, or one user turn in the model's chat template); `fresh` empties the context first;
-      raw text's special-token text is read as special tokens unless parse_special is false
-  turn {conversation: {system, turns}, first, max_tokens, sampling, interrupt}
+  complete {text, chat_template, system, parse_special, fresh, reuse, max_tokens, sampling, stop, strict,
+            keep_first_logits}
+      one prompt (raw text, or one user turn in the model's chat template); `fresh` empties the context first,
+      `reuse` keeps the longest prefix the stages hold (else the prompt follows the context); raw text's
+      special-token text is read as special tokens unless parse_special is false
+  turn {conversation: {system, turns}, first, max_tokens, sampling, stop, strict, interrupt}
       answer the conversation's last (user) turn; turns before `first` were dropped for the context limit;
       `interrupt`: Ctrl-C was already typed with the Enter
   interrupt   stop the answer being generated (ignored when none is)
   quit
-Events: ready {model, mode, stages, n_ctx, notice}; token {text}; done {stopped_by, answer, stats,
-dropped_turns (turn), first_logits (complete, base64 float32, when asked)}; error {message}; bye.
-Every request but interrupt gets exactly one final event (token events come before `done`).
+`max_tokens` null: as many as the context holds. `stop`: strings that end the answer (not shown). `strict`
+(the HTTP API): a prompt and max_tokens that do not fit the context are refused (no turn is dropped).
+Events: ready {model, mode, stages, n_ctx, notice, ranks (rank -> it in words)}; token {text};
+done {stopped_by, answer, stats, dropped_turns (turn), first_logits (complete, base64 float32, when asked)};
+error {message, code}; bye.
+`stopped_by` is one of length, eos, stop, interrupt, context; an error's `code` is null or
+"context_length_exceeded". Every request but interrupt gets exactly one final event (token events come
+before `done`).
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ import json
 import os
 import select
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from pipeinfer_cpu.conversation import (
+    ContextLengthExceeded,
     Message,
     Render,
     answer_reserve,
@@ -42,6 +51,7 @@ from pipeinfer_cpu.conversation import (
 from pipeinfer_cpu.errors import ModelError, UserError
 from pipeinfer_cpu.head.decoding import TextStream
 from pipeinfer_cpu.head.engine import Engine
+from pipeinfer_cpu.head.stop_strings import StopStrings
 from pipeinfer_cpu.sampling import SamplingConfig
 
 Emit = Callable[[dict], None]
@@ -72,7 +82,7 @@ class EngineServer:
     def ready_event(self) -> dict:
         return {"event": "ready", "model": self.engine.info.name, "mode": self.engine.settings.mode,
                 "stages": len(self.engine.stage_ranks) or 1, "n_ctx": self.engine.settings.n_ctx,
-                "notice": self.notice}
+                "notice": self.notice, "ranks": self.engine.rank_names()}
 
     def handle(self, request: dict, emit: Emit, should_stop: Callable[[], bool]) -> bool:
         """Answer one request through `emit`; False once the session should end.
@@ -91,7 +101,8 @@ class EngineServer:
             elif kind != "interrupt":  # a late interrupt, after its answer ended: nothing to stop
                 raise UserError(f"unknown request {kind!r}")
         except UserError as exc:
-            emit({"event": "error", "message": str(exc)})
+            code = "context_length_exceeded" if isinstance(exc, ContextLengthExceeded) else None
+            emit({"event": "error", "message": str(exc), "code": code})
         return True
 
     def _slack(self) -> int:
@@ -107,59 +118,105 @@ class EngineServer:
         first = _field(request, "first", int, 0)
         if not 0 <= first < len(conversation.turns):
             raise UserError(f"'first' must name one of the conversation's {len(conversation.turns)} turns, got {first}")
-        n_ctx, max_tokens, sampling = self.engine.settings.n_ctx, _field(request, "max_tokens", int), _sampling(request)
-        reserve = answer_reserve(n_ctx, max_tokens, self._slack())
-        first, prompt = fit_window(self.render, conversation, first, n_ctx, reserve)
+        n_ctx = self.engine.settings.n_ctx
+        asked = self._asked(request)  # checked before the cache is touched
+        if request.get("strict"):
+            prompt = self.render(conversation.messages(first))
+            self._check_strict(len(prompt), request)
+        else:
+            first, prompt = fit_window(self.render, conversation, first, n_ctx,
+                                       answer_reserve(n_ctx, asked.max_tokens, self._slack()))
         plan = plan_feed(self.engine.context_tokens, prompt)
         self.engine.truncate_context(plan.keep)
-        budget = min(max_tokens, n_ctx - len(prompt) - self._slack())
-        answer = _Answer(self.engine.vocab, emit)
-
-        def stop() -> bool:
-            return should_stop() or (self.plain and "\nUser:" in "".join(answer.shown[-8:]))
-
-        generation, stats = self.engine.generate(list(plan.feed), budget, sampling, answer.on_token, stop)
-        text = answer.finish()
-        text = text.split("\nUser:")[0] if self.plain else text
-        record = {**stats.to_json_dict(), "context_tokens": len(prompt), "reused_tokens": plan.keep,
-                  "dropped_turns": first, "stopped_by": generation.stopped_by}
-        emit({"event": "done", "stopped_by": generation.stopped_by, "answer": text, "dropped_turns": first,
-              "stats": record})
+        budget = min(asked.max_tokens, n_ctx - len(prompt) - self._slack())
+        self._answer(dataclasses.replace(asked, max_tokens=budget), list(plan.feed), emit, should_stop,
+                     {"context_tokens": len(prompt), "reused_tokens": plan.keep, "dropped_turns": first},
+                     {"dropped_turns": first})
 
     def _complete(self, request: dict, emit: Emit, should_stop: Callable[[], bool]) -> None:
-        text, max_tokens, sampling = _field(request, "text", str), _field(request, "max_tokens", int), _sampling(request)
+        text = _field(request, "text", str)
+        asked = self._asked(request)  # checked before the cache is touched
         if request.get("fresh"):
             self.engine.reset_context()
         tokens = self.engine.encode(text, chat=bool(request.get("chat_template")), system=request.get("system"),
                                     parse_special=bool(request.get("parse_special", True)))
-        answer = _Answer(self.engine.vocab, emit)
-        keep_logits = bool(request.get("keep_first_logits"))
-        generation, stats = self.engine.generate(tokens, max_tokens, sampling, answer.on_token, should_stop,
-                                                 keep_first_logits=keep_logits)
-        record = {**stats.to_json_dict(), "prompt_tokens": list(generation.prompt_tokens),
-                  "tokens": list(generation.tokens), "stopped_by": generation.stopped_by,
+        if request.get("strict"):
+            self._check_strict(len(tokens), request)
+        reused = {}
+        if request.get("reuse"):
+            plan = plan_feed(self.engine.context_tokens, tokens)
+            self.engine.truncate_context(plan.keep)
+            reused = {"context_tokens": len(tokens), "reused_tokens": plan.keep}
+            tokens = list(plan.feed)
+        self._answer(asked, tokens, emit, should_stop, reused, {},
+                     keep_first_logits=bool(request.get("keep_first_logits")))
+
+    def _check_strict(self, n_prompt: int, request: dict) -> None:
+        """Refuse a prompt that, with the answer's max_tokens, does not fit the context (nothing is dropped)."""
+        n_ctx, slack = self.engine.settings.n_ctx, self._slack()
+        asked = request.get("max_tokens")
+        room = n_ctx - slack - n_prompt
+        if room < 1 or (asked is not None and asked > room):
+            wanted = f" and max_tokens asks for {asked} more" if asked is not None else ""
+            kept = f", {slack} of them kept for speculation" if slack > 1 else ""
+            raise ContextLengthExceeded(f"the prompt takes {n_prompt} tokens{wanted}, but the context holds {n_ctx} "
+                                        f"(--ctx-size{kept})")
+
+    def _asked(self, request: dict) -> _Asked:
+        """What the request asks of its answer; a UserError when a field is wrong."""
+        plain_turn = ("\nUser:",) if self.plain and request.get("type") == "turn" else ()  # the plain template's
+        return _Asked(_max_tokens(request, self.engine.settings.n_ctx), _sampling(request),
+                      _stops(request) + plain_turn)
+
+    def _answer(self, asked: _Asked, tokens: list[int], emit: Emit, should_stop: Callable[[], bool],
+                record_extra: dict, event_extra: dict, keep_first_logits: bool = False) -> None:
+        """Generate after `tokens`, streaming the text, and emit the final `done` event."""
+        answer = _Answer(self.engine.vocab, emit, asked.stops)
+        generation, stats = self.engine.generate(tokens, asked.max_tokens, asked.sampling, answer.on_token,
+                                                 lambda: should_stop() or answer.stopped, keep_first_logits)
+        text = answer.finish()
+        stopped_by = "stop" if answer.stopped else generation.stopped_by
+        record = {**stats.to_json_dict(), **record_extra, "prompt_tokens": list(generation.prompt_tokens),
+                  "tokens": list(generation.tokens), "stopped_by": stopped_by,
                   "cpu_backends": self.engine.backends_json()}
-        event = {"event": "done", "stopped_by": generation.stopped_by, "answer": answer.finish(), "stats": record}
-        if keep_logits and generation.first_logits is not None:
+        event = {"event": "done", "stopped_by": stopped_by, "answer": text, "stats": record, **event_extra}
+        if keep_first_logits and generation.first_logits is not None:
             event["first_logits"] = base64.b64encode(generation.first_logits.astype("<f4").tobytes()).decode()
         emit(event)
 
 
-class _Answer:
-    """The text of an answer as it is generated: each printable piece is emitted at once."""
+@dataclass(frozen=True)
+class _Asked:
+    """What a request asks of its answer."""
 
-    def __init__(self, vocab, emit: Emit) -> None:
+    max_tokens: int
+    sampling: SamplingConfig
+    stops: tuple[str, ...]
+
+
+class _Answer:
+    """The text of an answer as it is generated: each printable piece is emitted at once, but for
+    text that could begin a stop string (held until it is known not to be one)."""
+
+    def __init__(self, vocab, emit: Emit, stops: Sequence[str] = ()) -> None:
         self.vocab = vocab
         self.emit = emit
         self.stream = TextStream(vocab.piece)
+        self.stops = StopStrings(stops)
         self.shown: list[str] = []
+
+    @property
+    def stopped(self) -> bool:
+        """Did a stop string end the answer?"""
+        return self.stops.matched is not None
 
     def on_token(self, token: int) -> None:
         if not self.vocab.is_end(token):
-            self._show(self.stream.push(token))
+            self._show(self.stops.push(self.stream.push(token)))
 
     def finish(self) -> str:
-        self._show(self.stream.flush())
+        self._show(self.stops.push(self.stream.flush()))
+        self._show(self.stops.flush())
         return "".join(self.shown)
 
     def _show(self, piece: str) -> None:
@@ -174,6 +231,23 @@ def _field(request: dict, name: str, kind: type, default=None):
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise UserError(f"the request's {name!r} must be a {kind.__name__}, got {value!r}")
     return value
+
+
+def _max_tokens(request: dict, n_ctx: int) -> int:
+    """The request's max_tokens; null (or left out) means as many as the context holds."""
+    if request.get("max_tokens") is None:
+        return n_ctx
+    value = _field(request, "max_tokens", int)
+    if value < 1:
+        raise UserError(f"max_tokens must be at least 1, got {value}")
+    return value
+
+
+def _stops(request: dict) -> tuple[str, ...]:
+    stops = request.get("stop") or []
+    if not isinstance(stops, list) or not all(isinstance(stop, str) for stop in stops):
+        raise UserError(f"the request's 'stop' must be a list of strings, got {stops!r}")
+    return tuple(stops)
 
 
 def _sampling(request: dict) -> SamplingConfig:

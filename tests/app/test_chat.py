@@ -219,6 +219,9 @@ class FakeEngine:
     def backends_json(self) -> list[dict]:
         return [{"rank": 0, "variant": "fake"}]
 
+    def rank_names(self) -> dict[str, str]:
+        return {"0": "rank 0 (the head, on here)"}
+
     def close(self) -> None:
         self.closed = True
 
@@ -283,7 +286,8 @@ def _text(tokens) -> str:
 
 def test_ready_event_describes_the_engine():
     assert EngineServer(FakeEngine("ok", n_ctx=512)).ready_event() == {
-        "event": "ready", "model": "fake", "mode": "single", "stages": 1, "n_ctx": 512, "notice": None}
+        "event": "ready", "model": "fake", "mode": "single", "stages": 1, "n_ctx": 512, "notice": None,
+        "ranks": {"0": "rank 0 (the head, on here)"}}
 
 
 def test_second_turn_prefills_only_its_own_tokens():
@@ -796,3 +800,19 @@ def test_session_over_the_engine_server_drops_the_oldest_turns(capsys):
     assert client.requests[-1]["first"] == dropped
     assert session.first >= dropped  # never back
     assert len(session.conversation.turns) == 2 * (i + 2)  # the history keeps every turn
+
+
+# -- which rank died (app/client.py) ---------------------------------------------------------------
+
+RANKS = {"0": "rank 0 (the head, on a)", "1": "rank 1 (stage 1, layers 0-15, on a)",
+         "2": "rank 2 (stage 2, layers 15-30, on b)"}
+
+
+def test_the_rank_that_died_is_named_from_what_mpiexec_says():
+    from pipeinfer_cpu.app.client import who_died
+
+    placement = ("node-a", "node-a", "node-b")
+    assert who_died(RANKS, placement, 2, None) == RANKS["2"]  # Open MPI names the rank
+    assert who_died(RANKS, placement, None, "node-b") == RANKS["2"]  # MPICH the host: one rank there
+    assert who_died(RANKS, placement, None, "node-a") == f"a process on node-a (one of {RANKS['0']}, {RANKS['1']})"
+    assert who_died(RANKS, placement, None, None) == "a rank"
