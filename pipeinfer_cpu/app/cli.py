@@ -44,9 +44,9 @@ def _compress_missing(reason: str) -> click.Command:
 
 
 def main() -> None:
-    """The `pipeinfer-cpu` entry point. Under your own `mpiexec -n N pipeinfer-cpu run|chat ...`, every
+    """The `pipeinfer-cpu` entry point. Under your own `mpiexec -n N pipeinfer-cpu run|chat|serve ...`, every
     rank but rank 0 becomes a worker at once: it takes its settings from the head, never from argv."""
-    if sys.argv[1:2] in (["run"], ["chat"]) and rank_from_environment() not in (None, 0):
+    if sys.argv[1:2] in (["run"], ["chat"], ["serve"]) and rank_from_environment() not in (None, 0):
         from pipeinfer_cpu.rank.main import main as rank_main
 
         sys.exit(rank_main())
@@ -385,3 +385,28 @@ def chat(options: EngineOptions, sampling: SamplingOptions, system, transcript, 
         raise UserError(f"-n must be at least 1, got {max_tokens}")
     config, source = chat_sampling(sampling, options.model)
     sys.exit(run_chat(options, ChatOptions(system, transcript, max_tokens, config, source)))
+
+
+# -- serve ----------------------------------------------------------------------------------------
+
+@commands.command()
+@friendly_errors
+@engine_options
+@sampling_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; then give --api-key).")
+@click.option("--port", type=int, default=8080, show_default=True, help="Port to listen on (0: any free one).")
+@click.option("--api-key", envvar="PIPEINFER_API_KEY",
+              help="Require `Authorization: Bearer KEY` on every request but /health (or $PIPEINFER_API_KEY).")
+@click.option("--max-body-bytes", type=int, default=4 * 2**20, show_default=True, help="Largest request body.")
+def serve(options: EngineOptions, sampling: SamplingOptions, host, port, api_key, max_body_bytes):
+    """An OpenAI-compatible HTTP endpoint (/v1/chat/completions, /v1/completions, /v1/models, /health,
+    /metrics): starts the cluster once and answers one request at a time. Default sampling as `chat`'s;
+    each request may set its own (temperature, top_p, seed, ...)."""
+    from pipeinfer_cpu.app.chat import chat_sampling
+    from pipeinfer_cpu.app.serve.service import ServeOptions, run_serve
+    from pipeinfer_cpu.app.serve.api import Defaults
+
+    config, source = chat_sampling(sampling, options.model)
+    defaults = Defaults(config, seed_given="seed" in sampling.given)
+    sys.exit(run_serve(options, ServeOptions(defaults, host, port, api_key, max_body_bytes, source)))
