@@ -61,6 +61,20 @@ def test_seeded_sampling_is_reproducible_and_is_the_targets_own(cli, tmp_path, d
     assert runs[0]["tokens"] == runs[1]["tokens"] == single["tokens"] == speculative["tokens"]
 
 
+REPEATING = "Repeat after me three times: the quick brown fox jumps over the lazy dog."
+
+
+@pytest.mark.parametrize("sampling", [(), ("--temp", "0.8", "--top-k", "40", "--seed", "3")])
+def test_the_ngram_draft_is_lossless_and_drafts_on_a_prompt_that_repeats_itself(cli, tmp_path, sampling):
+    expected = generate(cli, tmp_path, REPEATING, "--mode", "single", *sampling, n=64)["tokens"]
+    for mode in ("speculative", "pipeinfer"):
+        stats = generate(cli, tmp_path, REPEATING, "--mode", mode, "--stages", "2", "--draft", "ngram", *sampling,
+                         n=64)
+        assert stats["tokens"] == expected, mode
+        if not sampling:  # greedy: this answer quotes its prompt (measured: 11 to 44 tokens drafted, 5 accepted)
+            assert stats["drafted"] > 0 and stats["accepted"] > 0, mode
+
+
 def test_forced_patterns_cancellation_and_no_kv_leaks(tmp_path, default_model, draft, cache_dir):
     """200 random acceptance patterns, forced mid-compute cancellations, 500 continued tokens."""
     out = tmp_path / "stress.json"
@@ -106,7 +120,9 @@ def _tiny_llama_with_the_default_vocab_size(path: Path) -> Path:
     ("same-size-vocab", "both 49152 tokens, but other token strings"),
     ("larger", "is larger than the target"),
     ("draft-max", "--draft-max must be at least 1"),
-    ("no-draft", "needs a draft model"),
+    ("no-draft", "needs a draft"),
+    ("ngram-zero", "N (the n-gram size) must be 1 to 16, got 0"),
+    ("ngram-words", "N and K must be whole numbers"),
     ("inflight", "do not fit"),
     ("tree-sequences", "KV sequences per stage"),
     ("p-split", "--p-split must be in (0, 1]"),
@@ -121,6 +137,8 @@ def test_bad_speculation_input(cli, tmp_path, draft, default_model, case, fragme
         "larger": ("--model", str(draft), "--draft", str(default_model)),
         "draft-max": ("--draft", str(draft), "--draft-max", "0"),
         "no-draft": (),
+        "ngram-zero": ("--draft", "ngram:0,5"),
+        "ngram-words": ("--draft", "ngram:three,8"),
         "inflight": ("--draft", str(draft), "--max-inflight", "64", "--draft-max", "32", "-c", "512"),
         "tree-sequences": ("--draft", str(draft), "--p-split", "0.3", "--max-inflight", "200", "--draft-max", "1",
                            "-c", "4096"),

@@ -20,6 +20,7 @@ from pipeinfer_cpu.app.prompts import escape
 from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.files import atomic_write_text
 from pipeinfer_cpu.head.modes import Mode
+from pipeinfer_cpu.head.ngram import NgramSettings
 from pipeinfer_cpu.stats import markdown_table, write_json
 
 DEFAULT_PROMPTS = (
@@ -69,7 +70,7 @@ def run_mode(spec: ModeSpec, prompts_file: Path, n_tokens: int, common: tuple[st
     return {"label": spec.label, "command": " ".join(shown), "runs": runs, "summary": summarize(runs)}
 
 
-def mode_spec(mode: str, config: BenchConfig) -> ModeSpec:
+def mode_spec(mode: str, config: BenchConfig, draft: Path | None = None) -> ModeSpec:
     threads = ("-t", str(config.threads))
     if mode == "single":
         return ModeSpec(f"single ({config.threads} thread)", ("--mode", "single", *threads))
@@ -83,7 +84,8 @@ def mode_spec(mode: str, config: BenchConfig) -> ModeSpec:
     if mode == "pipeline":
         return ModeSpec(label + ")", ("--mode", "pipeline", *stages, *threads))
     draft_max = ("--draft-max", str(config.draft_max)) if config.draft_max else ()
-    return ModeSpec(label + " + 1 draft rank)", ("--mode", mode, *stages, *threads, *draft_max))
+    drafting = " + n-gram draft)" if draft is not None and NgramSettings.is_spec(str(draft)) else " + 1 draft rank)"
+    return ModeSpec(label + drafting, ("--mode", mode, *stages, *threads, *draft_max))
 
 
 def run_modes(config: BenchConfig, model: Path | None, draft: Path | None, label: str) -> list[dict]:
@@ -99,7 +101,7 @@ def run_modes(config: BenchConfig, model: Path | None, draft: Path | None, label
                 rows.append(plain_row(model, config))
                 continue
             extra = ("--draft", str(draft)) if Mode(mode).speculative else ()
-            spec = mode_spec(mode, config)
+            spec = mode_spec(mode, config, draft)
             rows.append(run_mode(ModeSpec(label + spec.label, spec.args + extra), prompts_file, config.n_tokens,
                                  common, timeout_s=1800))
     return rows

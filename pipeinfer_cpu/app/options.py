@@ -17,6 +17,7 @@ from pipeinfer_cpu.app.hostfile import Host, link_map, parse_hostfile
 from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.head.engine import EngineSettings, check_draft
 from pipeinfer_cpu.head.modes import Mode
+from pipeinfer_cpu.head.ngram import NgramSettings
 from pipeinfer_cpu.head.specdecode import SpecSettings
 from pipeinfer_cpu.llama.runtime import MAX_SEQUENCES
 from pipeinfer_cpu.llama.settings import FLASH_ATTN, KV_TYPES, LOAD_MODES, WIRE_DTYPES, LlamaSettings
@@ -84,6 +85,7 @@ class EngineOptions:
     def __post_init__(self) -> None:
         if self.link is not None:
             LinkSpec.parse(self.link)  # a bad setting is a one-line error before anything starts
+        _ = self.ngram  # likewise a bad --draft ngram:N,K
         if self.threads < 0:
             raise UserError(f"--threads must be 0 (auto) or more, got {self.threads}")
         spec = self.spec
@@ -106,6 +108,16 @@ class EngineOptions:
         return self.mode.speculative
 
     @functools.cached_property
+    def ngram(self) -> NgramSettings | None:
+        """The n-gram draft, when --draft names it (`ngram` or `ngram:N,K`)."""
+        return NgramSettings.parse(str(self.draft)) if self.draft and NgramSettings.is_spec(str(self.draft)) else None
+
+    @property
+    def draft_model(self) -> Path | None:
+        """The draft model (a file or a name), when --draft names one."""
+        return None if self.ngram is not None else self.draft
+
+    @functools.cached_property
     def topology(self) -> Topology:
         """The stages' hosts and weights, with a dedicated draft rank (on --draft-host or the first host) when one is needed."""
         hosts: tuple[Host, ...] = parse_hostfile(self.hostfile) if self.hostfile else (Host("localhost"),)
@@ -115,7 +127,7 @@ class EngineOptions:
         stage_hosts = tuple(hosts[i % len(hosts)].name for i in range(n_stages))
         weights = (parse_weights(self.weights, n_stages) if self.weights is not None
                    else tuple(hosts[i % len(hosts)].weight for i in range(n_stages)))
-        dedicated = self.speculative and self.draft is not None and self.draft_ranks == "dedicated"
+        dedicated = self.speculative and self.draft_model is not None and self.draft_ranks == "dedicated"
         return Topology(stage_hosts, weights, (self.draft_host or stage_hosts[0]) if dedicated else None,
                         tuple(hosts[i % len(hosts)].threads for i in range(n_stages)))
 
@@ -131,11 +143,11 @@ class EngineOptions:
         said = self.hostfile is not None or self.stages is not None or self.weights is not None
         split = self.topology.weights if said or not under_mpi() else None
         # Model names become their files here: the settings carry paths (made absolute for the head).
-        model, draft = (None if name is None else resolve_model(name) for name in (self.model, self.draft))
+        model, draft = (None if name is None else resolve_model(name) for name in (self.model, self.draft_model))
         return EngineSettings(model=model, mode=self.mode, weights=split, n_threads=self.threads,
                               n_ctx=self.n_ctx, n_batch=self.n_batch, timeout_s=self.timeout_s,
                               shard_dir=self.shard_dir, verbose=self.verbose, draft=draft,
-                              draft_in_head=self.draft_ranks == "head", spec=self.spec,
+                              draft_in_head=self.draft_ranks == "head", ngram=self.ngram, spec=self.spec,
                               cpu_variant=self.cpu_variant or None, llama=self.llama,
                               stage_threads=self.topology.stage_threads if split is not None else None,
                               links=self.links)
@@ -144,8 +156,8 @@ class EngineOptions:
         """Check what can be checked before any process starts: the model, the draft and the split."""
         info = read_model_info(resolve_model(self.model))
         check_supported(info)
-        if self.speculative and self.draft is not None:
-            check_draft(info, read_model_info(resolve_model(self.draft)))
+        if self.speculative and self.draft_model is not None:
+            check_draft(info, read_model_info(resolve_model(self.draft_model)))
         if self.mode != Mode.SINGLE:
             split_layers(info.n_layer, self.topology.weights)
 
@@ -180,7 +192,10 @@ _OPTIONS = [
     click.option("--batch-size", "-b", "n_batch", type=int, default=256, show_default=True),
     click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True, help="Seconds to wait for any rank before giving up."),
     click.option("--shard-dir", type=click.Path(path_type=Path), help="Where to write shards (default: a cache keyed by model hash and split)."),
-    click.option("--draft", type=click.Path(path_type=Path), help="Draft GGUF file or model name (same vocabulary) for speculative and pipeinfer."),
+    click.option("--draft", type=click.Path(path_type=Path),
+                 help="The draft of speculative and pipeinfer: a GGUF file or model name (same vocabulary), or "
+                      "ngram[:N,K] (no model: the next K tokens guessed from where the last N appeared before; "
+                      "default ngram:3,8)."),
     click.option("--draft-ranks", type=click.Choice(["dedicated", "head"]), default="dedicated", show_default=True,
                  help="Run the draft on a rank of its own, or inside the head's process."),
     click.option("--draft-host", help="Host of the dedicated draft rank (default: the first host)."),

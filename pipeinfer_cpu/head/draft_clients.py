@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from pipeinfer_cpu.llama.drafter import Drafter
+from typing import Protocol
+
 from pipeinfer_cpu.wire.drafts import DraftReply, DraftRequest, decode_reply, encode_request
 from pipeinfer_cpu.wire.runs import Tag
 from pipeinfer_cpu.wire.transport import Transport
 
 
-class LocalDraftClient:
-    """Drafting in the head's own process (tests, and single-machine use without a draft rank)."""
+class Drafts(Protocol):
+    """A draft model (llama/drafter.py) or the n-gram draft (head/ngram.py)."""
 
-    def __init__(self, drafter: Drafter) -> None:
+    def draft(self, request: DraftRequest) -> DraftReply | None: ...
+
+
+class LocalDraftClient:
+    """Drafting in the head's own process: the n-gram draft, a draft model with --draft-ranks head, tests."""
+
+    def __init__(self, drafter: Drafts) -> None:
         self.drafter = drafter
         self._reply: DraftReply | None = None
 

@@ -22,6 +22,7 @@ from pipeinfer_cpu.head.clock import RealClock
 from pipeinfer_cpu.head.cluster import Cluster, StageSettings
 from pipeinfer_cpu.head.decoding import Decoder, Generation
 from pipeinfer_cpu.head.draft_clients import LocalDraftClient, RemoteDraftClient
+from pipeinfer_cpu.head.ngram import NgramDrafter, NgramSettings
 from pipeinfer_cpu.head.executors import Executor, LocalExecutor, PipelineExecutor
 from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.head.session import Context
@@ -55,8 +56,9 @@ class EngineSettings:
     timeout_s: float = 60.0
     shard_dir: Path | None = None
     verbose: bool = False
-    draft: Path | None = None
+    draft: Path | None = None  # a draft model
     draft_in_head: bool = False  # draft in the head's process instead of a dedicated rank
+    ngram: NgramSettings | None = None  # the model-free n-gram draft instead (always in the head)
     spec: SpecSettings | None = None
     cpu_variant: str | None = None  # a llama.cpp CPU backend variant to force on every rank (None: auto)
     llama: LlamaSettings = LlamaSettings()  # KV-cache type, flash attention, loading: every stage alike
@@ -68,8 +70,10 @@ class EngineSettings:
             object.__setattr__(self, "mode", Mode(self.mode))
         except ValueError:
             raise UserError(f"unknown mode {self.mode!r} (choose from {', '.join(m.value for m in Mode)})") from None
-        if self.mode.speculative and self.draft is None:
-            raise UserError(f"mode {self.mode} needs a draft model (--draft FILE.gguf)")
+        if self.mode.speculative and self.draft is None and self.ngram is None:
+            raise UserError(f"mode {self.mode} needs a draft (--draft FILE.gguf, a model name, or ngram)")
+        if self.draft is not None and self.ngram is not None:
+            raise UserError("one draft at a time: a draft model or the n-gram draft")
         if self.n_ctx < 16:
             raise UserError(f"--ctx-size must be at least 16, got {self.n_ctx}")
         if self.n_batch < 1:
@@ -98,6 +102,7 @@ class EngineSettings:
         data["llama"] = LlamaSettings(**data["llama"])
         data["stage_threads"] = None if data["stage_threads"] is None else tuple(data["stage_threads"])
         data["links"] = None if data.get("links") is None else LinkMap.from_json(data["links"])
+        data["ngram"] = None if data.get("ngram") is None else NgramSettings(**data["ngram"])
         return EngineSettings(**data)
 
 
@@ -175,7 +180,7 @@ class Engine:
     def _start_pipeline(settings: EngineSettings, info: ModelInfo, draft_info: ModelInfo | None,
                         transport: Transport) -> "Engine":
         cluster = Cluster(transport, settings.timeout_s)
-        dedicated_draft = settings.mode.speculative and not settings.draft_in_head
+        dedicated_draft = settings.mode.speculative and settings.draft is not None and not settings.draft_in_head
         stage_ranks = list(range(1, transport.size - (1 if dedicated_draft else 0)))
         if not stage_ranks:
             raise UserError("no rank left for the target's stages (the draft takes the last rank)")
@@ -194,6 +199,8 @@ class Engine:
         draft: DraftClient | None = None
         if draft_info is not None and settings.mode.speculative:
             draft = _start_draft(settings, draft_info, cluster, stage_settings, dedicated_draft)
+        elif settings.ngram is not None and settings.mode.speculative:
+            draft = LocalDraftClient(NgramDrafter(settings.ngram))
         vocab = Vocab(info.path)
         executor = PipelineExecutor(cluster, stage_ranks, settings.timeout_s)
         return Engine(settings, info, vocab, executor, cluster, stage_ranks, None, draft, backends)

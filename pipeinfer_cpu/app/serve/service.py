@@ -136,7 +136,11 @@ def _announce(host: str, port: int, model: ServedModel, ready: dict, serve: Serv
 
 
 def _draft_name(options: EngineOptions) -> str | None:
-    return resolve_model(options.draft).stem if options.speculative and options.draft is not None else None
+    if not options.speculative:
+        return None
+    if options.ngram is not None:
+        return options.ngram.label()
+    return resolve_model(options.draft_model).stem if options.draft_model is not None else None
 
 
 class _stop_on_signals:
