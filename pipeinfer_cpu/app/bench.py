@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
@@ -44,6 +45,7 @@ class BenchConfig:
     draft_max: int | None = None  # speculative modes' --draft-max (None: run's default)
     wire_dtype: str = "f32"  # the pipelined modes' --wire-dtype
     link: str | None = None  # the pipelined modes' --link (emulated links between their ranks)
+    chat_template: bool = False  # each prompt a user turn in the model's chat template (the prompt sets)
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ def mode_spec(mode: str, config: BenchConfig, draft: Path | None = None) -> Mode
 def run_modes(config: BenchConfig, model: Path | None, draft: Path | None, label: str) -> list[dict]:
     """One row per mode, each its own job, on the same prompts, split and seed."""
     common = ("--hostfile", str(config.hostfile)) + (("--model", str(model)) if model else ())
+    common += ("--chat-template",) if config.chat_template else ()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         prompts_file = Path(tmp) / "prompts.txt"
@@ -104,6 +107,16 @@ def run_modes(config: BenchConfig, model: Path | None, draft: Path | None, label
             spec = mode_spec(mode, config, draft)
             rows.append(run_mode(ModeSpec(label + spec.label, spec.args + extra), prompts_file, config.n_tokens,
                                  common, timeout_s=1800))
+    return rows
+
+
+def run_prompt_sets(config: BenchConfig, sets: dict[str, tuple[str, ...]], model: Path | None,
+                    draft: Path | None) -> list[dict]:
+    """`run_modes` on each prompt set (chat template on), the rows labelled `[set] mode` and tagged with it."""
+    rows = []
+    for name, prompts in sets.items():
+        set_config = dataclasses.replace(config, prompts=prompts, chat_template=True)
+        rows += [{**row, "prompt_set": name} for row in run_modes(set_config, model, draft, f"[{name}] ")]
     return rows
 
 

@@ -255,6 +255,8 @@ BENCH_MODES = ("plain", *(mode.value for mode in Mode))  # plain: a bare llama-c
 @click.option("--threads", "-t", type=int, default=1, show_default=True, help="Threads per rank.")
 @click.option("--n-predict", "-n", "n_tokens", type=int, default=64, show_default=True)
 @click.option("--prompts-file", type=click.Path(path_type=Path), help="One prompt per line (default: four built-in).")
+@click.option("--prompt-sets", help="Instead: built-in sets that look like real use, each prompt a user turn in the "
+              "chat template: code, chat, summary, story (comma-separated, or all); rows per set.")
 @click.option("--draft-max", type=int, help="Draft tokens per speculative run, at most (default: run's).")
 @WIRE_DTYPE_OPTION
 @LINK_OPTION
@@ -262,8 +264,8 @@ BENCH_MODES = ("plain", *(mode.value for mode in Mode))  # plain: a bare llama-c
 @click.option("--merge", "merge", multiple=True, type=click.Path(path_type=Path, exists=True),
               help="Instead of running: merge these bench.json reports (e.g. a sweep split over several runs).")
 @click.option("--debug", is_flag=True)
-def bench(hostfile, model, draft, agreements, cost_ratio, modes, stages, threads, n_tokens, prompts_file, draft_max,
-          wire_dtype, link, out_dir, merge, debug):
+def bench(hostfile, model, draft, agreements, cost_ratio, modes, stages, threads, n_tokens, prompts_file, prompt_sets,
+          draft_max, wire_dtype, link, out_dir, merge, debug):
     """Run the same prompts through several modes; write bench.json, bench.md (and bench.png for sweeps)."""
     from pipeinfer_cpu.app import bench as B
 
@@ -276,10 +278,20 @@ def bench(hostfile, model, draft, agreements, cost_ratio, modes, stages, threads
         raise UserError(f"unknown benchmark modes: {', '.join(sorted(unknown))}")
     if any(mode != "plain" and Mode(mode).speculative for mode in wanted) and draft is None and agreements is None:
         raise UserError("speculative and pipeinfer need --draft or --agreements")
+    if prompt_sets is not None and (prompts_file is not None or agreements is not None):
+        raise UserError("--prompt-sets replaces --prompts-file and does not go with --agreements")
     prompts = read_prompts(None, None, prompts_file) if prompts_file else B.DEFAULT_PROMPTS
     if link is not None:
         LinkSpec.parse(link)
     config = B.BenchConfig(hostfile, tuple(wanted), stages, threads, n_tokens, prompts, draft_max, wire_dtype, link)
+    if prompt_sets is not None:
+        from pipeinfer_cpu.app.prompt_sets import prompt_sets as named_sets
+
+        sets = named_sets(prompt_sets)
+        rows = B.run_prompt_sets(config, sets, model, draft)
+        title = f"pipeinfer-cpu bench, {n_tokens} tokens x 4 prompts per set ({', '.join(sets)}), chat template"
+        click.echo(B.write_report(out_dir, title, rows, {"machine": B.machine_description(), "n_tokens": n_tokens}))
+        return
     if agreements is None:
         rows = B.run_modes(config, model, draft, label="")
         title = f"pipeinfer-cpu bench, {n_tokens} tokens x {len(prompts)} prompts"
