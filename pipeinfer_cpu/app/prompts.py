@@ -14,18 +14,26 @@ def read_prompts(prompt: str | None, prompt_file: Path | None, prompts_file: Pat
     if len(given) != 1:
         raise UserError("give exactly one of --prompt TEXT, --prompt-file FILE or --prompts-file FILE")
     if prompt is not None:
-        return (prompt,)
+        return (_not_empty(prompt, "--prompt"),)
     path = prompt_file or prompts_file
     try:
         text = path.read_text()
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     if prompt_file is not None:
-        return (text,)
+        return (_not_empty(text, str(path)),)
     prompts = tuple(unescape(line) for line in text.splitlines() if line.strip())
     if not prompts:
         raise UserError(f"{path} holds no prompts")
     return prompts
+
+
+def _not_empty(prompt: str, where: str) -> str:
+    if not prompt.strip():
+        raise UserError(f"{where}: the prompt is empty (nothing to continue)")
+    return prompt
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}

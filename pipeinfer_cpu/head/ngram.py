@@ -6,7 +6,8 @@ For each draft token: look up the last N tokens (then N-1, ... down to 2, or 1 w
 the earlier positions of the context; among the tokens that followed the longest n-gram found, propose
 the most frequent (the most recent on a tie), with its share of those occurrences as its
 probability; append it and look again, up to K tokens or until the share falls below the draft
-policy's threshold. Re-looking after each guess follows overlapping repeats ("a b a b a" -> "b a b").
+policy's threshold (the first guess too, unlike a draft model's: a guess that is likely wrong is
+not worth a run). Re-looking after each guess follows overlapping repeats ("a b a b a" -> "b a b").
 
 The index covers the context the draft is asked to continue: in chat that is the whole conversation
 the stages hold, so earlier turns are looked up too. It follows the context as it changes: the
@@ -75,7 +76,7 @@ class NgramDrafter:
         second_probs: list[float] = []
         while len(proposed) < min(self.settings.k, request.max_new):
             guess = self._guess(proposed)
-            if guess is None or (proposed and guess[1] < request.min_prob):
+            if guess is None or guess[1] < request.min_prob:  # the first too: a wrong guess costs a run
                 break
             token, prob, second, second_prob = guess
             proposed.append(token)

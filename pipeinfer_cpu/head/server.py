@@ -136,10 +136,12 @@ class EngineServer:
     def _complete(self, request: dict, emit: Emit, should_stop: Callable[[], bool]) -> None:
         text = _field(request, "text", str)
         asked = self._asked(request)  # checked before the cache is touched
-        if request.get("fresh"):
-            self.engine.reset_context()
         tokens = self.engine.encode(text, chat=bool(request.get("chat_template")), system=request.get("system"),
                                     parse_special=bool(request.get("parse_special", True)))
+        if not tokens:
+            raise UserError("the prompt is empty (nothing to continue)")
+        if request.get("fresh"):
+            self.engine.reset_context()
         if request.get("strict"):
             self._check_strict(len(tokens), request)
         reused = {}

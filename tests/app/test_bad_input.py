@@ -82,6 +82,20 @@ def test_no_prompt(cli):
     assert_clean_failure(cli("run", "--hostfile", "hosts/local.txt"), "give exactly one of --prompt")
 
 
+@pytest.mark.parametrize("given, fragment", [
+    (("-p", ""), "--prompt: the prompt is empty"), (("-p", "  \n"), "--prompt: the prompt is empty"),
+    (("-f", "empty.txt"), "empty.txt: the prompt is empty"), (("-f", "latin1.txt"), "latin1.txt is not UTF-8 text"),
+    (("--prompts-file", "latin1.txt"), "latin1.txt is not UTF-8 text"),
+])
+@pytest.mark.parametrize("mode", ["single", "pipeline"])
+def test_an_empty_or_unreadable_prompt(cli, tmp_path, given, fragment, mode):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("Grüße".encode("latin-1"))
+    option, value = given
+    value = str(tmp_path / value) if value.endswith(".txt") else value
+    assert_clean_failure(cli("run", "--hostfile", "hosts/local.txt", "--mode", mode, option, value), fragment)
+
+
 def test_debug_shows_the_traceback(cli, tmp_path):
     done = cli(*RUN, "--model", str(tmp_path / "nope.gguf"), "--debug")
     assert done.returncode != 0 and "Traceback" in done.stderr

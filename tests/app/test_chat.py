@@ -376,6 +376,15 @@ def test_server_reports_bad_requests_and_goes_on():
     assert _ask(server, turn(Conversation().with_turn("user", "hi")))[-1]["event"] == "done"
 
 
+def test_an_empty_prompt_is_refused_and_the_cache_kept():
+    engine = FakeEngine("ok")
+    server = EngineServer(engine)
+    _ask(server, complete_request("abc"))
+    held = engine.context_tokens
+    assert "the prompt is empty" in _error(server, complete_request("", fresh=True))
+    assert engine.context_tokens == held
+
+
 def test_a_refused_request_leaves_the_stages_cache_as_it_was():
     engine = FakeEngine("ok")
     server = EngineServer(engine)

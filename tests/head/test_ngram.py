@@ -50,7 +50,8 @@ def test_the_most_frequent_continuation_wins_with_its_share_as_probability():
 def test_drafting_stops_below_the_policys_probability_and_at_max_new():
     context = [1, 2, 3, 1, 2, 4, 1, 2, 3, 5, 6, 1, 2]
     drafter = NgramDrafter(NgramSettings(2, 8))
-    assert propose(drafter, context, min_prob=0.9)[0] == [3]  # the first token always; "2 3" -> 1 or 5: 1/2
+    assert propose(drafter, context, min_prob=0.6)[0] == [3]  # "1 2" -> 3 2/3 of the time; "2 3" -> 1 or 5: 1/2
+    assert propose(drafter, context, min_prob=0.9)[0] == []  # not even the first: a likely wrong guess costs a run
     assert len(propose(drafter, [1, 2] * 10, max_new=3)[0]) == 3
 
 
