@@ -75,27 +75,60 @@ def _check_latency_pair(latency_path: str | None, min_speedup: float | None) -> 
 @compress_group.command()
 @click.option("--arch", type=click.Choice(ARCHS), required=True)
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True)
-@click.option("--epochs", type=int, default=40, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=0.2, show_default=True,
+              help="Peak learning rate (linear warm-up, then cosine to zero).")
+@click.option("--weight-decay", type=click.FloatRange(min=0.0), default=5e-4, show_default=True)
+@click.option("--warmup-epochs", type=click.FloatRange(min=0.0), default=2.0, show_default=True)
+@click.option("--holdout", type=click.IntRange(min=0), default=5000, show_default=True,
+              help="Training images kept out for the search reward; 0 trains on all 50,000 (the papers' way).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the model and drop each epoch's last partial batch (one static shape).")
+@click.option("--max-seconds", type=click.FloatRange(min=1.0), default=None,
+              help="Training-time budget over all calls: after the warm-up epochs the schedule shrinks to "
+                   "the epochs predicted to fit.")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False), default=None,
+              help="Resumable run: continue from this file if it exists; write it every 10 epochs and at the end.")
+@click.option("--stop-after", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="With --state: stop (state saved) before this many seconds of this call have passed.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @_data_option
 @_limit_option
-def train(arch: str, out_path: str, epochs: int, seed: int, device: str, data_root: str | None,
+def train(arch: str, out_path: str, epochs: int, batch_size: int, lr: float, weight_decay: float,
+          warmup_epochs: float, holdout: int, compile_: bool, max_seconds: float | None,
+          state_path: str | None, stop_after: float | None, seed: int, device: str, data_root: str | None,
           limit_per_class: int | None) -> None:
-    """Train an unpruned baseline on the 45,000 non-held-out training images."""
-    from compress.finetune import pick_device
+    """Train an unpruned baseline (SGD + Nesterov, warm-up + cosine; bf16 and channels-last on a GPU)
+    on the training images outside the held-out split."""
+    from compress.finetune import TrainConfig, pick_device
     from compress.pipeline import PipelineConfig, baseline_model, load_datasets
+    from compress.resume import ResumeOptions
     from compress.store import check_writable
 
+    if stop_after is not None and state_path is None:
+        raise click.UsageError("--stop-after needs --state (the file the run resumes from)")
+    resume = ResumeOptions(Path(state_path), stop_after) if state_path else None  # the clock starts here
     cfg = PipelineConfig(arch=arch, target=1.0, out_dir=str(Path(out_path).parent), data_root=data_root,
-                         device=device, seed=seed, train_epochs=epochs, limit_per_class=limit_per_class)
+                         device=device, seed=seed, train_epochs=epochs, limit_per_class=limit_per_class,
+                         holdout=holdout)
+    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                       warmup_epochs=warmup_epochs, seed=seed, max_seconds=max_seconds, compile=compile_,
+                       drop_last=compile_)
     check_writable(out_path)
+    if state_path:
+        check_writable(state_path)
     dev = pick_device(device)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(out_path).parent) as tmp:
-        _, meta = baseline_model(cfg, load_datasets(cfg, dev), dev, Path(tmp))
+        _, meta = baseline_model(cfg, load_datasets(cfg, dev), dev, Path(tmp), tcfg, resume)
+        if meta is None:
+            click.echo(f"{arch}: stopped for time; state in {state_path} (run the same command to resume)")
+            return
         Path(tmp, "baseline.pt").replace(out_path)
-    click.echo(f"{arch}: test accuracy {meta['test_acc']:.2f}% after {meta['epochs']} epochs -> {out_path}")
+    click.echo(f"{arch}: test accuracy {meta['test_acc']:.2f}% after {meta['epochs']} epochs "
+               f"({meta['train_seconds']:.0f} s of training) -> {out_path}")
 
 
 @compress_group.command()
@@ -155,7 +188,7 @@ def _read_policy(path: str) -> tuple[dict[str, float], int]:
 @click.option("--episodes", type=int, default=48, show_default=True)
 @click.option("--channel-multiple", type=click.IntRange(min=1), default=DEFAULT_CHANNEL_MULTIPLE,
               show_default=True, help="Round channel counts to multiples of this.")
-@click.option("--holdout", type=int, default=5000, show_default=True,
+@click.option("--holdout", type=click.IntRange(min=1), default=5000, show_default=True,
               help="Held-out training images scored per episode (a seeded subset of the 5,000).")
 @click.option("--calib-batches", type=int, default=10, show_default=True,
               help="Training batches of 256 for BatchNorm recalibration per episode.")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 0.2
     momentum: float = 0.9
+    nesterov: bool = True
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     warmup_epochs: float = 1.0
@@ -33,6 +34,8 @@ class TrainConfig:
     max_seconds: float | None = None  # cap: after the warm-up epoch, cut epochs to fit this time
     distill_weight: float = 0.0  # share of the loss that matches a teacher's outputs (0: plain labels)
     distill_temperature: float = 4.0
+    compile: bool = False  # torch.compile the training forward: fused kernels, far fewer launches
+    drop_last: bool = False  # every batch full, so a compiled model keeps one static shape
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,19 @@ class TrainResult:
     epochs: int
     seconds: float
     final_loss: float
+    finished: bool = True  # False: stopped by a deadline before the last epoch (resume later)
+
+
+@dataclass
+class Progress:
+    """Where a run stands, besides weights and optimizer: with these a resumed run takes the same
+    learning rates (a pure function of `step`) and the same data order (the generator's state)."""
+    epoch: int = 0
+    step: int = 0
+    epochs: int = 0  # the schedule's length; a time cap may shorten it once, after the warm-up
+    seconds: float = 0.0  # training time so far, summed over resumed runs
+    last_epoch_s: float = 0.0
+    loss: float = float("nan")
 
 
 class DeviceData:
@@ -59,10 +75,16 @@ class DeviceData:
         out = (x.float() - self.mean) / self.std
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None, augment: bool = False):
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, augment: bool = False,
+                drop_last: bool = False):
+        """Batches in order, or shuffled by `generator` (which may live on the CPU or the device:
+        one on the device keeps the host out of the loop)."""
         n = len(self)
-        order = torch.randperm(n, generator=generator, device="cpu").to(self.x.device) if generator else None
-        for start in range(0, n, batch_size):
+        order = None
+        if generator is not None:
+            order = torch.randperm(n, generator=generator, device=generator.device).to(self.x.device)
+        stop = n - n % batch_size if drop_last and n >= batch_size else n
+        for start in range(0, stop, batch_size):
             idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
             x = self.x[idx]
             if augment:
@@ -71,16 +93,18 @@ class DeviceData:
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Random 32x32 crop of the 4-pixel zero-padded image, then a random horizontal flip."""
+    """Random 32x32 crop of the 4-pixel zero-padded image, then a random horizontal flip. The
+    random numbers come from `generator`'s device and the pixels never leave `x`'s."""
     b, _, h, w = x.shape
+    where = generator.device if generator is not None else x.device
     padded = F.pad(x, (4, 4, 4, 4))
-    dx = torch.randint(0, 9, (b,), generator=generator).to(x.device)
-    dy = torch.randint(0, 9, (b,), generator=generator).to(x.device)
+    dx = torch.randint(0, 9, (b,), generator=generator, device=where).to(x.device)
+    dy = torch.randint(0, 9, (b,), generator=generator, device=where).to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :]
     out = padded[torch.arange(b, device=x.device)[:, None, None, None],
                  torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    flip = (torch.rand(b, generator=generator, device=where) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
@@ -124,52 +148,96 @@ def training_loss(student: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
         student, teacher, cfg.distill_temperature)
 
 
+class Trainer:
+    """SGD (Nesterov momentum by default), warm-up + cosine schedule, bf16 autocast on CUDA. With a
+    `teacher` and `cfg.distill_weight` > 0 the loss also matches the teacher's outputs (fine-tuning
+    a pruned model from its unpruned original). `state_dict` / `load_state_dict` hold everything a
+    run needs to continue where it stopped: weights, momentum, progress, the data-order generator."""
+
+    def __init__(self, model: nn.Module, data: DeviceData, cfg: TrainConfig,
+                 teacher: nn.Module | None = None) -> None:
+        if cfg.distill_weight and teacher is None:
+            raise ValueError("distill_weight needs a teacher model")
+        self.model, self.data, self.cfg, self.teacher = model, data, cfg, teacher
+        device = data.x.device
+        # one generator on the data's device draws order, crops and flips without host round trips
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.opt = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+                                   nesterov=cfg.nesterov, fused=device.type == "cuda")
+        self.progress = Progress(epochs=cfg.epochs)
+        self.forward = torch.compile(model) if cfg.compile else model  # shares the parameters
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n, b = len(self.data), self.cfg.batch_size
+        return n // b if self.cfg.drop_last and n >= b else math.ceil(n / b)
+
+    def lr(self) -> float:
+        spe = self.steps_per_epoch
+        return lr_at(self.progress.step, self.progress.epochs * spe, int(self.cfg.warmup_epochs * spe),
+                     self.cfg.lr)
+
+    def run_epoch(self) -> float:
+        """One pass over the data; returns the mean loss (one device sync, at the end)."""
+        device, cfg = self.data.x.device, self.cfg
+        running = torch.zeros((), device=device)
+        for x, y in self.data.batches(cfg.batch_size, self.gen, augment=True, drop_last=cfg.drop_last):
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr()
+            with _autocast(device):
+                with torch.no_grad():
+                    target = self.teacher(x) if cfg.distill_weight else None
+                loss = training_loss(self.forward(x), y, cfg, target)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            running += loss.detach()
+            self.progress.step += 1
+        return float(running) / self.steps_per_epoch
+
+    def run(self, on_epoch: Callable[[int, float], None] | None = None,
+            deadline: float | None = None) -> TrainResult:
+        """Train until the schedule ends or, with a `deadline` (time.time()), until the next epoch
+        would likely pass it. Every call trains at least one epoch, so repeated calls always finish."""
+        if self.teacher is not None:
+            self.teacher.eval()
+        p, cfg = self.progress, self.cfg
+        self.model.train()
+        first = p.epoch
+        while p.epoch < p.epochs:
+            # this call's last epoch predicts the next (its first one includes compiling: cautious)
+            if deadline is not None and p.epoch > first and time.time() + 1.2 * p.last_epoch_s > deadline:
+                break
+            t0 = time.time()
+            p.loss = self.run_epoch()
+            if not math.isfinite(p.loss):
+                raise FloatingPointError(f"training diverged at epoch {p.epoch + 1} (loss {p.loss})")
+            p.epoch += 1
+            p.last_epoch_s = time.time() - t0
+            p.seconds += p.last_epoch_s
+            if cfg.max_seconds is not None and p.epoch == max(1, int(cfg.warmup_epochs)):
+                p.epochs = fit_epochs(cfg.epochs, p.epoch, p.seconds, p.last_epoch_s, cfg.max_seconds)
+            if on_epoch is not None:
+                on_epoch(p.epoch, p.loss)
+        self.model.eval()
+        return TrainResult(p.epoch, p.seconds, p.loss, finished=p.epoch >= p.epochs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "generator": self.gen.get_state(), "progress": asdict(self.progress)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
+        self.progress = Progress(**state["progress"])
+
+
 def train(model: nn.Module, data: DeviceData, cfg: TrainConfig,
           on_epoch: Callable[[int, float], None] | None = None,
           teacher: nn.Module | None = None) -> TrainResult:
-    """SGD with Nesterov momentum, warm-up + cosine schedule, bf16 autocast on CUDA. With a
-    `teacher` and `cfg.distill_weight` > 0 the loss also matches the teacher's outputs (fine-tuning
-    a pruned model from its unpruned original)."""
-    if cfg.distill_weight and teacher is None:
-        raise ValueError("distill_weight needs a teacher model")
-    if teacher is not None:
-        teacher.eval()
-    device = data.x.device
-    gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
-                          nesterov=True)
-    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    step, loss_value, start, epochs = 0, float("nan"), time.time(), cfg.epochs
-    model.train()
-    epoch = 0
-    while epoch < epochs:
-        epoch_start = time.time()
-        running = torch.zeros((), device=device)
-        for x, y in data.batches(cfg.batch_size, gen, augment=True):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, warmup, cfg.lr)
-            with _autocast(device):
-                with torch.no_grad():
-                    target = teacher(x) if cfg.distill_weight else None
-                loss = training_loss(model(x), y, cfg, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            running += loss.detach()
-            step += 1
-        loss_value = float(running) / steps_per_epoch
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {loss_value})")
-        if on_epoch is not None:
-            on_epoch(epoch + 1, loss_value)
-        epoch += 1
-        if cfg.max_seconds is not None and epoch == max(1, int(cfg.warmup_epochs)):
-            epochs = fit_epochs(cfg.epochs, epoch, time.time() - start, time.time() - epoch_start,
-                                cfg.max_seconds)
-            total = epochs * steps_per_epoch
-    model.eval()
-    return TrainResult(epochs, time.time() - start, loss_value)
+    """One uninterrupted run of `Trainer` (see there)."""
+    return Trainer(model, data, cfg, teacher).run(on_epoch)
 
 
 def fit_epochs(planned: int, done: int, elapsed_s: float, epoch_s: float, max_seconds: float) -> int:

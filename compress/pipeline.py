@@ -14,11 +14,13 @@ from torch import nn
 
 from compress.budget import DEFAULT_CHANNEL_MULTIPLE, LatencyFn
 from compress.data import Split, holdout_split, load_split
-from compress.finetune import DeviceData, TrainConfig, evaluate, pick_device, recalibrate_bn, train
+from compress.errors import DataError
+from compress.finetune import DeviceData, TrainConfig, Trainer, evaluate, pick_device, recalibrate_bn, train
 from compress.graph import build_graph
 from compress.latency import load_predictor
 from compress.models import build_model
 from compress.prune import PruneSpace, apply_policy, build_space, count_macs
+from compress.resume import ResumeOptions, train_resumable
 from compress.search import (METHODS, SearchConfig, SearchResult, check_budget, plot_curves, pruned_evaluator,
                              run_search)
 from compress.store import check_writable, load_checkpoint, save_checkpoint, write_json
@@ -50,16 +52,18 @@ class PipelineConfig:
 @dataclass(frozen=True)
 class Datasets:
     train: DeviceData
-    holdout: DeviceData
+    holdout: DeviceData | None  # None when every training image trains (holdout 0, the papers' way)
     test: DeviceData
 
 
 def load_datasets(cfg: PipelineConfig, device: torch.device) -> Datasets:
     full = load_split(cfg.data_root, "train", cfg.limit_per_class)
     test = load_split(cfg.data_root, "test", cfg.limit_per_class)
+    cl = device.type == "cuda"
+    if cfg.holdout == 0:
+        return Datasets(DeviceData(full, device, cl), None, DeviceData(test, device, cl))
     n_hold = min(cfg.holdout, len(full.labels) // 10)
     train_idx, hold_idx = holdout_split(full.labels, n_hold, cfg.seed)
-    cl = device.type == "cuda"
     return Datasets(DeviceData(full.subset(train_idx), device, cl), DeviceData(full.subset(hold_idx), device, cl),
                     DeviceData(test, device, cl))
 
@@ -80,27 +84,52 @@ def _budget(cfg: PipelineConfig, share: float) -> float | None:
     return None if cfg.time_budget_s is None else cfg.time_budget_s * share
 
 
-def baseline_model(cfg: PipelineConfig, data: Datasets, device: torch.device, out: Path) -> tuple[nn.Module, dict]:
+def baseline_train_config(cfg: PipelineConfig) -> TrainConfig:
+    """The pipeline's own schedule: `cfg.train_epochs`, cut to 45% of a time budget if one is set."""
+    return TrainConfig(epochs=cfg.train_epochs, seed=cfg.seed, warmup_epochs=2, max_seconds=_budget(cfg, 0.45))
+
+
+def baseline_model(cfg: PipelineConfig, data: Datasets, device: torch.device, out: Path,
+                   tcfg: TrainConfig | None = None,
+                   resume: ResumeOptions | None = None) -> tuple[nn.Module, dict | None]:
+    """Load `cfg.baseline`, or train one with `tcfg` (default `baseline_train_config`), resuming
+    from and saving to `resume.path` if given. Writes out/baseline.pt once training is complete;
+    the meta is None when a resumable run stopped early (run the same command again)."""
     if cfg.baseline:
         model, info = load_checkpoint(cfg.baseline, cfg.arch)
         model = model.to(device)
         return model, {**info["meta"], "source": cfg.baseline,  # re-measured on this run's splits
                        "test_acc": evaluate(model, data.test, amp=False),
-                       "holdout_acc": evaluate(model, data.holdout, amp=False)}
+                       "holdout_acc": _holdout_acc(model, data)}
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    tcfg = TrainConfig(epochs=cfg.train_epochs, seed=cfg.seed, warmup_epochs=2,
-                       max_seconds=_budget(cfg, 0.45))
-    res = train(model, data.train, tcfg, on_epoch=lambda e, l: _log(f"{cfg.arch} epoch {e} loss {l:.3f}"))
+    tcfg = tcfg or baseline_train_config(cfg)
+    trainer = Trainer(model, data.train, tcfg)
+    if resume is None:
+        res = trainer.run(lambda e, l: _log(f"{cfg.arch} epoch {e} loss {l:.3f}"))
+    else:
+        settings = {"arch": cfg.arch, "holdout": cfg.holdout, "limit_per_class": cfg.limit_per_class,
+                    "device": device.type, **asdict(tcfg)}
+        res = train_resumable(trainer, settings, resume, lambda msg: _log(f"{cfg.arch} {msg}"))
+    if not res.finished:
+        return model, None
     round_to_half(model)
     meta = {"epochs": res.epochs, "train_seconds": round(res.seconds, 1), "seed": cfg.seed,
             "train_config": asdict(replace(tcfg, epochs=res.epochs, max_seconds=None)),
-            "test_acc": evaluate(model, data.test, amp=False),
-            "holdout_acc": evaluate(model, data.holdout, amp=False)}
+            "train_images": len(data.train), "device": _device_name(device),
+            "test_acc": evaluate(model, data.test, amp=False), "holdout_acc": _holdout_acc(model, data)}
     save_checkpoint(out / "baseline.pt", model, cfg.arch, meta=meta)
     return model, meta
+
+
+def _holdout_acc(model: nn.Module, data: Datasets) -> float | None:
+    return None if data.holdout is None else evaluate(model, data.holdout, amp=False)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def check_before_work(cfg: PipelineConfig, out: Path) -> LatencyFn | None:
@@ -186,6 +215,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
                                "config": asdict(cfg), "search": {}, "finetuned": {}}
     record = lambda: write_json(out / "results.json", {**results, "seconds": round(time.time() - start, 1)})
     data = load_datasets(cfg, device)
+    if data.holdout is None:
+        raise DataError("the search reward needs held-out training images (holdout > 0)")
     _log(f"{cfg.arch}: data train {len(data.train)} holdout {len(data.holdout)} test {len(data.test)}")
     model, meta = baseline_model(cfg, data, device, out)
     macs, params = count_macs(model)
