@@ -10,6 +10,7 @@ the committed tokens.
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +56,17 @@ class ScriptedDraft:
         return reply
 
 
-def kv_ok(engine: Engine) -> bool:
+def kv_ok(engine: Engine, settle_s: float = 5.0) -> bool:
+    """Does every stage's KV sequence 0 end where the head's mirror does? The query is control, which
+    reaches a later stage straight from the head and is answered first, while the request's last KV
+    clean-up travels with the runs through the stages before it: ask again until it has arrived."""
     expected = len(engine.context_tokens) - 1
-    return all(engine.cluster.kv_usage(rank, [0])[0][1] == expected for rank in engine.stage_ranks)
+    deadline = time.monotonic() + settle_s
+    while not all(engine.cluster.kv_usage(rank, [0])[0][1] == expected for rank in engine.stage_ranks):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def main() -> None:

@@ -93,9 +93,8 @@ def create_app(worker: EngineWorker, model: ServedModel, settings: HttpSettings,
         if body.stream:
             return EventSourceResponse(_stream(events, first, reply), ping=15)
         try:
-            text, final = [], first
-            while final["event"] == "token":
-                text.append(final["text"])
+            final = first
+            while final["event"] == "token":  # the done event holds the whole answer
                 final = await _next_event(events.queue, request, events.job)
             _raise_if_failed(final)
         finally:
