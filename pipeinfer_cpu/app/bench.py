@@ -75,7 +75,8 @@ def run_mode(spec: ModeSpec, prompts_file: Path, n_tokens: int, common: tuple[st
 def mode_spec(mode: str, config: BenchConfig, draft: Path | None = None) -> ModeSpec:
     threads = ("-t", str(config.threads))
     if mode == "single":
-        return ModeSpec(f"single ({config.threads} thread)", ("--mode", "single", *threads))
+        return ModeSpec(f"single ({config.threads} thread{'s' if config.threads > 1 else ''})",
+                        ("--mode", "single", *threads))
     wire = () if config.wire_dtype == "f32" else ("--wire-dtype", config.wire_dtype)
     stages = ("--stages", str(config.stages), *wire)
     label = f"{mode} ({config.stages} target stage{'s' if config.stages > 1 else ''}"
