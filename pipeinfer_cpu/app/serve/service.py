@@ -78,10 +78,10 @@ def bind(host: str, port: int) -> socket.socket:
 def _serve(client: Client, options: EngineOptions, serve: ServeOptions, sock: socket.socket) -> int:
     try:
         ready = client.start(300 + 2 * options.timeout_s)
-    except JobEnded as exc:
-        _say(f"error: {exc}")
+    except (JobEnded, KeyboardInterrupt) as exc:  # Ctrl-C while the cluster starts stops it too
+        _say(f"error: {exc}" if isinstance(exc, JobEnded) else "interrupted")
         client.close()
-        return 1
+        return 1 if isinstance(exc, JobEnded) else 130
     metrics = Metrics()
     worker = EngineWorker(client, 2 * options.timeout_s + 30, metrics)
     model = ServedModel(resolve_model(options.model).stem, ready["model"], int(time.time()), ready["mode"],
