@@ -69,10 +69,15 @@ def test_what_would_change_the_answers_meaning_is_refused(body, param):
 @pytest.mark.parametrize("body, param", [
     ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"temperature": 3}, "temperature"),
     ({"top_p": 0}, "top_p"), ({"messages": []}, "messages"), ({"messages": "hi"}, "messages"),
-    ({"temperature": "hot"}, "temperature"),
+    ({"temperature": "hot"}, "temperature"), ({"max_tokens": True}, "max_tokens"), ({"seed": "7"}, "seed"),
+    ({"top_k": 1.5}, "top_k"),
 ])
 def test_bad_types_and_ranges_name_the_field(body, param):
     assert refused(chat, **body).param == param
+
+
+def test_a_value_the_sampler_refuses_is_a_400_too():
+    assert "repeat_penalty must be a finite number" in refused(chat, repeat_penalty=float("inf")).message
 
 
 def test_text_completions_reuse_the_prefix_and_default_to_16_tokens():

@@ -43,7 +43,7 @@ class ApiError(Exception):
 # -- request bodies (unknown fields are ignored; each known one is checked) -----------------------
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=False)
+    model_config = ConfigDict(extra="ignore", strict=True)  # JSON's own types: true is no max_tokens, "1" no seed
 
 
 class _StreamOptions(_Body):
@@ -211,7 +211,11 @@ def _sampling(body: _Sampled, defaults: Defaults) -> SamplingConfig:
         asked["seed"] = body.seed % 2**32  # OpenAI takes any integer; llama.cpp's seeds are unsigned 32-bit
     elif not defaults.seed_given:
         asked["seed"] = secrets.randbelow(2**32)
-    return dataclasses.replace(defaults.sampling, **{name: value for name, value in asked.items() if value is not None})
+    try:  # SamplingConfig has the last word on each value (an infinite repeat_penalty, say)
+        return dataclasses.replace(defaults.sampling, **{name: value for name, value in asked.items()
+                                                         if value is not None})
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 # -- out of the engine's events -------------------------------------------------------------------
