@@ -140,12 +140,14 @@ class EngineServer:
                                     parse_special=bool(request.get("parse_special", True)))
         if not tokens:
             raise UserError("the prompt is empty (nothing to continue)")
-        if request.get("fresh"):
+        fresh, reuse = bool(request.get("fresh")), bool(request.get("reuse"))
+        if request.get("strict"):  # checked before the cache is touched, too
+            follows = 0 if fresh or reuse else len(self.engine.context_tokens)  # else the prompt follows the context
+            self._check_strict(follows + len(tokens), request)
+        if fresh:
             self.engine.reset_context()
-        if request.get("strict"):
-            self._check_strict(len(tokens), request)
         reused = {}
-        if request.get("reuse"):
+        if reuse:
             plan = plan_feed(self.engine.context_tokens, tokens)
             self.engine.truncate_context(plan.keep)
             reused = {"context_tokens": len(tokens), "reused_tokens": plan.keep}

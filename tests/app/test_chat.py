@@ -396,6 +396,18 @@ def test_a_refused_request_leaves_the_stages_cache_as_it_was():
     assert engine.context_tokens == held
 
 
+def test_strict_refuses_what_does_not_fit_counting_the_context_a_prompt_follows_and_keeps_the_cache():
+    engine = FakeEngine("ok", n_ctx=64)
+    server = EngineServer(engine)
+    _ask(server, complete_request("x" * 30, max_tokens=4))
+    held = engine.context_tokens
+    events = _ask(server, complete_request("y" * 30, fresh=True, strict=True, max_tokens=40))
+    assert events[0]["event"] == "error" and events[0]["code"] == "context_length_exceeded"
+    assert "max_tokens asks for 40 more" in events[0]["message"] and engine.context_tokens == held
+    assert "the context holds 64" in _error(server, complete_request("y" * 30, strict=True, max_tokens=4))  # follows
+    assert _ask(server, complete_request("y" * 30, strict=True, fresh=True, max_tokens=4))[-1]["event"] == "done"
+
+
 def test_server_holds_no_conversation_stats_reset_system_load_are_unknown():
     engine = FakeEngine("ok")
     server = EngineServer(engine)
