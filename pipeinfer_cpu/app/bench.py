@@ -5,6 +5,7 @@ Speed is measured here, never asserted in tests. Every row says which command pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -12,7 +13,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean

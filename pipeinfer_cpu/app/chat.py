@@ -94,14 +94,22 @@ def run_chat(options: EngineOptions, chat: ChatOptions) -> int:
     return with_client(options, lambda client: chat_session(client, chat, options.timeout_s))
 
 
-def chat_session(client: Client, options: ChatOptions, timeout_s: float) -> int:
-    """Start, converse until the user leaves, stop: 0, or non-zero when the model's job died."""
+def start_or_close(client: Client, timeout_s: float) -> dict | int:
+    """The job's ready event; or, when it died or Ctrl-C came while it started, the exit code, once
+    that is said and the job is stopped."""
     try:
-        ready = client.start(300 + 2 * timeout_s)
+        return client.start(300 + 2 * timeout_s)
     except (JobEnded, KeyboardInterrupt) as exc:
         say(f"error: {exc}" if isinstance(exc, JobEnded) else "interrupted")
         client.close()
         return 1 if isinstance(exc, JobEnded) else 130
+
+
+def chat_session(client: Client, options: ChatOptions, timeout_s: float) -> int:
+    """Start, converse until the user leaves, stop: 0, or non-zero when the model's job died."""
+    ready = start_or_close(client, timeout_s)
+    if isinstance(ready, int):
+        return ready
     interactive = sys.stdin.isatty()
     say(f"{ready['model']}: {ready['mode']}, {ready['stages']} stage(s), context {ready['n_ctx']} tokens. "
         "/help for commands, Ctrl-D to leave.")

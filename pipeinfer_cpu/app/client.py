@@ -15,7 +15,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from contextlib import contextmanager
+from typing import Callable, Iterator, Protocol
 
 from pipeinfer_cpu.app import launcher
 from pipeinfer_cpu.app.options import EngineOptions
@@ -49,22 +50,27 @@ class Client(Protocol):
     def close(self) -> int: ...
 
 
-class _SigintFlag:
+@contextmanager
+def on_signals(handler: Callable[[], None], signals: tuple[int, ...] = (signal.SIGINT,)) -> Iterator[None]:
+    """While active, each of `signals` calls `handler` instead of its usual action (main thread only)."""
+    previous = {sig: signal.signal(sig, lambda signum, frame: handler()) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, action in previous.items():
+            signal.signal(sig, action)
+
+
+@contextmanager
+def _interrupt_flag(given: threading.Event | None) -> Iterator[threading.Event]:
     """While active, Ctrl-C sets a flag instead of raising, so no event or state is half handled.
     A caller that has a flag of its own (the HTTP server: a client that left) passes it instead."""
-
-    def __init__(self, given: threading.Event | None = None) -> None:
-        self.event = given or threading.Event()
-        self.given = given is not None
-
-    def __enter__(self) -> threading.Event:
-        if not self.given:
-            self._previous = signal.signal(signal.SIGINT, lambda signum, frame: self.event.set())
-        return self.event
-
-    def __exit__(self, *exc) -> None:
-        if not self.given:
-            signal.signal(signal.SIGINT, self._previous)
+    if given is not None:
+        yield given
+        return
+    flag = threading.Event()
+    with on_signals(flag.set):
+        yield flag
 
 
 def with_client(options: EngineOptions, session: Callable[[Client], int]) -> int:
@@ -99,7 +105,7 @@ class LocalClient:
             else:
                 final.update(event)
 
-        with _SigintFlag(interrupt) as interrupted:
+        with _interrupt_flag(interrupt) as interrupted:
             self.server.handle(request, emit, interrupted.is_set)
         return final
 
@@ -201,7 +207,7 @@ class JobClient:
         self._send(request)
         sent_interrupt = False
         deadline = time.monotonic() + wait_s
-        with _SigintFlag(interrupt) as interrupted:
+        with _interrupt_flag(interrupt) as interrupted:
             while True:
                 if interrupted.is_set() and not sent_interrupt:
                     self._send({"type": "interrupt"})

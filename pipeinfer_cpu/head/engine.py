@@ -22,9 +22,9 @@ from pipeinfer_cpu.head.clock import RealClock
 from pipeinfer_cpu.head.cluster import Cluster, StageSettings
 from pipeinfer_cpu.head.decoding import Decoder, Generation
 from pipeinfer_cpu.head.draft_clients import LocalDraftClient, RemoteDraftClient
-from pipeinfer_cpu.head.ngram import NgramDrafter, NgramSettings
 from pipeinfer_cpu.head.executors import Executor, LocalExecutor, PipelineExecutor
 from pipeinfer_cpu.head.modes import Mode
+from pipeinfer_cpu.head.ngram import NgramDrafter, NgramSettings
 from pipeinfer_cpu.head.session import Context
 from pipeinfer_cpu.head.specdecode import DraftClient, Request, SpecCounters, SpecSettings
 from pipeinfer_cpu.head.speculation import SpeculationSwitch

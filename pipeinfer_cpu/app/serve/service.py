@@ -10,15 +10,14 @@ from __future__ import annotations
 import errno
 import signal
 import socket
-import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
 
-from pipeinfer_cpu.app.client import Client, JobEnded, with_client
+from pipeinfer_cpu.app.chat import say, start_or_close
+from pipeinfer_cpu.app.client import Client, JobEnded, on_signals, with_client
 from pipeinfer_cpu.app.options import EngineOptions
 from pipeinfer_cpu.app.serve.api import Defaults
 from pipeinfer_cpu.app.serve.metrics import Metrics
@@ -51,14 +50,14 @@ class ServeOptions:
 
 def run_serve(options: EngineOptions, serve: ServeOptions) -> int:
     """`pipeinfer-cpu serve`: returns the exit code."""
-    sock = bind(serve.host, serve.port)  # a port in use is said before the cluster starts
+    sock = _bind(serve.host, serve.port)  # a port in use is said before the cluster starts
     try:
         return with_client(options, lambda client: _serve(client, options, serve, sock))
     finally:
         sock.close()
 
 
-def bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -76,12 +75,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def _serve(client: Client, options: EngineOptions, serve: ServeOptions, sock: socket.socket) -> int:
-    try:
-        ready = client.start(300 + 2 * options.timeout_s)
-    except (JobEnded, KeyboardInterrupt) as exc:  # Ctrl-C while the cluster starts stops it too
-        _say(f"error: {exc}" if isinstance(exc, JobEnded) else "interrupted")
-        client.close()
-        return 1 if isinstance(exc, JobEnded) else 130
+    ready = start_or_close(client, options.timeout_s)
+    if isinstance(ready, int):
+        return ready
     metrics = Metrics()
     worker = EngineWorker(client, 2 * options.timeout_s + 30, metrics)
     model = ServedModel(resolve_model(options.model).stem, ready["model"], int(time.time()), ready["mode"],
@@ -90,7 +86,7 @@ def _serve(client: Client, options: EngineOptions, serve: ServeOptions, sock: so
     server = uvicorn.Server(uvicorn.Config(app, log_level="info" if options.verbose else "warning",
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
-    with _stop_on_signals(worker.request_stop):
+    with on_signals(worker.request_stop, (signal.SIGINT, signal.SIGTERM)):  # uvicorn's thread installs none
         http.start()
         try:
             code = _work(worker, sock, model, ready, serve) if _started(server, http) else 1
@@ -107,7 +103,7 @@ def _work(worker: EngineWorker, sock: socket.socket, model: ServedModel, ready: 
     try:
         worker.run()
     except JobEnded:
-        _say(f"error: {worker.dead}")
+        say(f"error: {worker.dead}")
         return 1
     return 0
 
@@ -116,7 +112,7 @@ def _started(server: uvicorn.Server, http: threading.Thread) -> bool:
     deadline = time.monotonic() + HTTP_START_WAIT_S
     while not server.started:
         if not http.is_alive() or time.monotonic() > deadline:
-            _say("error: the HTTP server did not start")
+            say("error: the HTTP server did not start")
             return False
         time.sleep(0.02)
     return True
@@ -125,14 +121,14 @@ def _started(server: uvicorn.Server, http: threading.Thread) -> bool:
 def _announce(host: str, port: int, model: ServedModel, ready: dict, serve: ServeOptions) -> None:
     shown = f"[{host}]" if ":" in host else host
     draft = f", draft {model.draft}" if model.draft else ""
-    _say(f"listening on http://{shown}:{port}/v1 (model {model.id}: {model.mode}, {model.stages} stage(s){draft}, "
+    say(f"listening on http://{shown}:{port}/v1 (model {model.id}: {model.mode}, {model.stages} stage(s){draft}, "
          f"context {model.n_ctx} tokens; one request at a time)")
     if ready.get("notice"):
-        _say(f"note: {ready['notice']}")
+        say(f"note: {ready['notice']}")
     source = f" ({serve.sampling_source})" if serve.sampling_source else ""
-    _say(f"default sampling: {serve.defaults.sampling.summary()}{source}; requests may set their own")
+    say(f"default sampling: {serve.defaults.sampling.summary()}{source}; requests may set their own")
     if serve.api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
-        _say("warning: no --api-key, and reachable from other machines: anyone there can use the model")
+        say("warning: no --api-key, and reachable from other machines: anyone there can use the model")
 
 
 def _draft_name(options: EngineOptions) -> str | None:
@@ -141,22 +137,3 @@ def _draft_name(options: EngineOptions) -> str | None:
     if options.ngram is not None:
         return options.ngram.label()
     return resolve_model(options.draft_model).stem if options.draft_model is not None else None
-
-
-class _stop_on_signals:
-    """While active, Ctrl-C and SIGTERM call `stop` (once each is enough; the worker winds down)."""
-
-    def __init__(self, stop: Callable[[], None]) -> None:
-        self.stop = stop
-
-    def __enter__(self) -> None:
-        self.previous = {sig: signal.signal(sig, lambda signum, frame: self.stop())
-                         for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
