@@ -227,9 +227,14 @@ def engine_error(event: Mapping[str, Any]) -> ApiError:
                     param="messages" if code == "context_length_exceeded" else None, code=code)
 
 
+def prompt_tokens(stats: Mapping[str, Any]) -> int:
+    """The whole prompt's tokens, those whose KV cache was reused included (n_prompt: only those fed)."""
+    return stats.get("context_tokens", stats.get("n_prompt", 0))
+
+
 def usage(stats: Mapping[str, Any]) -> dict[str, Any]:
     """OpenAI's usage counts: the whole prompt (reused tokens included, as cached_tokens) and the answer."""
-    prompt = stats.get("context_tokens", stats.get("n_prompt", 0))
+    prompt = prompt_tokens(stats)
     completion = stats.get("n_generated", 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": stats.get("reused_tokens", 0)}}

@@ -10,6 +10,8 @@ from typing import Any
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
 
+from pipeinfer_cpu.app.serve.api import prompt_tokens
+
 OUTCOMES = ("completed", "cancelled", "dropped", "refused", "failed")
 _STAGE_LABELS = ("stage", "rank", "host", "layers")
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -61,7 +63,7 @@ class Metrics:
     def answered(self, stats: Mapping[str, Any], cancelled: bool) -> None:
         """A request the engine answered (or stopped because its client left), with its statistics."""
         self.outcome("cancelled" if cancelled else "completed")
-        self.prompt_tokens.inc(stats.get("context_tokens", stats.get("n_prompt", 0)))
+        self.prompt_tokens.inc(prompt_tokens(stats))
         self.reused_tokens.inc(stats.get("reused_tokens", 0))
         self.generated_tokens.inc(stats.get("n_generated", 0))
         self.drafted_tokens.inc(stats.get("drafted", 0))

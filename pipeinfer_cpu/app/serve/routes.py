@@ -140,8 +140,7 @@ def _submit(worker: EngineWorker, engine_request: dict) -> _Events:
     try:
         worker.submit(job)
     except EngineUnavailable as exc:
-        raise ApiError(503, f"the model is not available: {exc}", code="engine_unavailable",
-                       kind="server_error") from None
+        raise _unavailable(str(exc)) from None
     return _Events(job, events)
 
 
@@ -156,12 +155,16 @@ async def _next_event(events: asyncio.Queue, request: Request, job: Job) -> dict
                 raise _ClientLeft() from None
 
 
+def _unavailable(why: str) -> ApiError:
+    """A 503: the engine died (`why` names the rank) or the server is stopping."""
+    return ApiError(503, f"the model is not available: {why}", code="engine_unavailable", kind="server_error")
+
+
 def _raise_if_failed(event: dict) -> None:
     if event["event"] == "error":
         raise api.engine_error(event)
     if event["event"] == "unavailable":
-        raise ApiError(503, f"the model is not available: {event['message']}", code="engine_unavailable",
-                       kind="server_error")
+        raise _unavailable(event["message"])
     if event["event"] == "dropped":
         raise _ClientLeft()
 
@@ -180,8 +183,7 @@ async def _stream(events: _Events, first: dict, reply: api.Reply) -> AsyncIterat
             for chunk in reply.final_chunks(event):
                 yield json.dumps(chunk)
         else:  # the engine died mid-answer: say so in the stream (the status line is long gone)
-            yield json.dumps(ApiError(503, f"the model is not available: {event.get('message')}",
-                                      code="engine_unavailable", kind="server_error").body())
+            yield json.dumps(_unavailable(event["message"]).body())
         yield "[DONE]"
     finally:
         events.job.cancel.set()
