@@ -156,9 +156,14 @@ def model_recommendation(metadata: Mapping[str, object]) -> dict[str, float | in
     return found
 
 
-def make_rng(cfg: SamplingConfig) -> np.random.Generator:
-    """The generator for one request: numpy's default (PCG64) seeded with ``cfg.seed``."""
-    return np.random.default_rng(cfg.seed)
+def make_rng(cfg: SamplingConfig, drawn: int = 0) -> np.random.Generator:
+    """The generator for one request: numpy's default (PCG64) seeded with ``cfg.seed``, after the
+    `drawn` uniforms of positions already decided (one per position: a resumed answer samples on
+    as the uninterrupted one would)."""
+    rng = np.random.default_rng(cfg.seed)
+    if drawn:
+        rng.random(drawn)
+    return rng
 
 
 def _check_logits(logits: np.ndarray) -> np.ndarray:

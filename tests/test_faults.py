@@ -1,5 +1,6 @@
 """A stage that hangs or dies: a bounded wait, one readable line naming the rank, no rank left."""
 
+import json
 import os
 import signal
 import subprocess
@@ -12,22 +13,27 @@ import pytest
 from conftest import REPO
 
 
-def start_long_run(cache_dir, *extra):
+STORY = "Tell me a very long story about the sea, in many chapters."
+
+
+def start_run(cache_dir, *args):
     env = dict(os.environ, PIPEINFER_CACHE=str(cache_dir))
     env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"
-    command = [sys.executable, "-m", "pipeinfer_cpu", "run", "--hostfile", "hosts/local.txt", "--timeout", "5",
-               "--chat-template", "-p", "Tell me a very long story about the sea, in many chapters.", "-n", "4000",
-               "-c", "4096", *extra]
+    command = [sys.executable, "-m", "pipeinfer_cpu", "run", "--chat-template", "-p", STORY, *args]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def rank_pids(job: subprocess.Popen) -> list[int]:
-    """The job's three ranks (head, stage 1, stage 2), in the order hydra started them."""
+def start_long_run(cache_dir, *extra):
+    return start_run(cache_dir, "--hostfile", "hosts/local.txt", "--timeout", "5", "-n", "4000", "-c", "4096", *extra)
+
+
+def rank_pids(job: subprocess.Popen, n_ranks: int = 3) -> list[int]:
+    """The job's ranks (head, the stages, any draft rank), in the order hydra started them."""
     deadline = time.time() + 60
     while time.time() < deadline:
         ranks = [p for p in psutil.Process(job.pid).children(recursive=True)
                  if p.name() != "mpiexec" and "pipeinfer_cpu" in " ".join(p.cmdline())]
-        if len(ranks) >= 3:
+        if len(ranks) >= n_ranks:
             return sorted(p.pid for p in ranks)
         time.sleep(0.2)
     raise AssertionError("the job did not start its ranks")
@@ -40,13 +46,20 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_for_text(job: subprocess.Popen) -> None:
-    os.set_blocking(job.stdout.fileno(), False)
+def wait_for_text(job: subprocess.Popen, n_bytes: int = 1) -> bytes:
+    """The first `n_bytes` of the answer, read from the pipe itself (a buffered read would take more
+    than it returns, which communicate() would then not see)."""
+    fd = job.stdout.fileno()
+    os.set_blocking(fd, False)
+    got = b""
     deadline = time.time() + 60
     while time.time() < deadline:
-        if job.stdout.read(1):
-            return
-        time.sleep(0.05)
+        try:
+            got += os.read(fd, n_bytes - len(got))
+        except BlockingIOError:
+            time.sleep(0.02)
+        if len(got) >= n_bytes:
+            return got
     raise AssertionError("no text was generated")
 
 
@@ -86,3 +99,51 @@ def test_ctrl_c_stops_a_run_and_keeps_what_was_shown(cache_dir):
     assert "pipeline: " in stderr and "Traceback" not in stderr
     time.sleep(1)
     assert not any(alive(pid) for pid in pids), "a rank was left running"
+
+
+@pytest.fixture(scope="module")
+def three_hosts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hosts") / "three.txt"
+    path.write_text("localhost\nlocalhost  # weight=1\nlocalhost\n")
+    return path
+
+
+@pytest.mark.parametrize("mode", ["pipeline", "pipeinfer"])
+def test_reshard_finishes_the_answer_on_the_stages_left(cache_dir, cli, three_hosts, tmp_path, mode):
+    """A stage killed in the middle of a greedy 3-stage answer: with --on-failure reshard the answer
+    finishes on 2 stages and equals `single`'s. For `pipeline` this holds by construction (the new
+    job rebuilds the KV cache in the shapes the old one built it); for `pipeinfer` it holds as far
+    as its uninterrupted answers equal single's (greedy, on this model: tests/test_speculative_modes.py)."""
+    single = cli("run", "--mode", "single", "--chat-template", "-p", STORY, "-n", "80")
+    assert single.returncode == 0, single.stderr
+    stats = tmp_path / "stats.json"
+    draft = ("--draft", "ngram") if mode == "pipeinfer" else ()
+    job = start_run(cache_dir, "--hostfile", str(three_hosts), "--mode", mode, *draft, "--on-failure", "reshard",
+                    "-n", "80", "--timeout", "10", "--stats-json", str(stats))
+    pids = rank_pids(job, 4)
+    seen = wait_for_text(job, 40)
+    os.kill(pids[-1], signal.SIGKILL)  # the last stage
+    rest, stderr = job.communicate(timeout=120)
+    assert job.returncode == 0, stderr
+    assert seen.decode() + rest == single.stdout
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "died" in warnings[0] and "going on with 2 stages" in warnings[0], stderr
+    assert "error:" not in stderr and "Traceback" not in stderr
+    recovery, = json.loads(stats.read_text())["recoveries"]
+    assert recovery["stages"] == 2 and recovery["after_tokens"] >= 1 and "stage 3" in recovery["failed"]
+    assert 0 < recovery["restart_s"] <= recovery["recover_s"]
+    time.sleep(1)
+    assert not any(alive(pid) for pid in pids), "a rank was left running"
+
+
+def test_reshard_with_no_stage_left_is_one_error_line(cache_dir):
+    job = start_run(cache_dir, "--hostfile", "hosts/local.txt", "--stages", "1", "--on-failure", "reshard",
+                    "-n", "4000", "-c", "4096", "--timeout", "5")
+    pids = rank_pids(job, 2)
+    wait_for_text(job)
+    os.kill(pids[-1], signal.SIGKILL)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode != 0
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "cannot reshard: no stage is left to continue on" in errors[0], stderr
+    assert "Traceback" not in stderr

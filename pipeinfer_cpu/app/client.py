@@ -81,6 +81,10 @@ def with_client(options: EngineOptions, session: Callable[[Client], int]) -> int
         return as_head(lambda: session(LocalClient(EngineServer(Engine.start(options.settings, transport)))),
                        transport, options.debug)
     options.preflight()
+    if options.on_failure == "reshard":
+        from pipeinfer_cpu.app.reshard import ReshardingClient  # it builds on this module
+
+        return session(ReshardingClient(options))
     return session(JobClient.launch(options))
 
 
@@ -142,6 +146,7 @@ class JobClient:
         self.dead_host: str | None = None  # else the host it ran on
         self.placement = placement  # the hostfile's host of each rank
         self.ranks: dict[str, str] = {}  # rank -> it in words, from the ready event
+        self.decided_ids: list[int] = []  # the tokens of the answer being asked for, as its events came
         self.reported = False  # did a rank already explain a failure in an `error:` line?
         self._threads = [threading.Thread(target=target, daemon=True)
                          for target in (self._read_events, self._forward_stderr)]
@@ -204,6 +209,7 @@ class JobClient:
             interrupt: threading.Event | None = None) -> dict:
         """Send a request; stream its tokens; return its final event. Ctrl-C (or `interrupt`, when
         given) sends an interrupt."""
+        self.decided_ids = []
         self._send(request)
         sent_interrupt = False
         deadline = time.monotonic() + wait_s
@@ -218,6 +224,7 @@ class JobClient:
                 deadline = time.monotonic() + wait_s
                 if event["event"] != "token":
                     return event
+                self.decided_ids.extend(event.get("ids", ()))
                 on_token(event["text"])
 
     def check(self) -> None:

@@ -207,6 +207,27 @@ def with_weight(line: str, weight: float) -> str:
     return f"{body}#{comment}"
 
 
+def without_host_line(text: str, index: int, where: str) -> str:
+    """A hostfile's `text` without its `index`-th host line (0-based, in rank order) and without the
+    `# link` lines that named a host no other line lists; everything else kept. `where` names the
+    file in errors."""
+    lines = text.splitlines(keepends=True)
+    hosts = {number: host for number, line in enumerate(lines)
+             if (host := parse_line(_content(line), f"{where}:{number + 1}")) is not None}
+    if not 0 <= index < len(hosts):
+        raise HostfileError(f"{where}: no host line {index + 1} (it has {len(hosts)})")
+    dropped = sorted(hosts)[index]
+    left = {host.name for number, host in hosts.items() if number != dropped}
+    kept = [line for number, line in enumerate(lines) if number != dropped and _names_only(line, left)]
+    return "".join(kept)
+
+
+def _names_only(line: str, hosts: set[str]) -> bool:
+    """False for a `# link` line that names a host outside `hosts`; True for every other line."""
+    match = _LINK.match(line)
+    return match is None or all(word in hosts for word in match["rest"].split()[:2])
+
+
 def _content(line: str) -> str:
     """A line without its line end."""
     return (line.splitlines() or [""])[0]

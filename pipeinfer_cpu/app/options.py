@@ -79,6 +79,7 @@ class EngineOptions:
     cpu_variant: str | None = None
     llama: LlamaSettings = LlamaSettings()  # KV-cache type, flash attention, loading (checked there)
     link: str | None = None  # --link: every pair of ranks' emulated link (wire/links.py)
+    on_failure: str = "abort"  # or "reshard": go on with the stages left when one dies (app/reshard.py)
     verbose: bool = False
     debug: bool = False
 
@@ -224,6 +225,9 @@ _OPTIONS = [
                       "up to 7 decode exactly as single rows; see README)."),
     WIRE_DTYPE_OPTION,
     LINK_OPTION,
+    click.option("--on-failure", type=click.Choice(["abort", "reshard"]), default="abort", show_default=True,
+                 help="When a stage's rank dies: end with an error, or start a job on the hostfile lines left "
+                      "and go on with the answer where it was (see README, Faults)."),
     click.option("--verbose", "-v", is_flag=True, help="Say what is being set up, and each rank's CPU backend."),
     click.option("--debug", is_flag=True, help="Tracebacks and mpiexec's own output on errors."),
 ]

@@ -134,13 +134,15 @@ class Decoder:
         on_token: Callable[[int], None] = lambda token: None,
         should_stop: Callable[[], bool] = lambda: False,
         keep_first_logits: bool = False,
+        drawn: int = 0,
     ) -> Generation:
         """Prefill `new_tokens`, then sample up to `max_tokens` tokens, streaming each to on_token.
 
         The last sampled token is not fed back: it stays pending, and the caller's next request
-        starts with it (the context says what the stages hold).
+        starts with it (the context says what the stages hold). `drawn`: positions an earlier job
+        decided (a resumed answer), whose random draws are skipped.
         """
-        rng = make_rng(sampling)
+        rng = make_rng(sampling, drawn)
         want_logits = sampling.needs_logits or keep_first_logits
         clock = self.context.clock
         started = clock.now()

@@ -14,7 +14,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.head import pipeinfer, speculative
@@ -239,9 +239,39 @@ class Engine:
     def generate(self, tokens: list[int], max_tokens: int, sampling: SamplingConfig,
                  on_token: Callable[[int], None] = lambda token: None,
                  should_stop: Callable[[], bool] = lambda: False,
-                 keep_first_logits: bool = False) -> tuple[Generation, RunStats]:
+                 keep_first_logits: bool = False, replay: Sequence[int] = ()) -> tuple[Generation, RunStats]:
         """Generate after the committed context with the mode's loop; the statistics are made the
-        same way in every mode (the speculative loops add their counters)."""
+        same way in every mode (the speculative loops add their counters).
+
+        `replay`: the first tokens of this answer, decided by a job that failed (app/reshard.py).
+        They are fed as that job fed them, not streamed again, and the answer goes on after them;
+        the Generation holds them, the statistics only what this job decided.
+        """
+        if replay:
+            return self._resume(tokens, list(replay), max_tokens, sampling, on_token, should_stop)
+        return self._generate(tokens, max_tokens, sampling, on_token, should_stop, keep_first_logits)
+
+    def _resume(self, prompt: list[int], replay: list[int], max_tokens: int, sampling: SamplingConfig,
+                on_token: Callable[[int], None], should_stop: Callable[[], bool]) -> tuple[Generation, RunStats]:
+        """Rebuild the stages' KV cache in the shapes the failed job built it (llama.cpp's sums depend
+        on batch shapes): the prompt in the same chunks, then each decided token in a run of its own,
+        the way the plain loop feeds them; then the rest of the answer, after the last one."""
+        self.check_fits(len(prompt) + len(replay))
+        self.decoder.prefill(prompt, want_logits=False)
+        for token in replay[:-1]:
+            self.decoder.launch_step(token, want_logits=False)
+            self.executor.wait()
+        rest = max_tokens - len(replay)
+        if rest < 1:  # the failed job had decided every token: the last stays pending, as after any answer
+            generation, stats = Generation((), (), 0.0, ()), None
+        else:
+            generation, stats = self._generate([replay[-1]], rest, sampling, on_token, should_stop, drawn=len(replay))
+        whole = dataclasses.replace(generation, prompt_tokens=tuple(prompt), tokens=(*replay, *generation.tokens))
+        return whole, stats or self._stats(generation, 0)
+
+    def _generate(self, tokens: list[int], max_tokens: int, sampling: SamplingConfig,
+                  on_token: Callable[[int], None], should_stop: Callable[[], bool],
+                  keep_first_logits: bool = False, drawn: int = 0) -> tuple[Generation, RunStats]:
         max_tokens = min(max_tokens, self.check_fits(len(tokens)))  # generation never overruns the context
         if self.cluster is not None:
             self.cluster.reset_stats()
@@ -259,9 +289,9 @@ class Engine:
         counters = None
         if self.draft is None:
             generation = self.decoder.generate(tokens, max_tokens, sampling, self.vocab.is_end, on_token,
-                                               should_stop, keep_first_logits)
+                                               should_stop, keep_first_logits, drawn)
         else:
-            request = Request(tuple(tokens), max_tokens, sampling, self.vocab.is_end, on_token, should_stop)
+            request = Request(tuple(tokens), max_tokens, sampling, self.vocab.is_end, on_token, should_stop, drawn)
             spec, n_batch, timeout_s = self.settings.speculation, self.settings.n_batch, self.settings.timeout_s
             if spec.mode == Mode.SPECULATIVE:
                 generation, counters = speculative.generate(self.context, self.draft, spec, request, n_batch,

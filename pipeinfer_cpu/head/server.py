@@ -8,18 +8,21 @@ so a turn costs its own tokens, not the conversation's.
 
 Requests:
   complete {text, chat_template, system, parse_special, fresh, reuse, max_tokens, sampling, stop, strict,
-            keep_first_logits}
+            keep_first_logits, replay}
       one prompt (raw text, or one user turn in the model's chat template); `fresh` empties the context first,
       `reuse` keeps the longest prefix the stages hold (else the prompt follows the context); raw text's
       special-token text is read as special tokens unless parse_special is false
-  turn {conversation: {system, turns}, first, max_tokens, sampling, stop, strict, interrupt}
+  turn {conversation: {system, turns}, first, max_tokens, sampling, stop, strict, interrupt, replay}
       answer the conversation's last (user) turn; turns before `first` were dropped for the context limit;
       `interrupt`: Ctrl-C was already typed with the Enter
+  `replay` (complete and turn): the token ids of the answer's first tokens, decided by a job that failed
+      (app/reshard.py): fed as that job fed them and not shown again; the answer goes on after them
   interrupt   stop the answer being generated (ignored when none is)
   quit
 `max_tokens` null: as many as the context holds. `stop`: strings that end the answer (not shown). `strict`
 (the HTTP API): a prompt and max_tokens that do not fit the context are refused (no turn is dropped).
-Events: ready {model, mode, stages, n_ctx, notice, ranks (rank -> it in words)}; token {text};
+Events: ready {model, mode, stages, n_ctx, notice, ranks (rank -> it in words)}; token {text, ids (the tokens
+decided since the last token event: what a resumed answer replays)};
 done {stopped_by, answer, stats, dropped_turns (turn), first_logits (complete, base64 float32, when asked)};
 error {message, code}; bye.
 `stopped_by` is one of length, eos, stop, interrupt, context; an error's `code` is null or
@@ -170,16 +173,20 @@ class EngineServer:
         """What the request asks of its answer; a UserError when a field is wrong."""
         plain_turn = ("\nUser:",) if self.plain and request.get("type") == "turn" else ()  # the plain template's
         return _Asked(_max_tokens(request, self.engine.settings.n_ctx), _sampling(request),
-                      _stops(request) + plain_turn)
+                      _stops(request) + plain_turn, _replay(request, self.engine.vocab.n_vocab))
 
     def _answer(self, asked: _Asked, tokens: list[int], emit: Emit, should_stop: Callable[[], bool],
                 record_extra: dict, event_extra: dict, keep_first_logits: bool = False) -> None:
         """Generate after `tokens`, streaming the text, and emit the final `done` event."""
         answer = _Answer(self.engine.vocab, emit, asked.stops)
+        answer.replay(asked.replay)
         generation, stats = self.engine.generate(tokens, asked.max_tokens, asked.sampling, answer.on_token,
-                                                 lambda: should_stop() or answer.stopped, keep_first_logits)
+                                                 lambda: should_stop() or answer.stopped, keep_first_logits,
+                                                 asked.replay)
         text = answer.finish()
         stopped_by = "stop" if answer.stopped else generation.stopped_by
+        if asked.replay:
+            record_extra = {**record_extra, "replayed_tokens": len(asked.replay)}
         record = {**stats.to_json_dict(), **record_extra, "prompt_tokens": list(generation.prompt_tokens),
                   "tokens": list(generation.tokens), "stopped_by": stopped_by,
                   "cpu_backends": self.engine.backends_json()}
@@ -196,6 +203,7 @@ class _Asked:
     max_tokens: int
     sampling: SamplingConfig
     stops: tuple[str, ...]
+    replay: tuple[int, ...] = ()  # the answer's first tokens, decided by a job that failed
 
 
 class _Answer:
@@ -208,13 +216,22 @@ class _Answer:
         self.stream = TextStream(vocab.piece)
         self.stops = StopStrings(stops)
         self.shown: list[str] = []
+        self.unsent: list[int] = []  # tokens decided since the last token event
 
     @property
     def stopped(self) -> bool:
         """Did a stop string end the answer?"""
         return self.stops.matched is not None
 
+    def replay(self, tokens: Sequence[int]) -> None:
+        """Take in the tokens a failed job decided and showed (their text is not shown again): the
+        text they make, and any piece held back then (half a character, the start of a stop string),
+        are as they were."""
+        for token in tokens:
+            self.shown.append(self.stops.push(self.stream.push(token)))
+
     def on_token(self, token: int) -> None:
+        self.unsent.append(token)
         if not self.vocab.is_end(token):
             self._show(self.stops.push(self.stream.push(token)))
 
@@ -226,7 +243,8 @@ class _Answer:
     def _show(self, piece: str) -> None:
         if piece:
             self.shown.append(piece)
-            self.emit({"event": "token", "text": piece})
+            self.emit({"event": "token", "text": piece, "ids": self.unsent})
+            self.unsent = []
 
 
 def _field(request: dict, name: str, kind: type, default=None):
@@ -245,6 +263,13 @@ def _max_tokens(request: dict, n_ctx: int) -> int:
     if value < 1:
         raise UserError(f"max_tokens must be at least 1, got {value}")
     return value
+
+
+def _replay(request: dict, n_vocab: int) -> tuple[int, ...]:
+    replay = request.get("replay") or []
+    if not isinstance(replay, list) or not all(isinstance(t, int) and 0 <= t < n_vocab for t in replay):
+        raise UserError(f"the request's 'replay' must be a list of token ids (0 to {n_vocab - 1})")
+    return tuple(replay)
 
 
 def _stops(request: dict) -> tuple[str, ...]:

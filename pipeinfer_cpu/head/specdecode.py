@@ -99,6 +99,7 @@ class Request:
     is_end: Callable[[int], bool]
     on_token: Callable[[int], None]
     should_stop: Callable[[], bool]
+    drawn: int = 0  # positions already decided before this request (a resumed answer): make_rng skips them
 
 
 class SpecState:
@@ -121,7 +122,7 @@ class SpecState:
                                       range(1, settings.kv_sequences))
         self.clock = context.clock
         self.record = Record(self.clock.now(), clock=self.clock)
-        self._rng = make_rng(request.sampling)
+        self._rng = make_rng(request.sampling, request.drawn)
         self._output = Output.LOGITS if request.sampling.needs_logits else Output.ARGMAX
         self._draft_ids = 0
 

@@ -133,6 +133,8 @@ def test_answer_reserve_is_bounded_by_a_quarter_of_the_context():
 # -- the engine server over a fake engine -----------------------------------------------------------
 
 class FakeVocab:
+    n_vocab = 0x110000  # a token is a character's code point
+
     def __init__(self, template: str | None = "fake", broken: bool = False) -> None:
         self.template = template
         self.broken = broken  # llama.cpp does not know the template
@@ -225,7 +227,7 @@ class FakeEngine:
     def close(self) -> None:
         self.closed = True
 
-    def generate(self, tokens, max_tokens, sampling, on_token, should_stop, keep_first_logits=False):
+    def generate(self, tokens, max_tokens, sampling, on_token, should_stop, keep_first_logits=False, replay=()):
         self.calls.append({"context": self.context_tokens, "max_tokens": max_tokens, "sampling": sampling,
                            "keep_first_logits": keep_first_logits})
         self.fed.append(list(tokens))
