@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -30,6 +31,7 @@ from pipeinfer_cpu.head.specdecode import DraftClient, Request, SpecCounters, Sp
 from pipeinfer_cpu.head.speculation import SpeculationSwitch
 from pipeinfer_cpu.llama.cpubackend import BackendReport, NoUsableVariant
 from pipeinfer_cpu.llama.drafter import Drafter
+from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
 from pipeinfer_cpu.llama.runtime import Stage, StageConfig, Vocab, cpu_backend
 from pipeinfer_cpu.llama.settings import LlamaSettings
 from pipeinfer_cpu.modelfiles.models import ModelInfo, check_supported, read_model_info
@@ -225,6 +227,23 @@ class Engine:
     def truncate_context(self, n_keep: int) -> None:
         """Keep only the first `n_keep` committed tokens on every stage."""
         self.context.truncate(n_keep)
+
+    def kv_check(self, settle_s: float = 5.0) -> dict[int, int]:
+        """Where each stage's committed KV sequence ends (rank -> last position), waiting up to
+        `settle_s` for them all to end where the head's mirror does (len(context) - 1). The query is
+        control, which reaches a later stage straight from the head and is answered first, while a
+        request's last KV clean-up travels with the runs through the stages before it: ask again
+        until it has arrived. What a soak test compares after every turn."""
+        if self.cluster is None:
+            assert self._local_stage is not None
+            return {HEAD: self._local_stage.seq_pos_max(COMMITTED_SEQ)}
+        expected = len(self.context_tokens) - 1
+        deadline = time.monotonic() + settle_s
+        while True:
+            ends = {rank: self.cluster.kv_usage(rank, [COMMITTED_SEQ])[COMMITTED_SEQ][1] for rank in self.stage_ranks}
+            if all(end == expected for end in ends.values()) or time.monotonic() > deadline:
+                return ends
+            time.sleep(0.05)
 
     def check_fits(self, n_prompt: int) -> int:
         """Raise if the prompt does not fit; return how many tokens may follow it in the context."""

@@ -18,13 +18,14 @@ Requests:
   `replay` (complete and turn): the token ids of the answer's first tokens, decided by a job that failed
       (app/reshard.py): fed as that job fed them and not shown again; the answer goes on after them
   interrupt   stop the answer being generated (ignored when none is)
+  health      where each stage's committed KV sequence ends, against the head's mirror (for soak tests)
   quit
 `max_tokens` null: as many as the context holds. `stop`: strings that end the answer (not shown). `strict`
 (the HTTP API): a prompt and max_tokens that do not fit the context are refused (no turn is dropped).
 Events: ready {model, mode, stages, n_ctx, notice, ranks (rank -> it in words)}; token {text, ids (the tokens
 decided since the last token event: what a resumed answer replays)};
 done {stopped_by, answer, stats, dropped_turns (turn), first_logits (complete, base64 float32, when asked)};
-error {message, code}; bye.
+error {message, code}; health {context_tokens, kv_ends (rank -> last position held), kv_ok}; bye.
 `stopped_by` is one of length, eos, stop, interrupt, context; an error's `code` is null or
 "context_length_exceeded". Every request but interrupt gets exactly one final event (token events come
 before `done`).
@@ -98,6 +99,8 @@ class EngineServer:
                 self._turn(request, emit, lambda: bool(request.get("interrupt")) or should_stop())
             elif kind == "complete":
                 self._complete(request, emit, should_stop)
+            elif kind == "health":
+                emit(self._health())
             elif kind == "quit":
                 emit({"event": "bye"})
                 return False
@@ -107,6 +110,12 @@ class EngineServer:
             code = "context_length_exceeded" if isinstance(exc, ContextLengthExceeded) else None
             emit({"event": "error", "message": str(exc), "code": code})
         return True
+
+    def _health(self) -> dict:
+        ends = self.engine.kv_check()
+        return {"event": "health", "context_tokens": len(self.engine.context_tokens),
+                "kv_ends": {str(rank): end for rank, end in ends.items()},
+                "kv_ok": all(end == len(self.engine.context_tokens) - 1 for end in ends.values())}
 
     def _slack(self) -> int:
         spec = self.engine.settings.spec

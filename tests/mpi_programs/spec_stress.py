@@ -56,17 +56,9 @@ class ScriptedDraft:
         return reply
 
 
-def kv_ok(engine: Engine, settle_s: float = 5.0) -> bool:
-    """Does every stage's KV sequence 0 end where the head's mirror does? The query is control, which
-    reaches a later stage straight from the head and is answered first, while the request's last KV
-    clean-up travels with the runs through the stages before it: ask again until it has arrived."""
-    expected = len(engine.context_tokens) - 1
-    deadline = time.monotonic() + settle_s
-    while not all(engine.cluster.kv_usage(rank, [0])[0][1] == expected for rank in engine.stage_ranks):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+def kv_ok(engine: Engine) -> bool:
+    """Does every stage's KV sequence 0 end where the head's mirror does?"""
+    return all(end == len(engine.context_tokens) - 1 for end in engine.kv_check().values())
 
 
 def main() -> None:
