@@ -17,6 +17,7 @@ import click
 
 from compress.budget import DEFAULT_CHANNEL_MULTIPLE
 from compress.errors import CompressError
+from compress.quantize import ACTIVATIONS, FORMATS, METHODS
 from pipeinfer_cpu.errors import one_line_errors
 
 ARCHS = ("resnet20", "resnet56", "vgg16", "mobilenet_v1", "mobilenet_v2", "shufflenet_v2")
@@ -313,31 +314,53 @@ def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: fl
                f"{row['macs_ratio']:.4f} of the MACs -> {out_path}")
 
 
+def _int8_options(f):
+    f = click.option("--select-images", type=click.IntRange(min=1), default=2000, show_default=True,
+                     help="Held-out training images that score the calibration methods (--int8-method auto).")(f)
+    f = click.option("--calib-images", type=click.IntRange(min=1), default=256, show_default=True,
+                     help="Held-out training images whose activation ranges calibrate the int8 model.")(f)
+    f = click.option("--int8-fp32-ends", is_flag=True,
+                     help="Keep the first convolution and the classifier in FP32 (auto tries this itself "
+                          "when no all-int8 model is within 0.5 points).")(f)
+    f = click.option("--int8-format", type=click.Choice(FORMATS), default="qdq", show_default=True)(f)
+    f = click.option("--int8-activations", type=click.Choice(ACTIVATIONS), default="u8", show_default=True,
+                     help="u8 (U8S8) is what onnxruntime's x86 CPU provider runs as int8 kernels.")(f)
+    f = click.option("--int8-method", type=click.Choice(("auto", *METHODS)), default="auto", show_default=True,
+                     help="Activation calibration; auto picks the best on held-out training images.")(f)
+    return click.option("--int8", "int8_path", type=click.Path(dir_okay=False), default=None,
+                        help="Also write a static int8 model (per-channel weights) here.")(f)
+
+
 @compress_group.command()
 @click.option("--checkpoint", type=click.Path(), default=None)
 @click.option("--arch", type=click.Choice(ARCHS), default=None,
               help="With no checkpoint: export the untrained architecture (for latency only).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True)
 @click.option("--opset", type=int, default=18, show_default=True)
-@click.option("--int8", "int8_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write a static int8 (QDQ) model here.")
+@_int8_options
 @click.option("--policy", type=click.Path(dir_okay=False), default=None,
               help="First prune to this search file's policy (with --arch alone: a model of the pruned "
                    "shape with untrained weights, for latency only).")
 @_data_option
 def export(checkpoint: str | None, arch: str | None, out_path: str, opset: int, int8_path: str | None,
-           policy: str | None, data_root: str | None) -> None:
-    """Export to ONNX, run onnx.checker and a parity check against torch (< 1e-4)."""
+           int8_method: str, int8_activations: str, int8_format: str, int8_fp32_ends: bool, calib_images: int,
+           select_images: int, policy: str | None, data_root: str | None) -> None:
+    """Export to ONNX, run onnx.checker and a parity check against torch (< 1e-4); optionally int8."""
     import numpy as np
 
-    from compress.export import check_parity, export_onnx, quantize_int8
+    from compress.export import check_parity, export_onnx
     from compress.prune import apply_policy, build_space
+    from compress.quantize import Int8Config
 
     model, _, kept = _model(arch, checkpoint)
     if policy:
         _require_unpruned(checkpoint, kept, "--policy needs an unpruned model")
         keep, multiple = _read_policy(policy)
         model = apply_policy(model, build_space(model, channel_multiple=multiple), keep)
+    if int8_path:  # before any work: an int8 request without calibration images is one line
+        config = Int8Config(method="minmax" if int8_method == "auto" else int8_method,
+                            activations=int8_activations, fmt=int8_format, fp32_ends=int8_fp32_ends)
+        images = _heldout_images(data_root, calib_images, select_images if int8_method == "auto" else 0)
     probe = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
     errors: list[float] = []
     path = export_onnx(model, out_path, opset=opset,
@@ -345,19 +368,46 @@ def export(checkpoint: str | None, arch: str | None, out_path: str, opset: int, 
     err = errors[0]
     click.echo(f"{path}: onnx.checker passed, max |torch - onnxruntime| = {err:.2e}")
     if int8_path:
-        quantize_int8(path, int8_path, _calibration(data_root))
-        click.echo(f"{int8_path}: static int8 (QDQ) model")
+        _export_int8(path, Path(int8_path), config, images, choose=int8_method == "auto")
 
 
-def _calibration(data_root: str | None, per_class: int = 20):
+def _heldout_images(data_root: str | None, calib: int, select: int):
+    """Normalised calibration images and (images, labels) to choose with, both from the training set's
+    seeded held-out split (the search's reward images; never the test set)."""
     import numpy as np
 
-    from compress.data import load_split
-    from compress.finetune import MEAN, STD
+    from compress.data import holdout_split, load_split
+    from compress.errors import DataError
+    from compress.report import normalised
 
-    split = load_split(data_root, "train", per_class)
-    x = split.images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-    return ((x - np.array(MEAN, np.float32)[:, None, None]) / np.array(STD, np.float32)[:, None, None])
+    try:
+        train = load_split(data_root, "train")
+        held = holdout_split(train.labels)[1]
+    except DataError as err:
+        raise DataError(f"--int8 needs calibration images from the CIFAR-10 training set: {err}") from err
+    if calib + select > len(held):
+        raise CompressError(f"--calib-images + --select-images is {calib + select}; the held-out split "
+                            f"has {len(held)}")
+    order = np.random.default_rng(0).permutation(held)
+    pick = train.subset(order[calib:calib + select])
+    return normalised(train.images[order[:calib]]), (normalised(pick.images), pick.labels)
+
+
+def _export_int8(fp32: Path, out: Path, config, images, choose: bool) -> None:
+    from compress.quantize import choose_int8, ops_summary, optimized_ops, quantize_int8
+
+    calibration, selection = images
+    if choose:
+        picked = choose_int8(fp32, out, calibration, selection, base=config)
+        scores = ", ".join(f"{label} {acc:.2f}" for label, acc in picked.scores)
+        click.echo(f"int8 calibration on {len(calibration)} held-out images; accuracy on "
+                   f"{len(selection[1])} others: FP32 {picked.fp32_acc:.2f}, {scores}; "
+                   f"chosen: {picked.config.label}")
+        config = picked.config
+    else:
+        quantize_int8(fp32, out, calibration, config)
+    click.echo(f"{out}: int8 ({config.fmt.upper()}, {config.activations.upper()}S8, per-channel weights, "
+               f"{config.label}); onnxruntime runs {ops_summary(optimized_ops(out))}")
 
 
 @compress_group.command()

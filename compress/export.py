@@ -1,5 +1,5 @@
-"""ONNX export (opset >= 18), onnx.checker, parity against torch, onnxruntime CPU latency and an
-optional static int8 quantisation. The only module that imports onnx and onnxruntime."""
+"""ONNX export (opset >= 18), onnx.checker, parity against torch and onnxruntime CPU sessions,
+latency and accuracy. With `quantize` (int8), the only modules that import onnx and onnxruntime."""
 
 from __future__ import annotations
 
@@ -62,8 +62,9 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
                           f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
 
 
-def _session(path: str | Path | bytes, threads: int):
-    """An onnxruntime CPU session on a file, or on a serialised model given as bytes."""
+def cpu_session(path: str | Path | bytes, threads: int, optimized_to: str | Path | None = None):
+    """An onnxruntime CPU session on a file, or on a serialised model given as bytes, with every
+    graph optimisation on; `optimized_to` saves the graph as optimised (what really runs)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -71,6 +72,9 @@ def _session(path: str | Path | bytes, threads: int):
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized_to is not None:
+        opts.optimized_model_filepath = str(optimized_to)
+        opts.log_severity_level = 3  # its warning that NCHWc layouts are CPU-specific is known here
     try:
         source = path if isinstance(path, bytes) else str(path)
         return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
@@ -84,7 +88,7 @@ def parity(model: nn.Module, path: str | Path, inputs: np.ndarray) -> float:
     """Largest absolute difference between torch (fp32, CPU) and onnxruntime logits."""
     with torch.no_grad():
         expected = model.eval().cpu()(torch.from_numpy(inputs)).numpy()
-    got = _session(path, 1).run(None, {"input": inputs})[0]
+    got = cpu_session(path, 1).run(None, {"input": inputs})[0]
     return float(np.abs(expected - got).max())
 
 
@@ -98,7 +102,7 @@ def check_parity(model: nn.Module, path: str | Path, inputs: np.ndarray, tol: fl
 def benchmark(path: str | Path | bytes, threads: int, runs: int = 300, warmup: int = 30,
               input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> Latency:
     """Median latency of one batch on the CPU with onnxruntime, after warm-up runs."""
-    sess = _session(path, threads)
+    sess = cpu_session(path, threads)
     x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
     feed = {sess.get_inputs()[0].name: x}
     for _ in range(warmup):
@@ -195,34 +199,9 @@ def machine_info() -> dict[str, Any]:
             "onnxruntime": onnxruntime.__version__, "load_avg": os.getloadavg()}
 
 
-def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: np.ndarray) -> Path:
-    """Static QDQ int8 quantisation (per-channel weights) calibrated on the given batch of inputs."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it = iter([{"input": calibration[i:i + 1]} for i in range(len(calibration))])
-
-        def get_next(self):
-            return next(self._it, None)
-
-    def _write(tmp: Path) -> None:
-        pre = f"{tmp}.pre.onnx"
-        try:
-            quant_pre_process(str(fp32_path), pre, skip_symbolic_shape=True)
-            quantize_static(pre, tmp, _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
-        finally:
-            Path(pre).unlink(missing_ok=True)
-
-    return atomic_write(int8_path, _write)
-
-
 def onnx_accuracy(path: str | Path, images: np.ndarray, labels: np.ndarray, batch: int = 500) -> float:
     """Top-1 accuracy (%) of an ONNX model on normalised NCHW float32 images."""
-    sess = _session(path, 2)
+    sess = cpu_session(path, 2)
     correct = 0
     for i in range(0, len(labels), batch):
         logits = sess.run(None, {"input": images[i:i + batch]})[0]

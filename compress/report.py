@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 
 from compress.data import load_split
-from compress.export import (check_parity, export_onnx, interleaved_latency, machine_info, onnx_accuracy,
-                             quantize_int8)
+from compress.export import check_parity, export_onnx, interleaved_latency, machine_info, onnx_accuracy
 from compress.finetune import MEAN, STD
 from compress.models import build_model
+from compress.quantize import quantize_int8
 from compress.store import atomic_write, load_checkpoint, read_json, write_json
 
 METHOD_LABELS = {"gnn": "GNN+RL (PPO, two-stage GCN)", "mlp": "RL without graph encoder",
@@ -110,7 +110,7 @@ def markdown_table(measured: list[dict[str, Any]]) -> str:
                 f"| {row['macs_ratio']:.1%} | {row['params'] / 1e6:.2f} M " + _latency_cells(c, base))
         if "gnn_int8" in cpu:
             q = cpu["gnn_int8"]
-            lines.append(f"| {m['arch']} | {m['target']:.0%} | GNN+RL, then int8 (QDQ) | – | – | – "
+            lines.append(f"| {m['arch']} | {m['target']:.0%} | GNN+RL, then int8 (QDQ, U8S8) | – | – | – "
                          f"| {q['onnx_test_acc'] - base_acc:+.2f} | {_acc(q['onnx_test_acc'])} | – | – "
                          + _latency_cells(q, base))
     return "\n".join(lines) + "\n"
