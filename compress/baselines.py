@@ -21,6 +21,20 @@ class UniformProposer:
         """Deterministic: nothing to learn."""
 
 
+class FixedProposer:
+    """A policy decided before the search, such as DepGraph's global group-norm ranking
+    (`prune.importance_keep`); the harness fits it to the budget like any other proposal."""
+
+    def __init__(self, keep: dict[str, float]) -> None:
+        self.keep = dict(keep)
+
+    def propose(self) -> dict[str, float]:
+        return dict(self.keep)
+
+    def feedback(self, reward: float) -> None:
+        """Deterministic: nothing to learn."""
+
+
 class RandomProposer:
     """Independent uniform keep ratios in [min_keep, 1] per group, seeded."""
 

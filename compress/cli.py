@@ -1,5 +1,5 @@
 """`pipeinfer-cpu compress <verb>`: train, graph, search, latency-table, finetune, export, bench,
-reproduce, report.
+accuracy, reproduce, report.
 
 Errors the user can fix (bad data, unreachable budget, wrong checkpoint, untraceable model) print
 one line to stderr and exit with status 1, as pipeinfer-cpu's do (pipeinfer_cpu.errors); `--debug`
@@ -21,7 +21,7 @@ from compress.quantize import ACTIVATIONS, FORMATS, METHODS
 from pipeinfer_cpu.errors import one_line_errors
 
 ARCHS = ("resnet20", "resnet56", "vgg16", "mobilenet_v1", "mobilenet_v2", "shufflenet_v2")
-METHOD_CHOICES = ("gnn", "gnn-skip", "gnn-layers", "mlp", "random", "uniform")
+METHOD_CHOICES = ("gnn", "gnn-skip", "gnn-layers", "mlp", "random", "uniform", "depgraph")
 
 
 @one_line_errors(CompressError)
@@ -210,8 +210,8 @@ def search(checkpoint: str, arch: str | None, target: float, method: str, episod
     from compress.latency import load_predictor
     from compress.pipeline import PipelineConfig, load_datasets
     from compress.prune import build_space
-    from compress.search import (SearchConfig, check_budget, pruned_evaluator, run_search, save_search,
-                                 verify_budget)
+    from compress.search import (SearchConfig, check_budget, prior_policy, pruned_evaluator, run_search,
+                                 save_search, verify_budget)
     from compress.store import check_writable, load_checkpoint
 
     _check_latency_pair(latency_path, min_speedup)
@@ -229,7 +229,7 @@ def search(checkpoint: str, arch: str | None, target: float, method: str, episod
     model = model.to(dev)
     result = run_search(space, build_graph(model, space),
                         pruned_evaluator(model, space, data.train, data.holdout, calib_batches), scfg,
-                        latency_fn=latency_fn)
+                        latency_fn=latency_fn, prior=prior_policy(model, space, scfg))
     checked = verify_budget(model, space, result.best_keep)
     out = Path(out_dir)
     save_search(result, out / f"search_{method}.json", out / f"search_{method}.png")
@@ -446,6 +446,28 @@ def bench(onnx_files: tuple[str, ...], runs: int, warmup: int, rounds: int, json
                               "rounds": rounds, "runs_per_round": runs, "warmup": warmup,
                               "median_ms": by_threads(median), "speedup_vs_first": by_threads(speedup),
                               "round_medians_ms": by_threads(per)})
+
+
+@compress_group.command()
+@click.argument("onnx_files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None)
+@_data_option
+@_limit_option
+def accuracy(onnx_files: tuple[str, ...], json_out: str | None, data_root: str | None,
+             limit_per_class: int | None) -> None:
+    """Top-1 accuracy of ONNX files (FP32 or int8) on the CIFAR-10 test images, through onnxruntime."""
+    from compress.data import load_split
+    from compress.export import onnx_accuracy
+    from compress.report import normalised
+    from compress.store import write_json
+
+    test = load_split(data_root, "test", limit_per_class)
+    x = normalised(test.images)
+    result = {f: onnx_accuracy(f, x, test.labels) for f in onnx_files}
+    for f, acc in result.items():
+        click.echo(f"{f}: {acc:.2f}% of {len(test.labels)} test images")
+    if json_out:
+        write_json(json_out, {"test_images": len(test.labels), "top1": result})
 
 
 @compress_group.command()

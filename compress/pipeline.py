@@ -21,8 +21,8 @@ from compress.latency import load_predictor
 from compress.models import build_model
 from compress.prune import PruneSpace, apply_policy, build_space, count_macs
 from compress.resume import ResumeOptions, train_resumable
-from compress.search import (METHODS, SearchConfig, SearchResult, check_budget, plot_curves, pruned_evaluator,
-                             run_search)
+from compress.search import (DETERMINISTIC, METHODS, SearchConfig, SearchResult, check_budget, plot_curves,
+                             prior_policy, pruned_evaluator, run_search)
 from compress.store import check_writable, load_checkpoint, save_checkpoint, write_json
 
 
@@ -156,14 +156,15 @@ def search_all(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, data: D
     evaluate_keep({g.root: 0.5 for g in space.groups})  # times one episode
     per_eval = time.time() - t0
     episodes = cfg.episodes
-    learners = [m for m in cfg.methods if m != "uniform"]
+    learners = [m for m in cfg.methods if m not in DETERMINISTIC]
     if cfg.time_budget_s is not None and learners:
         episodes = max(8, min(episodes, int(_budget(cfg, 0.25) / len(learners) / max(per_eval, 1e-3))))
     found: dict[str, SearchResult] = {}
     for method in cfg.methods:
         scfg = SearchConfig(method=method, target=cfg.target, episodes=episodes, seed=cfg.seed,
                             min_speedup=cfg.min_speedup)
-        found[method] = run_search(space, graph, evaluate_keep, scfg, latency_fn=latency_fn)
+        found[method] = run_search(space, graph, evaluate_keep, scfg, latency_fn=latency_fn,
+                                   prior=prior_policy(model, space, scfg))
         write_json(out / f"search_{method}.json", found[method].to_json())
         results["search"][method] = {"holdout_best": found[method].best_reward,
                                      "evaluations": found[method].evaluations,

@@ -207,3 +207,39 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) 
     with torch.no_grad():
         macs, params = tp.utils.count_ops_and_params(model, torch.randn(*input_shape, device=device))
     return float(macs), float(params)
+
+
+def importance_keep(model: nn.Module, space: PruneSpace, target: float, min_keep: float = 0.05,
+                    steps: int = 100) -> dict[str, float]:
+    """DepGraph's own recipe as a policy: torch-pruning's pruner ranks the channels of all groups
+    together by group L2 norm (`GroupMagnitudeImportance`, normalised per group, global pruning)
+    and removes them a small step at a time until its MACs counter is within `target` of the
+    unpruned model's (by `space.predict_macs`, which matches the counter and costs nothing). The
+    channels each group kept, as keep ratios, go through the same budget fit as every other
+    method's policy."""
+    pruned = copy.deepcopy(model).eval()
+    device = next(pruned.parameters()).device
+    example = torch.randn(*space.input_shape, device=device)
+    pruner = tp.pruner.BasePruner(
+        pruned, example, importance=tp.importance.GroupMagnitudeImportance(p=2), global_pruning=True,
+        pruning_ratio=1.0 - min_keep, max_pruning_ratio=1.0 - min_keep, iterative_steps=steps,
+        ignored_layers=ignored_layers(pruned, _classes(model)), customized_pruners=CUSTOM_PRUNERS,
+        round_to=space.channel_multiple if space.channel_multiple > 1 else None)
+    def keep() -> dict[str, float]:
+        return {g.root: _out_channels(pruned.get_submodule(g.root)) / g.channels for g in space.groups}
+
+    with torch.enable_grad():
+        for _ in range(steps):
+            if space.predict_macs(keep()) <= target * space.base_macs:
+                break
+            pruner.step()
+    return keep()
+
+
+def _classes(model: nn.Module) -> int:
+    """The classifier's width: the last Linear's outputs."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features

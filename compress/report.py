@@ -19,7 +19,8 @@ from compress.quantize import quantize_int8
 from compress.store import atomic_write, load_checkpoint, read_json, write_json
 
 METHOD_LABELS = {"gnn": "GNN+RL (PPO, two-stage GCN)", "mlp": "RL without graph encoder",
-                 "random": "random search", "uniform": "uniform ratio (L2 magnitude)"}
+                 "random": "random search", "uniform": "uniform ratio (L2 magnitude)",
+                 "depgraph": "DepGraph group-norm importance (torch-pruning, global)"}
 
 
 def normalised(images: np.ndarray) -> np.ndarray:

@@ -12,16 +12,17 @@ from torch import nn
 from tqdm import tqdm
 
 from compress.agent import AgentConfig, PPOAgent
-from compress.baselines import RandomProposer, UniformProposer
+from compress.baselines import FixedProposer, RandomProposer, UniformProposer
 from compress.budget import LatencyFn, MacsFn, fit_budget, reward, with_latency_bound
 from compress.encoder import ENCODERS
 from compress.errors import BudgetError
 from compress.finetune import DeviceData, evaluate, recalibrate_bn
 from compress.graph import NetGraph
-from compress.prune import PruneSpace, apply_policy, count_macs
+from compress.prune import PruneSpace, apply_policy, count_macs, importance_keep
 from compress.store import atomic_write, write_json
 
-METHODS = ("gnn", "mlp", "random", "uniform")  # a full run; the other encoders on request
+METHODS = ("gnn", "mlp", "random", "uniform", "depgraph")  # a full run; the other encoders on request
+DETERMINISTIC = ("uniform", "depgraph")  # one policy each: evaluated once
 
 Evaluator = Callable[[dict[str, float]], float]
 
@@ -63,7 +64,12 @@ class SearchResult:
         return asdict(self)
 
 
-def make_proposer(graph: NetGraph, cfg: SearchConfig) -> Proposer:
+def prior_policy(model: nn.Module, space: PruneSpace, cfg: SearchConfig) -> dict[str, float] | None:
+    """What a method needs from the weights before its search: DepGraph's importance ranking."""
+    return importance_keep(model, space, cfg.target, cfg.min_keep) if cfg.method == "depgraph" else None
+
+
+def make_proposer(graph: NetGraph, cfg: SearchConfig, prior: dict[str, float] | None = None) -> Proposer:
     if cfg.method in ENCODERS:
         agent_cfg = AgentConfig(**{**asdict(cfg.agent), "encoder": cfg.method, "min_keep": cfg.min_keep,
                                    "seed": cfg.seed})
@@ -72,6 +78,10 @@ def make_proposer(graph: NetGraph, cfg: SearchConfig) -> Proposer:
         return RandomProposer(graph, cfg.min_keep, cfg.seed)
     if cfg.method == "uniform":
         return UniformProposer(graph)
+    if cfg.method == "depgraph":
+        if prior is None:
+            raise ValueError("the depgraph method needs its policy (search.prior_policy)")
+        return FixedProposer(prior)
     raise ValueError(f"unknown search method {cfg.method!r}; expected one of {', '.join(METHODS)}")
 
 
@@ -113,13 +123,14 @@ def check_budget(space: PruneSpace, cfg: SearchConfig, latency_fn: LatencyFn | N
 
 
 def run_search(space: PruneSpace, graph: NetGraph, evaluate_keep: Evaluator, cfg: SearchConfig,
-               progress: bool = True, latency_fn: LatencyFn | None = None) -> SearchResult:
-    """Run `cfg.episodes` episodes (one for the deterministic uniform baseline). With
-    `cfg.min_speedup`, every policy is also fitted under that predicted speed-up."""
+               progress: bool = True, latency_fn: LatencyFn | None = None,
+               prior: dict[str, float] | None = None) -> SearchResult:
+    """Run `cfg.episodes` episodes (one for the deterministic baselines). With `cfg.min_speedup`,
+    every policy is also fitted under that predicted speed-up; `prior` is `prior_policy`'s."""
     check_budget(space, cfg, latency_fn)
     cost = budget_cost(space, cfg, latency_fn)
-    proposer = make_proposer(graph, cfg)
-    episodes = 1 if cfg.method == "uniform" else cfg.episodes
+    proposer = make_proposer(graph, cfg, prior)
+    episodes = 1 if cfg.method in DETERMINISTIC else cfg.episodes
     rewards, best_curve = [], []
     best: tuple[float, dict[str, float], float] = (float("-inf"), {}, 1.0)
     start = time.time()

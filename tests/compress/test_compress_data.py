@@ -57,14 +57,14 @@ def test_zip_and_unzipped_folder_agree(cifar_root, tmp_path):
 def test_reproduce_end_to_end_small(small_run):
     out = small_run
     res = json.loads((out / "results.json").read_text())
-    assert set(res["finetuned"]) == {"gnn", "mlp", "random", "uniform"}
+    assert set(res["finetuned"]) == {"gnn", "mlp", "random", "uniform", "depgraph"}
     epochs = {row["finetune_epochs"] for row in res["finetuned"].values()}
     assert epochs == {1}  # every method gets the same fine-tuning schedule
     for method, row in res["finetuned"].items():
         assert 0.49 <= row["macs_ratio"] <= 0.5 + 1e-6, (method, row)
         assert 0.0 <= row["test_acc"] <= 100.0 and (out / f"pruned_{method}.pt").exists()
         search = json.loads((out / f"search_{method}.json").read_text())
-        assert len(search["rewards"]) == (1 if method == "uniform" else 3)
+        assert len(search["rewards"]) == (1 if method in ("uniform", "depgraph") else 3)
         assert search["best_so_far"] == list(np.maximum.accumulate(search["rewards"]))
     assert (out / "search_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert res["baseline"]["macs"] > 4e7 and (out / "baseline.pt").exists()
@@ -76,7 +76,7 @@ def test_report_measures_a_finished_run(small_run, cifar_root, cli, tmp_path):
     assert result.exit_code == 0, result.output + str(result.exception)
     [measured] = json.loads((tmp_path / "r.json").read_text())
     gpu_run, cpu = measured["gpu_run"], measured["cpu"]
-    assert set(cpu) == {"baseline", "gnn", "mlp", "random", "uniform", "gnn_int8"}
+    assert set(cpu) == {"baseline", "gnn", "mlp", "random", "uniform", "depgraph", "gnn_int8"}
     for name, row in cpu.items():
         assert row["1_thread_ms"] > 0 and row["2_thread_ms"] > 0
         if name == "gnn_int8":
@@ -85,7 +85,7 @@ def test_report_measures_a_finished_run(small_run, cifar_root, cli, tmp_path):
         torch_row = gpu_run["baseline"] if name == "baseline" else gpu_run["finetuned"][name]
         assert abs(row["onnx_test_acc"] - torch_row["test_acc"]) <= 1.0  # same weights, fp32 both
     table = (tmp_path / "r.md").read_text()
-    assert table.count("| resnet20 |") == 6 and "GNN+RL" in table
+    assert table.count("| resnet20 |") == 7 and "GNN+RL" in table
 
 
 def test_reproduce_from_an_existing_baseline(small_run, cifar_root, cli, tmp_path):
