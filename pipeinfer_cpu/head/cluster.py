@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from pipeinfer_cpu.errors import ClusterError
 from pipeinfer_cpu.llama.cpubackend import BackendReport
+from pipeinfer_cpu.llama.kvcache import COMMITTED_SEQ
 from pipeinfer_cpu.llama.settings import LlamaSettings
 from pipeinfer_cpu.modelfiles.models import ModelInfo
 from pipeinfer_cpu.modelfiles.planning import LayerRange
@@ -211,6 +212,20 @@ class Cluster:
         """Bytes all workers sent since `mark_decode`, as last collected; None if any did not count them."""
         values = list(self._decode_bytes_sent.values())
         return None if not values or None in values else sum(values)  # type: ignore[arg-type]
+
+    def silent_ranks(self, ranks: list[int], wait_s: float) -> list[int]:
+        """The ranks that do not answer a probe within `wait_s` (all probed at once): after a pipeline
+        timeout, the stage that is stuck, where an idle stage answers at once. For diagnosis only: the
+        job is ending, and a late answer is never read."""
+        for rank in ranks:
+            self.send_control(rank, C.KvUsageRequest((COMMITTED_SEQ,)))
+        deadline = time.perf_counter() + wait_s
+        waiting = set(ranks)
+        while waiting and (left := deadline - time.perf_counter()) > 0:
+            message = wait(self.transport, [(rank, Tag.REPLY) for rank in waiting], left)
+            if message is not None:
+                waiting.discard(message.source)
+        return sorted(waiting)
 
     def kv_usage(self, rank: int, seqs: list[int]) -> dict[int, tuple[int, int]]:
         self.send_control(rank, C.KvUsageRequest(tuple(seqs)))

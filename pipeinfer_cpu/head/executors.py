@@ -73,6 +73,9 @@ class LocalExecutor:
         """Local runs finish inside `launch`, so there is never anything left to cancel."""
 
 
+SILENT_PROBE_S = 1.0  # after a pipeline timeout, how long each stage has to answer a probe
+
+
 class PipelineExecutor:
     """Runs travel head -> stage ranks in order -> head; cancels go to every stage directly."""
 
@@ -93,15 +96,20 @@ class PipelineExecutor:
         last = self.stage_ranks[-1]
         message = wait(self.transport, [(last, Tag.RUN), (-1, Tag.REPLY)], self.timeout_s)
         if message is None:
-            raise ClusterError(
-                f"no result from the pipeline within {self.timeout_s:.0f} s; last stage is rank "
-                f"{last} ({self.cluster.host(last)}); a stage may be stuck or dead")
+            silent = self.cluster.silent_ranks(self.stage_ranks, SILENT_PROBE_S)
+            who = (f"{' and '.join(map(self.cluster.describe, silent))} does not answer" if silent
+                   else f"last stage is rank {last} ({self.cluster.host(last)})")
+            raise ClusterError(f"no result from the pipeline within {self.timeout_s:.0f} s; {who}; "
+                               "a stage may be stuck or dead")
         if message.tag == Tag.REPLY:
             reply = C.decode(message.data)
             rank = message.source
             text = reply.message if isinstance(reply, C.Failure) else f"unexpected {C.kind_of(reply)}"
             raise ClusterError(f"rank {rank} ({self.cluster.host(rank)}): {text}")
-        return _result(message.data)
+        try:
+            return _result(message.data)
+        except P.WireVersionError as exc:
+            raise ClusterError(f"from rank {message.source} ({self.cluster.host(message.source)}): {exc}") from None
 
     def cancel(self, run_ids: list[int]) -> None:
         data = P.encode_ids(run_ids)

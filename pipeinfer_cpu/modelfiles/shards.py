@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 from pipeinfer_cpu.errors import UserError
 from pipeinfer_cpu.files import atomic_output, atomic_write_text
@@ -64,7 +64,14 @@ def default_cache_dir() -> Path:
 
 def source_hash(files: tuple[Path, ...], cache_dir: Path) -> str:
     """SHA-256 of the source model's file, or of its parts' hashes for a split GGUF (so that a changed
-    part changes it); each file's remembered by (path, size, mtime) so big files are hashed once."""
+    part changes it)."""
+    hashes = remembered_sha256(files, cache_dir)
+    return hashes[0] if len(hashes) == 1 else hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+
+
+def remembered_sha256(files: Sequence[Path], cache_dir: Path) -> list[str]:
+    """SHA-256 of each file, remembered in the cache by (path, size, mtime): a big file is hashed once,
+    and again once it changes."""
     keys = [_hash_key(path) for path in files]
     index_path = cache_dir / "hashes.json"
     try:
@@ -74,8 +81,12 @@ def source_hash(files: tuple[Path, ...], cache_dir: Path) -> str:
     if any(key not in index for key in keys):
         index.update({key: file_sha256(path) for key, path in zip(keys, files) if key not in index})
         atomic_write_text(index_path, json.dumps(index, indent=1))
-    hashes = [index[key] for key in keys]
-    return hashes[0] if len(hashes) == 1 else hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+    return [index[key] for key in keys]
+
+
+def shard_intact(path: Path, shard: ShardFile, cache_dir: Path) -> bool:
+    """Is the file at `path` this shard, byte for byte (a shard edited or damaged on disk is not)?"""
+    return check_readable(path, shard.size_bytes) and remembered_sha256((path,), cache_dir)[0] == shard.sha256
 
 
 def _hash_key(path: Path) -> str:
@@ -101,7 +112,7 @@ def shard_model(
         spans = "_".join(f"{r.start}-{r.end}" for r in ranges)
         out_dir = cache_dir / "shards" / f"{digest[:16]}-{spans}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    cached = _load_matching_plan(out_dir, digest, ranges)
+    cached = _load_matching_plan(out_dir, digest, ranges, cache_dir)
     if cached is not None:
         return cached
     reader = open_gguf(info.path)
@@ -112,13 +123,13 @@ def shard_model(
             progress(f"writing shard {index} (layers {layer_range}) to {path}")
         write_shard(reader, info, layer_range, path)
         shards.append(ShardFile(index, layer_range.start, layer_range.end, str(path.resolve()),
-                                path.stat().st_size, file_sha256(path)))
+                                path.stat().st_size, remembered_sha256((path,), cache_dir)[0]))
     plan = ShardPlan(str(info.path.resolve()), digest, info.arch, info.n_layer, tuple(shards))
     atomic_write_text(out_dir / MANIFEST_NAME, plan.to_json())
     return plan
 
 
-def _load_matching_plan(out_dir: Path, digest: str, ranges: tuple[LayerRange, ...]) -> ShardPlan | None:
+def _load_matching_plan(out_dir: Path, digest: str, ranges: tuple[LayerRange, ...], cache_dir: Path) -> ShardPlan | None:
     try:
         plan = ShardPlan.from_json((out_dir / MANIFEST_NAME).read_text())
     except (OSError, ValueError, TypeError, KeyError):
@@ -126,7 +137,7 @@ def _load_matching_plan(out_dir: Path, digest: str, ranges: tuple[LayerRange, ..
     same = plan.source_sha256 == digest and [(s.start, s.end) for s in plan.shards] == [
         (r.start, r.end) for r in ranges
     ]
-    intact = all(Path(s.path).is_file() and Path(s.path).stat().st_size == s.size_bytes for s in plan.shards)
+    intact = all(shard_intact(Path(s.path), s, cache_dir) for s in plan.shards)
     return plan if same and intact else None
 
 

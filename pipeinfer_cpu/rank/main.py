@@ -16,7 +16,7 @@ from pipeinfer_cpu.files import atomic_output
 from pipeinfer_cpu.llama.cpubackend import NoUsableVariant
 from pipeinfer_cpu.llama.drafter import Drafter
 from pipeinfer_cpu.llama.runtime import Stage, StageConfig, cpu_backend
-from pipeinfer_cpu.modelfiles.shards import ShardFile, check_readable, default_cache_dir, verify_shard
+from pipeinfer_cpu.modelfiles.shards import ShardFile, default_cache_dir, shard_intact, verify_shard
 from pipeinfer_cpu.rank.calibration import measure
 from pipeinfer_cpu.rank.draft_loop import serve_drafts
 from pipeinfer_cpu.rank.stage_loop import StageLoop
@@ -122,7 +122,7 @@ def obtain_shard(transport: Transport, shard: ShardFile) -> Path:
     can read it (same machine, shared disk), else a copy the head sends now."""
     cached = default_cache_dir() / "received" / f"{shard.sha256[:16]}-{Path(shard.path).name}"
     for path in (cached, Path(shard.path)):
-        if check_readable(path, shard.size_bytes):
+        if shard_intact(path, shard, default_cache_dir()):
             _send(transport, C.Signal.HAVE_FILE)
             return path
     _send(transport, C.Signal.NEED_FILE)

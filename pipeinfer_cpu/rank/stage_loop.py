@@ -73,7 +73,7 @@ class StageLoop:
             elif message.tag == Tag.CONTROL:
                 self._on_control(C.decode(message.data))
             else:
-                self._on_run(R.decode_run(message.data))
+                self._on_run(_decode_run_from(message))
         self._stopping = True
         self._computing.set()  # release the watcher thread
 
@@ -205,3 +205,11 @@ class StageLoop:
                     self._note_cancelled(R.decode_ids(message.data))
                 else:  # a cancel rings this rank's doorbell: no need to wake up every few hundred microseconds
                     self.transport.idle(self.CANCEL_POLL_S)
+
+
+def _decode_run_from(message) -> R.RunMessage:
+    """A run from upstream; a corrupt one is an error naming the rank that sent it."""
+    try:
+        return R.decode_run(message.data)
+    except R.WireVersionError as exc:
+        raise R.WireVersionError(f"{exc} (sent by rank {message.source})") from None

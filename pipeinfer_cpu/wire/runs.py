@@ -148,6 +148,8 @@ def decode_run(data: np.ndarray) -> RunMessage:
     check_version(header["version"], "a run message")
     n, n_ids, n_tok, n_ops = (header[k] for k in ("n_tokens", "n_seq_ids", "n_token_ids", "n_kv_ops"))
     n_ints = _HEADER + 3 * n + n_ids + n_tok + 5 * n_ops
+    if min(n, n_ids, n_tok, n_ops) < 0 or data.nbytes < n_ints * 8:
+        raise WireVersionError(f"a corrupt run message: {data.nbytes} bytes, shorter than its header says")
     ints = data[: n_ints * 8].view(np.int64)
     at = _HEADER
     positions = tuple(int(v) for v in ints[at:at + n]); at += n
@@ -160,8 +162,11 @@ def decode_run(data: np.ndarray) -> RunMessage:
     for count in counts:
         seq_ids.append(tuple(int(v) for v in flat[start:start + count]))
         start += count
-    payload = _decode_payload(data[n_ints * 8:], header["payload_kind"], header["payload_rows"],
-                              header["payload_cols"])
+    try:
+        payload = _decode_payload(data[n_ints * 8:], header["payload_kind"], header["payload_rows"],
+                                  header["payload_cols"])
+    except (ValueError, KeyError) as exc:  # a payload cut short, or of no known kind
+        raise WireVersionError(f"a corrupt run message: {exc}") from None
     return RunMessage(header["run_id"], positions, tuple(seq_ids), tokens, outputs, ops,
                       Output(header["output_kind"]), payload)
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from pipeinfer_cpu.errors import PipeinferError
 from pipeinfer_cpu.wire.doorbell import IDLE_POLL_S, Doorbell
+from pipeinfer_cpu.wire.faults import FaultInjector
 from pipeinfer_cpu.wire.links import LinkMap, LinkState
 
 ANY = -1
@@ -223,6 +224,7 @@ class MpiTransport:
         self._doorbell = Doorbell(self.rank)
         self._doorbell.know_peers(self._comm.allgather(self._doorbell.address))
         self._eager_until = 0.0
+        self._faults = FaultInjector.from_env(self.rank)  # tests only (wire/faults.py)
 
     def use_links(self, links: LinkMap) -> None:
         """Shape this rank's sends by `links` from now on (every rank calls it, with the head's map, before
@@ -236,6 +238,8 @@ class MpiTransport:
 
     def send(self, dest: int, tag: int, data: np.ndarray) -> None:
         buffer = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+        if self._faults is not None:
+            buffer = self._faults.apply(tag, buffer)
         if self._shaper is not None and self._shaper.shapes(dest):
             with self._pending_lock:
                 self.bytes_sent += buffer.nbytes
