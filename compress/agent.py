@@ -11,7 +11,7 @@ the batch mean, normalised — no learned value function is needed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -76,6 +76,12 @@ class PPOAgent:
             action = dist.mean + dist.stddev * noise
             self._pending = (action, float(dist.log_prob(action).sum()))
         return self.to_keep(action)
+
+    def snapshot(self) -> dict:
+        """What rebuilds this policy network on another graph: its configuration, input sizes, weights."""
+        layer_dim = self.graph.layers.x.shape[1] if self.graph.layers is not None else 0
+        return {"config": asdict(self.cfg), "in_dim": int(self.graph.x.shape[1]), "layer_dim": int(layer_dim),
+                "state_dict": {k: v.detach().clone() for k, v in self.net.state_dict().items()}}
 
     def greedy(self) -> dict[str, float]:
         with torch.no_grad():

@@ -1,5 +1,5 @@
-"""`pipeinfer-cpu compress <verb>`: train, graph, search, latency-table, finetune, export, bench,
-accuracy, reproduce, report.
+"""`pipeinfer-cpu compress <verb>`: train, graph, search, transfer, latency-table, finetune, export,
+bench, accuracy, reproduce, report.
 
 Errors the user can fix (bad data, unreachable budget, wrong checkpoint, untraceable model) print
 one line to stderr and exit with status 1, as pipeinfer-cpu's do (pipeinfer_cpu.errors); `--debug`
@@ -20,7 +20,8 @@ from compress.errors import CompressError
 from compress.quantize import ACTIVATIONS, FORMATS, METHODS
 from pipeinfer_cpu.errors import one_line_errors
 
-ARCHS = ("resnet20", "resnet56", "vgg16", "mobilenet_v1", "mobilenet_v2", "shufflenet_v2")
+ARCHS = ("resnet20", "resnet32", "resnet56", "resnet110", "vgg16", "mobilenet_v1", "mobilenet_v2",
+         "shufflenet_v2")
 METHOD_CHOICES = ("gnn", "gnn-skip", "gnn-layers", "mlp", "random", "uniform", "depgraph")
 
 
@@ -232,11 +233,48 @@ def search(checkpoint: str, arch: str | None, target: float, method: str, episod
                         latency_fn=latency_fn, prior=prior_policy(model, space, scfg))
     checked = verify_budget(model, space, result.best_keep)
     out = Path(out_dir)
-    save_search(result, out / f"search_{method}.json", out / f"search_{method}.png")
+    save_search(result, out / f"search_{method}.json", out / f"search_{method}.png", arch=info["arch"])
     predicted = "" if result.predicted_speedup is None else \
         f", predicted {result.predicted_speedup:.2f}x faster"
     click.echo(f"{method}: best held-out accuracy {result.best_reward:.2f}% at {checked:.4f} of the MACs "
                f"(torch-pruning counter){predicted} -> {out / f'search_{method}.json'}")
+
+
+@compress_group.command()
+@click.option("--agent", "agent_path", type=click.Path(dir_okay=False), required=True,
+              help="search_<method>.agent.pt, written by `search` with an agent method on another depth.")
+@click.option("--checkpoint", type=click.Path(), default=None, help="The unpruned network to prune.")
+@click.option("--arch", type=click.Choice(ARCHS), default=None, help="Or its architecture (untrained).")
+@click.option("--target", type=float, required=True, help="Fraction of MACs to keep, e.g. 0.5.")
+@click.option("--channel-multiple", type=click.IntRange(min=1), default=None,
+              help="Round channel counts to multiples of this [default: the agent's search's].")
+@_latency_options
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True,
+              help="Policy file (search_<method>.json's fields) for `finetune` and `export --policy`.")
+def transfer(agent_path: str, checkpoint: str | None, arch: str | None, target: float,
+             channel_multiple: int | None, latency_path: str | None, min_speedup: float | None,
+             out_path: str) -> None:
+    """Apply a policy network searched on one network to another of its family, without search."""
+    from compress.latency import load_predictor
+    from compress.prune import build_space
+    from compress.search import verify_budget
+    from compress.store import check_writable, load_agent, write_json
+    from compress.transfer import check_family, transfer_policy
+
+    _check_latency_pair(latency_path, min_speedup)
+    agent = load_agent(agent_path)
+    model, name, kept = _model(arch, checkpoint)
+    check_family(agent["arch"], name)  # before the trace
+    _require_unpruned(checkpoint, kept, "transfer to the unpruned network")
+    check_writable(out_path)
+    multiple = channel_multiple or agent["channel_multiple"]
+    space = build_space(model, channel_multiple=multiple)
+    latency_fn = load_predictor(latency_path, model, space, name) if latency_path else None
+    result = transfer_policy(agent, model, space, name, target, latency_fn, min_speedup)
+    counted = verify_budget(model, space, result.keep)
+    write_json(out_path, {**result.to_json(target, name, multiple), "macs_ratio_counted": counted})
+    click.echo(f"{agent['method']} agent searched on {agent['arch']} -> {name}: {counted:.4f} of the MACs "
+               f"(torch-pruning counter), no search -> {out_path}")
 
 
 @compress_group.command("latency-table")

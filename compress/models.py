@@ -7,6 +7,7 @@ Activations and pooling are functional, so torch-pruning's counter sees convs, B
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
@@ -243,8 +244,24 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+# Other depths of the CIFAR ResNet (6n+2 layers), built on request but not part of every
+# architecture-wide test: transfer moves a policy network between them (resnet32, resnet110).
+_RESNET_DEPTH = re.compile(r"resnet(\d+)")
+
+
+def family(arch: str) -> str:
+    """The architectures a policy network may move between: the same kinds of blocks at other
+    depths (CIFAR ResNets) or versions (MobileNets)."""
+    if _RESNET_DEPTH.fullmatch(arch):
+        return "resnet"
+    return "mobilenet" if arch.startswith("mobilenet") else arch
+
+
 def build_model(arch: str) -> nn.Module:
     """Instantiate an architecture by name with a fixed, seed-independent layout."""
+    depth = _RESNET_DEPTH.fullmatch(arch)
+    if depth and arch not in ARCHITECTURES:
+        return CifarResNet(int(depth.group(1)))
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[arch]()

@@ -22,7 +22,7 @@ from compress.models import build_model
 from compress.prune import PruneSpace, apply_policy, build_space, count_macs
 from compress.resume import ResumeOptions, train_resumable
 from compress.search import (DETERMINISTIC, METHODS, SearchConfig, SearchResult, check_budget, plot_curves,
-                             prior_policy, pruned_evaluator, run_search)
+                             prior_policy, pruned_evaluator, run_search, save_search)
 from compress.store import check_writable, load_checkpoint, save_checkpoint, write_json
 
 
@@ -165,7 +165,7 @@ def search_all(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, data: D
                             min_speedup=cfg.min_speedup)
         found[method] = run_search(space, graph, evaluate_keep, scfg, latency_fn=latency_fn,
                                    prior=prior_policy(model, space, scfg))
-        write_json(out / f"search_{method}.json", found[method].to_json())
+        save_search(found[method], out / f"search_{method}.json", arch=cfg.arch)
         results["search"][method] = {"holdout_best": found[method].best_reward,
                                      "evaluations": found[method].evaluations,
                                      "seconds": round(found[method].seconds, 1),

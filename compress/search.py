@@ -19,7 +19,7 @@ from compress.errors import BudgetError
 from compress.finetune import DeviceData, evaluate, recalibrate_bn
 from compress.graph import NetGraph
 from compress.prune import PruneSpace, apply_policy, count_macs, importance_keep
-from compress.store import atomic_write, write_json
+from compress.store import atomic_write, save_agent, write_json
 
 METHODS = ("gnn", "mlp", "random", "uniform", "depgraph")  # a full run; the other encoders on request
 DETERMINISTIC = ("uniform", "depgraph")  # one policy each: evaluated once
@@ -59,9 +59,10 @@ class SearchResult:
     channel_multiple: int  # the rounding the policy was searched with; fine-tuning must reuse it
     min_speedup: float | None = None  # the latency bound searched under, if any
     predicted_speedup: float | None = None  # of the best policy, by the latency table, if one was used
+    agent: dict | None = field(default=None, repr=False)  # the policy network after the search (transfer)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "agent"}
 
 
 def prior_policy(model: nn.Module, space: PruneSpace, cfg: SearchConfig) -> dict[str, float] | None:
@@ -149,8 +150,9 @@ def run_search(space: PruneSpace, graph: NetGraph, evaluate_keep: Evaluator, cfg
     speedup = None
     if latency_fn is not None and best[1]:
         speedup = latency_fn({g.root: 1.0 for g in space.groups}) / latency_fn(best[1])
+    agent = proposer.snapshot() if isinstance(proposer, PPOAgent) else None
     return SearchResult(cfg.method, cfg.target, best[1], best[0], best[2], rewards, best_curve,
-                        episodes, time.time() - start, space.channel_multiple, cfg.min_speedup, speedup)
+                        episodes, time.time() - start, space.channel_multiple, cfg.min_speedup, speedup, agent)
 
 
 def verify_budget(model: nn.Module, space: PruneSpace, keep: dict[str, float]) -> float:
@@ -159,9 +161,14 @@ def verify_budget(model: nn.Module, space: PruneSpace, keep: dict[str, float]) -
     return macs / space.base_macs
 
 
-def save_search(result: SearchResult, json_path: str | Path, png_path: str | Path | None = None) -> None:
-    """Best policy and learning curve as JSON, and the curve as a PNG (both written atomically)."""
+def save_search(result: SearchResult, json_path: str | Path, png_path: str | Path | None = None,
+                arch: str | None = None) -> None:
+    """Best policy and learning curve as JSON, and the curve as a PNG (both written atomically);
+    an agent's policy network beside them (`<json stem>.agent.pt`, for `compress transfer`)."""
     write_json(json_path, result.to_json())
+    if result.agent is not None and arch is not None:
+        save_agent(Path(json_path).with_suffix(".agent.pt"), result.agent, arch, result.method,
+                   result.target, result.channel_multiple)
     if png_path is not None:
         plot_curves({result.method: result}, png_path)
 

@@ -16,6 +16,7 @@ from compress.prune import build_space, prune_to_counts
 from pipeinfer_cpu import files
 
 FORMAT = "compress-checkpoint-v1"
+AGENT_FORMAT = "compress-agent-v1"
 
 
 def check_writable(path: str | Path) -> None:
@@ -63,14 +64,33 @@ def save_checkpoint(path: str | Path, model: nn.Module, arch: str, kept: dict[st
     return atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 
+def save_agent(path: str | Path, snapshot: dict[str, Any], arch: str, method: str, target: float,
+               channel_multiple: int) -> Path:
+    """A searched policy network (`PPOAgent.snapshot`) with the architecture it was searched on."""
+    blob = {"format": AGENT_FORMAT, "arch": arch, "method": method, "target": target,
+            "channel_multiple": channel_multiple, **snapshot}
+    return atomic_write(path, lambda tmp: torch.save(blob, tmp))
+
+
+def _load(path: str | Path, what: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{what} not found: {path}") from err
+    except Exception as err:  # torch raises pickle/zip/runtime errors for damaged files
+        raise CheckpointError(f"cannot read {what} {path}: {type(err).__name__}") from err
+
+
+def load_agent(path: str | Path) -> dict[str, Any]:
+    blob = _load(path, "agent file")
+    if not isinstance(blob, dict) or blob.get("format") != AGENT_FORMAT:
+        raise CheckpointError(f"{path} is not a searched agent (search_<method>.agent.pt)")
+    return blob
+
+
 def load_checkpoint(path: str | Path, arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the (possibly pruned) model of a checkpoint; `arch`, when given, must match."""
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise CheckpointError(f"checkpoint not found: {path}") from err
-    except Exception as err:  # torch raises pickle/zip/runtime errors for damaged files
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}") from err
+    blob = _load(path, "checkpoint")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a compress checkpoint")
     if arch is not None and blob["arch"] != arch:
