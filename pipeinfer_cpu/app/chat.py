@@ -257,8 +257,8 @@ class ChatSession:
         try:
             atomic_write_text(Path(arg).expanduser(), json.dumps(conversation_to_json(self.conversation),
                                                                  indent=2, ensure_ascii=False) + "\n")
-        except OSError as exc:
-            say(f"error: cannot write {arg}: {exc.strerror or exc}")
+        except (OSError, ValueError) as exc:  # ValueError: a path with a NUL byte
+            say(f"error: cannot write {arg!r}: {getattr(exc, 'strerror', None) or exc}")
             return True
         say(f"(saved {len(self.conversation.turns)} turns to {arg})")
         return True
@@ -284,10 +284,10 @@ def read_transcript(path: Path) -> Conversation:
     """A conversation saved by /save; any problem is a one-line UserError."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})") from None
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
+            raise UserError(f"{path} is not valid JSON ({exc})") from None
+        raise UserError(f"cannot read {str(path)!r}: {getattr(exc, 'strerror', None) or exc}") from None
     return conversation_from_json(data)
 
 

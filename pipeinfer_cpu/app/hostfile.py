@@ -97,7 +97,7 @@ def _parse_settings(comment: str, where: str) -> dict[str, float | int]:
     while (match := _SETTING.match(rest)) is not None:
         key, value = match["key"], match["value"]
         if key == "weight":
-            if not _NUMBER.match(value) or float(value) <= 0:
+            if not _NUMBER.match(value) or not 0 < float(value) < math.inf:  # 1e400 reads as inf
                 raise HostfileError(f"{where}: bad weight {value!r} (expected '# weight=<positive number>')")
             settings["weight"] = float(value)
         else:

@@ -57,8 +57,9 @@ def split_layers(n_layer: int, weights: Sequence[float]) -> tuple[LayerRange, ..
 def _proportional_sizes(total: int, weights: Sequence[float]) -> list[int]:
     # One block each first, then share out the rest by weight, so no stage is ever empty.
     spare = total - len(weights)
-    scale = sum(weights)
-    quotas = [spare * w / scale for w in weights]
+    top = max(weights)
+    shares = [w / top for w in weights]  # relative to the largest: two weights of 1e308 do not sum to inf
+    quotas = [spare * share / sum(shares) for share in shares]
     sizes = [1 + math.floor(q) for q in quotas]
     leftover = total - sum(sizes)
     by_remainder = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - math.floor(quotas[i])), i))
