@@ -147,3 +147,25 @@ def test_reshard_with_no_stage_left_is_one_error_line(cache_dir):
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "cannot reshard: no stage is left to continue on" in errors[0], stderr
     assert "Traceback" not in stderr
+
+
+def test_chat_reshards_and_goes_on(cache_dir, three_hosts, tmp_path):
+    """The same in a chat: the turn being answered finishes on 2 stages, the next turn runs there, and
+    the transcript holds both."""
+    env = dict(os.environ, PIPEINFER_CACHE=str(cache_dir))
+    env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"
+    transcript, lines = tmp_path / "chat.jsonl", tmp_path / "typed.txt"
+    lines.write_text(f"{STORY}\nAnd one more sentence, please.\n")
+    with open(lines) as typed:
+        job = subprocess.Popen([sys.executable, "-m", "pipeinfer_cpu", "chat", "--hostfile", str(three_hosts),
+                                "--on-failure", "reshard", "-n", "60", "--temp", "0", "--transcript", str(transcript)],
+                               cwd=REPO, env=env, stdin=typed, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = rank_pids(job, 4)
+    wait_for_text(job, 80)
+    os.kill(pids[-1], signal.SIGKILL)
+    _, stderr = job.communicate(timeout=180)
+    assert job.returncode == 0, stderr
+    assert sum(line.startswith("warning: ") for line in stderr.splitlines()) == 1, stderr
+    turns = [json.loads(line) for line in transcript.read_text().splitlines()]
+    answers = [t for t in turns if t.get("role") == "assistant"]
+    assert len(answers) == 2 and all(a["content"] and a["stopped_by"] != "error" for a in answers), turns

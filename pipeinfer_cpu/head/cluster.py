@@ -56,6 +56,7 @@ class Cluster:
         self._bytes_sent: dict[int, int] = {}
         self._decode_bytes_sent: dict[int, int | None] = {}
         self.cpus: dict[int, int] = {}
+        self.memory: dict[str, int] = {}  # host -> bytes of memory available, as its ranks said at hello
         self.roles: dict[int, str] = {}  # what each worker runs, in words, once assigned
         self.backends: dict[int, BackendReport] = {}  # the llama.cpp CPU backend each worker loaded
 
@@ -81,6 +82,7 @@ class Cluster:
             hello = self.expect(rank, C.Hello, timeout_s=HELLO_TIMEOUT_S)
             self.hosts[rank] = hello.host
             self.cpus[rank] = hello.cpus
+            self.memory[hello.host] = hello.mem_available
             if hello.wire != WIRE_VERSION:
                 raise ClusterError(f"rank {rank} ({self.host(rank)}): its hello is in wire format version "
                                    f"{hello.wire}, but this rank speaks version {WIRE_VERSION}: install the "
@@ -134,6 +136,12 @@ class Cluster:
                                            settings.n_ctx, settings.n_batch, self._stage_threads(rank, index, settings),
                                            settings.n_seq_max, upstream, downstream, settings.cancellation,
                                            llama=settings.llama)
+        need: dict[str, list[ShardFile]] = {}
+        for rank, shard in zip(stage_ranks, plan.shards):
+            need.setdefault(self.host(rank), []).append(shard)
+        shortfall = memory_shortfall(need, self.memory)
+        if shortfall:
+            raise ClusterError(shortfall)
         self._load(assignments)
 
     def load_draft(self, rank: int, info: ModelInfo, settings: StageSettings) -> None:
@@ -264,3 +272,16 @@ def draft_file(info: ModelInfo) -> ShardFile:
 
 def _bytes_array(chunk: bytes) -> np.ndarray:
     return np.frombuffer(chunk, dtype=np.uint8)
+
+
+def memory_shortfall(need: dict[str, list[ShardFile]], available: dict[str, int]) -> str | None:
+    """Why a host cannot hold the weights of its stages (host -> their shards), if one cannot; None
+    when each can (or says nothing of its memory). Only the weights are counted: a stage whose
+    weights do not fit in memory pages them in from disk for every token."""
+    for host, shards in need.items():
+        weights = sum(shard.size_bytes for shard in shards)
+        if available.get(host) and weights > available[host]:
+            layers = ", ".join(f"{s.start}-{s.end}" for s in shards)
+            return (f"host {host} has {available[host] / 1e9:.1f} GB of memory available, but its stage weights "
+                    f"(layers {layers}) take {weights / 1e9:.1f} GB: add hosts, or give it a smaller weight")
+    return None

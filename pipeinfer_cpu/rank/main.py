@@ -12,6 +12,8 @@ import socket
 import traceback
 from pathlib import Path
 
+import psutil
+
 from pipeinfer_cpu.files import atomic_output
 from pipeinfer_cpu.llama.cpubackend import NoUsableVariant
 from pipeinfer_cpu.llama.drafter import Drafter
@@ -75,7 +77,8 @@ def serve(transport: Transport) -> int:
 
 def _hello(setup: C.Setup) -> C.Hello:
     """Who this rank is, and the CPU backend it loaded (or, in backend_error, why it has none)."""
-    me = dict(host=socket.gethostname(), pid=os.getpid(), cpus=os.cpu_count() or 1, wire=WIRE_VERSION)
+    me = dict(host=socket.gethostname(), pid=os.getpid(), cpus=os.cpu_count() or 1, wire=WIRE_VERSION,
+              mem_available=psutil.virtual_memory().available)
     if setup.wire != WIRE_VERSION:
         return C.Hello(**me, backend=None, backend_error=f"the head speaks wire format version {setup.wire}, this "
                        f"rank {WIRE_VERSION}: install the same pipeinfer-cpu version on every node")

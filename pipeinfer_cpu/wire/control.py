@@ -4,7 +4,7 @@ The head sends on `Tag.CONTROL`, a rank answers on `Tag.REPLY`. A job starts lik
 
     head -> rank   Setup          how to start llama.cpp (the CPU backend variant to force, if any), and
                                   the emulated links (wire/links.py), which the rank applies at once
-    rank -> head   Hello          host, cores, wire version, the CPU backend it loaded (or why none)
+    rank -> head   Hello          host, cores, memory available, wire version, the CPU backend it loaded (or why none)
     head -> rank   Assign         a stage's layer range and shard (or the whole draft model)
     rank -> head   HAVE_FILE | NEED_FILE   (NEED_FILE: the head sends the shard's bytes on Tag.FILE)
     rank -> head   Ready          loaded; then runs flow on Tag.RUN (wire/runs.py)
@@ -114,6 +114,7 @@ class Hello:
     wire: int
     backend: BackendReport | None  # None when no CPU backend variant runs here: see backend_error
     backend_error: str | None = None
+    mem_available: int = 0  # bytes of memory the host has available (0: unknown)
 
 
 @dataclass(frozen=True)

@@ -118,3 +118,18 @@ def test_a_replay_of_no_token_ids_is_refused(server):
     events: list[dict] = []
     server.handle({"type": "complete", "text": "Hi", "replay": [-1]}, events.append, lambda: False)
     assert events[-1]["event"] == "error" and "token ids" in events[-1]["message"]
+
+
+def test_memory_shortfall_names_the_host_that_cannot_hold_its_stages():
+    from pipeinfer_cpu.head.cluster import memory_shortfall
+    from pipeinfer_cpu.modelfiles.shards import ShardFile
+
+    def shard(start: int, end: int, gb: float) -> ShardFile:
+        return ShardFile(0, start, end, "x.gguf", int(gb * 1e9), "")
+
+    need = {"a": [shard(0, 10, 2.0)], "b": [shard(10, 20, 2.0), shard(20, 30, 2.0)]}
+    assert memory_shortfall(need, {"a": int(8e9), "b": int(8e9)}) is None
+    assert memory_shortfall(need, {"a": int(8e9)}) is None  # b said nothing: not refused
+    message = memory_shortfall(need, {"a": int(8e9), "b": int(3e9)})
+    assert message == ("host b has 3.0 GB of memory available, but its stage weights (layers 10-20, 20-30) take "
+                       "4.0 GB: add hosts, or give it a smaller weight")
