@@ -294,6 +294,28 @@ def test_a_rank_that_dies_is_a_503_naming_it_and_the_server_exits_non_zero(cache
     assert "Traceback" not in server.stderr
 
 
+def test_the_server_killed_mid_answer_leaves_no_rank(cache_dir):
+    """SIGKILL of the server while it answers: its job sees its input end and quits (the fault matrix's
+    "front end killed" for serve; tests/test_fault_matrix.py has run and chat)."""
+    server = Server(cache_dir, *PIPELINE)
+    asking = threading.Thread(target=lambda: _ignore_errors(lambda: server.post(
+        "/v1/completions", json={"prompt": COUNTING, "max_tokens": 1000, "temperature": 0})), daemon=True)
+    asking.start()
+    _wait_for(lambda: server.get("/health").json()["running"] == 1)
+    ranks = [p for p in processes_tagged(server.tag) if p.pid != server.process.pid]
+    assert len(ranks) >= 3  # the head and two stages (and mpiexec's own)
+    server.process.kill()
+    _, alive = psutil.wait_procs(ranks, timeout=15)
+    assert not alive, f"left running: {alive}"
+
+
+def _ignore_errors(call) -> None:
+    try:
+        call()
+    except httpx.HTTPError:
+        pass
+
+
 def _wait_for(condition, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
