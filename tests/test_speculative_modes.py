@@ -75,6 +75,13 @@ def test_the_ngram_draft_is_lossless_and_drafts_on_a_prompt_that_repeats_itself(
             assert stats["drafted"] > 0 and stats["accepted"] > 0, mode
 
 
+def test_ngram_first_then_the_draft_model_is_lossless(cli, tmp_path, draft):
+    """--draft ngram+MODEL: the lookup where the answer quotes, the model elsewhere; greedy equals single."""
+    expected = generate(cli, tmp_path, REPEATING, "--mode", "single", n=64)["tokens"]
+    stats = generate(cli, tmp_path, REPEATING, "--mode", "pipeinfer", "--stages", "2", "--draft", f"ngram+{draft}", n=64)
+    assert stats["tokens"] == expected and stats["drafted"] > 0 and stats["accepted"] > 0
+
+
 def test_forced_patterns_cancellation_and_no_kv_leaks(tmp_path, default_model, draft, cache_dir):
     """200 random acceptance patterns, forced mid-compute cancellations, 500 continued tokens."""
     out = tmp_path / "stress.json"

@@ -87,7 +87,8 @@ def mode_spec(mode: str, config: BenchConfig, draft: Path | None = None) -> Mode
     if mode == "pipeline":
         return ModeSpec(label + ")", ("--mode", "pipeline", *stages, *threads))
     draft_max = ("--draft-max", str(config.draft_max)) if config.draft_max else ()
-    drafting = " + n-gram draft)" if draft is not None and NgramSettings.is_spec(str(draft)) else " + 1 draft rank)"
+    ngram, model = NgramSettings.split(str(draft)) if draft is not None and NgramSettings.is_spec(str(draft)) else (None, draft)
+    drafting = " + n-gram draft" * (ngram is not None) + " + 1 draft rank" * (model is not None) + ")"
     return ModeSpec(label + drafting, ("--mode", mode, *stages, *threads, *draft_max))
 
 

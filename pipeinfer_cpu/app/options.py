@@ -110,13 +110,18 @@ class EngineOptions:
 
     @functools.cached_property
     def ngram(self) -> NgramSettings | None:
-        """The n-gram draft, when --draft names it (`ngram` or `ngram:N,K`)."""
-        return NgramSettings.parse(str(self.draft)) if self.draft and NgramSettings.is_spec(str(self.draft)) else None
+        """The n-gram draft, when --draft names it (`ngram`, `ngram:N,K`, either before `+MODEL`)."""
+        if not self.draft or not NgramSettings.is_spec(str(self.draft)):
+            return None
+        return NgramSettings.parse(NgramSettings.split(str(self.draft))[0])
 
     @property
     def draft_model(self) -> Path | None:
-        """The draft model (a file or a name), when --draft names one."""
-        return None if self.ngram is not None else self.draft
+        """The draft model (a file or a name), when --draft names one (alone, or after `ngram+`)."""
+        if self.ngram is None:
+            return self.draft
+        model = NgramSettings.split(str(self.draft))[1]
+        return None if model is None else Path(model)
 
     @functools.cached_property
     def topology(self) -> Topology:
@@ -196,7 +201,8 @@ _OPTIONS = [
     click.option("--draft", type=click.Path(path_type=Path),
                  help="The draft of speculative and pipeinfer: a GGUF file or model name (same vocabulary), or "
                       "ngram[:N,K] (no model: the next K tokens guessed from where the last N appeared before; "
-                      "default ngram:3,8)."),
+                      "default ngram:3,8), or ngram[:N,K]+MODEL (the n-gram draft where the text repeats itself, the "
+                      "model where it finds nothing)."),
     click.option("--draft-ranks", type=click.Choice(["dedicated", "head"]), default="dedicated", show_default=True,
                  help="Run the draft on a rank of its own, or inside the head's process."),
     click.option("--draft-host", help="Host of the dedicated draft rank (default: the first host)."),

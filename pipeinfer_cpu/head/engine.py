@@ -22,7 +22,7 @@ from pipeinfer_cpu.head import pipeinfer, speculative
 from pipeinfer_cpu.head.clock import RealClock
 from pipeinfer_cpu.head.cluster import Cluster, StageSettings
 from pipeinfer_cpu.head.decoding import Decoder, Generation
-from pipeinfer_cpu.head.draft_clients import LocalDraftClient, RemoteDraftClient
+from pipeinfer_cpu.head.draft_clients import LocalDraftClient, NgramFirstDraftClient, RemoteDraftClient
 from pipeinfer_cpu.head.executors import Executor, LocalExecutor, PipelineExecutor
 from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.head.ngram import NgramDrafter, NgramSettings
@@ -74,8 +74,6 @@ class EngineSettings:
             raise UserError(f"unknown mode {self.mode!r} (choose from {', '.join(m.value for m in Mode)})") from None
         if self.mode.speculative and self.draft is None and self.ngram is None:
             raise UserError(f"mode {self.mode} needs a draft (--draft FILE.gguf, a model name, or ngram)")
-        if self.draft is not None and self.ngram is not None:
-            raise UserError("one draft at a time: a draft model or the n-gram draft")
         if self.n_ctx < 16:
             raise UserError(f"--ctx-size must be at least 16, got {self.n_ctx}")
         if self.n_batch < 1:
@@ -199,10 +197,11 @@ class Engine:
                                        settings.stage_threads)
         cluster.load_stages(plan, stage_ranks, stage_settings)
         draft: DraftClient | None = None
-        if draft_info is not None and settings.mode.speculative:
-            draft = _start_draft(settings, draft_info, cluster, stage_settings, dedicated_draft)
-        elif settings.ngram is not None and settings.mode.speculative:
-            draft = LocalDraftClient(NgramDrafter(settings.ngram))
+        if settings.mode.speculative:
+            model = None if draft_info is None else _start_draft(settings, draft_info, cluster, stage_settings,
+                                                                 dedicated_draft)
+            ngram = None if settings.ngram is None else NgramDrafter(settings.ngram)
+            draft = NgramFirstDraftClient(ngram, model) if ngram and model else model or LocalDraftClient(ngram)
         vocab = Vocab(info.path)
         executor = PipelineExecutor(cluster, stage_ranks, settings.timeout_s)
         return Engine(settings, info, vocab, executor, cluster, stage_ranks, None, draft, backends)

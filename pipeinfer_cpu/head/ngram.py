@@ -39,8 +39,16 @@ class NgramSettings:
 
     @staticmethod
     def is_spec(text: str) -> bool:
-        """Does --draft's value name the n-gram draft (rather than a model file)?"""
-        return text == "ngram" or text.startswith("ngram:")
+        """Does --draft's value name the n-gram draft (alone, or first before a model: `ngram+MODEL`)?"""
+        return text in ("ngram", "ngram+") or text.startswith(("ngram:", "ngram+"))
+
+    @staticmethod
+    def split(text: str) -> tuple[str, str | None]:
+        """--draft `ngram[:N,K][+MODEL]` as the n-gram part and the model (None: the n-gram draft alone)."""
+        ngram, plus, model = text.partition("+")
+        if plus and not model:
+            raise UserError(f"--draft {text}: name the model after '+', e.g. ngram+qwen2.5-coder-0.5b")
+        return ngram, model or None
 
     @staticmethod
     def parse(text: str) -> NgramSettings:

@@ -3,6 +3,8 @@ a context that grows (a chat's next turn) or changes (a rejected guess), and its
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeinfer_cpu.errors import UserError
@@ -82,3 +84,35 @@ def test_bad_settings_say_what_is_expected(text, fragment):
     with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         NgramSettings.parse(text)
     assert not NgramSettings.is_spec("ngrams.gguf")
+
+
+def test_ngram_first_asks_the_model_only_where_the_lookup_finds_nothing():
+    from pipeinfer_cpu.head.draft_clients import NgramFirstDraftClient
+    from pipeinfer_cpu.wire.drafts import DraftReply
+
+    class Model:
+        def __init__(self) -> None:
+            self.asked: list[int] = []
+
+        def request(self, request: DraftRequest) -> None:
+            self.asked.append(request.request_id)
+
+        def poll(self):
+            return DraftReply(self.asked[-1], (7, 7), (0.9, 0.9)) if self.asked else None
+
+    model = Model()
+    client = NgramFirstDraftClient(NgramDrafter(NgramSettings(2, 4)), model)
+    client.request(DraftRequest(1, (1, 2, 3, 1, 2), 4, 0.0))  # "1 2" was followed by 3: the lookup answers
+    assert client.poll().tokens[0] == 3 and model.asked == []
+    client.request(DraftRequest(2, (4, 5, 6), 4, 0.0))  # nothing repeats: the model drafts
+    assert model.asked == [2] and client.poll().tokens == (7, 7)
+
+
+def test_ngram_plus_a_model_names_both():
+    from pipeinfer_cpu.app.options import EngineOptions
+
+    options = EngineOptions(draft=Path("ngram:2,5+qwen2.5-coder-0.5b"))
+    assert options.ngram == NgramSettings(2, 5) and options.draft_model == Path("qwen2.5-coder-0.5b")
+    assert EngineOptions(draft=Path("ngram")).draft_model is None
+    with pytest.raises(UserError, match="name the model after"):
+        EngineOptions(draft=Path("ngram+")).draft_model
