@@ -159,8 +159,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replot", action="store_true", help="Only redraw soak.png and the table from soak.jsonl "
+                                                              "(a soak stopped early keeps its samples there).")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        points = [json.loads(line) for line in (args.out / "soak.jsonl").read_text().splitlines()]
+        plot(points, args.out / "soak.png")
+        print("\n".join(summary(points)))
+        return
     rng, started, points = random.Random(args.seed), time.monotonic(), []
     log = open(args.out / "soak.jsonl", "w")
 
