@@ -9,6 +9,7 @@ import click
 
 from pipeinfer_cpu.app.options import (LINK_OPTION, WIRE_DTYPE_OPTION, EngineOptions, SamplingOptions, engine_options,
                                        sampling_options)
+from pipeinfer_cpu.app.draft import draft
 from pipeinfer_cpu.app.plan import plan
 from pipeinfer_cpu.app.prompts import read_prompts
 from pipeinfer_cpu.errors import PipeinferError, UserError, exit_with_error, one_line_errors
@@ -60,6 +61,7 @@ def commands() -> None:
 
 
 commands.add_command(plan)  # the performance model (pipeinfer_cpu/app/plan.py)
+commands.add_command(draft)  # draft models: distill, evaluate (pipeinfer_cpu/app/draft.py)
 
 
 # -- shared options -----------------------------------------------------------------------------

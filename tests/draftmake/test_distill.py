@@ -1,0 +1,114 @@
+"""draft distill on CPU in a tiny configuration: the stages, the GGUF it writes (loaded by llama.cpp), and
+the draft passing the checks every draft passes (greedy speculative and pipeinfer equal single).
+
+The target here is the default model cut to its first 4 blocks: real weights and the real tokenizer, at a
+size that trains in seconds. The torch copy of the whole default model is checked against llama.cpp."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import assert_clean_failure, read_json
+
+torch = pytest.importorskip("torch")
+
+from pipeinfer_cpu.draftmake import evaluate  # noqa: E402
+from pipeinfer_cpu.draftmake.distill import DistillPlan, distill  # noqa: E402
+from pipeinfer_cpu.draftmake.net import Decoder, causal_mask, positions_of  # noqa: E402
+from pipeinfer_cpu.draftmake.targetfile import open_target, read_weights  # noqa: E402
+from pipeinfer_cpu.draftmake.weightfiles import load_draft  # noqa: E402
+
+TINY = dict(draft_layers=1, answer_tokens=8, copies=1, max_prompts=6, questions=2, gen_batch=8, train_batch=2,
+            steps=2, warmup=1)
+SEQUENCE = [1, 4093, 198, 6004, 2, 198, 1, 520, 9531, 198, 504, 3458, 314, 216, 9, 28, 351]  # a chat turn
+
+
+def torch_logits(path, weights=None):
+    reader, shape = open_target(path)
+    model = Decoder(shape, weights or read_weights(reader))
+    tokens = torch.tensor([SEQUENCE])
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    with torch.no_grad():
+        return model(tokens, positions_of(valid), causal_mask(valid))[0].numpy()
+
+
+def llama_logits(path):
+    stage = evaluate._whole_model(path, 256, 1)
+    try:
+        return evaluate.sequence_logits(stage, SEQUENCE)
+    finally:
+        stage.close()
+
+
+def close(ours, theirs, rel_l2, argmax):
+    assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < rel_l2
+    assert (ours.argmax(1) == theirs.argmax(1)).mean() >= argmax
+
+
+def test_the_torch_copy_of_the_target_matches_llama_cpp(default_model):
+    # llama.cpp quantises activations for its Q4_1 matmuls; the copy does not (README: about 4% apart)
+    close(torch_logits(default_model), llama_logits(default_model), rel_l2=0.08, argmax=0.9)
+
+
+@pytest.fixture(scope="module")
+def small_target(tmp_path_factory, default_model):
+    from pipeinfer_cpu.modelfiles.models import open_gguf, read_model_info
+    from pipeinfer_cpu.modelfiles.planning import LayerRange
+    from pipeinfer_cpu.modelfiles.shards import write_shard
+
+    path = tmp_path_factory.mktemp("target") / "smollm2-first4.gguf"
+    info = read_model_info(default_model)
+    write_shard(open_gguf(default_model), info, LayerRange(0, 4, info.n_layer), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, small_target):
+    folder = tmp_path_factory.mktemp("draft")
+    plan = DistillPlan(small_target, folder / "state", folder / "draft.gguf", settings=TINY, device="cpu")
+    report = distill(plan)
+    return plan, report
+
+
+def test_the_stages_write_a_draft_llama_cpp_loads_and_computes_as_trained(distilled, small_target):
+    plan, report = distilled
+    assert report["train"]["steps"] == 2 and report["train"]["corpus_tokens"] > 0
+    reader, shape = open_target(plan.out)
+    assert shape.n_layer == 1 and shape.n_vocab == open_target(small_target)[1].n_vocab
+    weights = {**load_draft(plan.state), "token_embd.weight": read_weights(open_target(small_target)[0])["token_embd.weight"]}
+    close(torch_logits(plan.out, weights), llama_logits(plan.out), rel_l2=0.05, argmax=0.9)
+
+
+def test_training_resumes_from_the_saved_weights(distilled):
+    plan, _ = distilled
+    before = load_draft(plan.state)
+    distill(DistillPlan(plan.target, plan.state, stages=("train",), settings={"steps": 1}, device="cpu"))
+    after = load_draft(plan.state)
+    assert before.keys() == after.keys()
+    assert any(not np.array_equal(before[k], after[k]) for k in before)  # trained on, from the saved draft
+
+
+def test_the_distilled_draft_is_lossless_in_speculative_and_pipeinfer(cli, tmp_path, distilled, small_target):
+    plan, _ = distilled
+
+    def tokens(*args):
+        stats = tmp_path / f"stats-{abs(hash(args))}.json"
+        done = cli("run", "--hostfile", "hosts/local.txt", "--model", str(small_target), "--chat-template", "-p",
+                   "Tell me a short story about a brave mouse.", "-n", "24", "--stats-json", str(stats), *args)
+        assert done.returncode == 0, done.stderr
+        return read_json(stats)
+
+    expected = tokens("--mode", "single", "-t", "1")["tokens"]
+    for mode in ("speculative", "pipeinfer"):
+        stats = tokens("--mode", mode, "--stages", "1", "--draft", str(plan.out))
+        assert stats["tokens"] == expected, mode
+        assert stats["drafted"] > 0 and 0 <= stats["accepted"] <= stats["drafted"]
+
+
+def test_an_unsupported_architecture_is_one_line(cli, tmp_path):
+    from pipeinfer_cpu.modelfiles.tinymodel import TinyShape, write_tiny_model
+
+    target = write_tiny_model(tmp_path / "qwen2.gguf", "qwen2", TinyShape(n_vocab=400))
+    done = cli("draft", "distill", "--target", str(target), "-o", str(tmp_path / "d.gguf"))
+    assert_clean_failure(done, "draft distill supports the llama architecture, not 'qwen2'")
