@@ -39,6 +39,7 @@ class JobEnded(Exception):
 
 class Client(Protocol):
     reported: bool  # did the model's side already explain a failure in an `error:` line?
+    decided_ids: list[int]  # the token ids of the answer asked for last, as far as the user saw it
 
     def start(self, wait_s: float) -> dict: ...
 
@@ -95,6 +96,7 @@ class LocalClient:
 
     def __init__(self, server: EngineServer) -> None:
         self.server = server
+        self.decided_ids: list[int] = []  # not kept: a failure here ends this process
 
     def start(self, wait_s: float) -> dict:
         return self.server.ready_event()

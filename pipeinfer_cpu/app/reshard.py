@@ -89,11 +89,16 @@ class ReshardingClient:
         self.job = launch(options)
         self.start_wait_s = 0.0
         self.recoveries: list[Recovery] = []
+        self._replayed: list[int] = []  # of the answer being asked for: the tokens failed jobs had shown
         self._tmp = tempfile.TemporaryDirectory(prefix="pipeinfer-reshard-")
 
     @property
     def reported(self) -> bool:
         return self.job.reported
+
+    @property
+    def decided_ids(self) -> list[int]:
+        return self._replayed + self.job.decided_ids
 
     def start(self, wait_s: float) -> dict:
         self.start_wait_s = wait_s
@@ -102,15 +107,15 @@ class ReshardingClient:
     def ask(self, request: dict, on_token: Callable[[str], None], wait_s: float,
             interrupt: threading.Event | None = None) -> dict:
         """As JobClient.ask; when the job fails, again on a new job, with the tokens shown so far replayed."""
-        shown: list[int] = []
+        self._replayed = []
         first_recovery = len(self.recoveries)
         while True:
-            asked = {**request, "replay": shown} if shown else request
+            asked = {**request, "replay": self._replayed} if self._replayed else request
             try:
                 final = self.job.ask(asked, self._timing(on_token), wait_s, interrupt)
             except JobEnded as exc:
-                shown = shown + self.job.decided_ids
-                self._recover(exc, len(shown))
+                self._replayed, self.job.decided_ids = self.decided_ids, []  # the failed job's, taken over
+                self._recover(exc, len(self._replayed))
                 continue
             if final.get("event") == "done" and len(self.recoveries) > first_recovery:
                 final["stats"]["recoveries"] = [r.to_json() for r in self.recoveries[first_recovery:]]

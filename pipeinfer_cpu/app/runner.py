@@ -65,7 +65,7 @@ def _answer_all(client: Client, options: EngineOptions, request: GenerateRequest
             sys.stdout.write("\n")  # the answer so far stays, ended like any other
         # what was done, and the answer the failure cut short, with the tokens the user saw
         failure = {"message": str(exc), "answer_so_far": "".join(progress.shown),
-                   "tokens_so_far": list(getattr(client, "decided_ids", []))}
+                   "tokens_so_far": list(client.decided_ids)}
         _write_stats(request, progress.records, failure)
         return max(1, client.close())
     except KeyboardInterrupt:  # while the job was starting (Ctrl-C during an answer is an interrupt request)
