@@ -74,6 +74,7 @@ class Recovery:
     after_tokens: int  # tokens of the answer the user had seen
     stages: int  # stages of the new job
     restart_s: float  # from the failure to the new job being ready (start, shards, loads)
+    shards: str  # how the new job's stages got their shards: from the cache or written, sent or not
     recover_s: float | None = None  # from the failure to the answer's next token (the rebuild too)
 
     def to_json(self) -> dict:
@@ -155,10 +156,13 @@ class ReshardingClient:
               file=sys.stderr, flush=True)
         self.options = options
         self.job = self.launch(options)
-        self.job.start(self.start_wait_s)
+        ready = self.job.start(self.start_wait_s)
         who = who_died(job.ranks, job.placement, job.dead_rank, job.dead_host)
-        self.recoveries.append(Recovery(f"{who}: {job.death or 'ended'}", after_tokens, n_stages,
-                                        time.monotonic() - self._failed_at))
+        recovery = Recovery(f"{who}: {job.death or 'ended'}", after_tokens, n_stages,
+                            time.monotonic() - self._failed_at, ready.get("shards") or "")
+        print(f"(the {n_stages} stages were ready {recovery.restart_s:.1f} s after the failure: {recovery.shards})",
+              file=sys.stderr, flush=True)
+        self.recoveries.append(recovery)
 
     def close(self) -> int:
         code = self.job.close()

@@ -57,6 +57,7 @@ class Cluster:
         self._decode_bytes_sent: dict[int, int | None] = {}
         self.cpus: dict[int, int] = {}
         self.memory: dict[str, int] = {}  # host -> bytes of memory available, as its ranks said at hello
+        self.files_sent = 0  # shard files sent to ranks that lacked them
         self.roles: dict[int, str] = {}  # what each worker runs, in words, once assigned
         self.backends: dict[int, BackendReport] = {}  # the llama.cpp CPU backend each worker loaded
 
@@ -176,6 +177,7 @@ class Cluster:
         return {rank: self.expect(rank, C.CalibrationReport, timeout_s=timeout_s) for rank in requests}
 
     def _send_file(self, rank: int, path: Path) -> None:
+        self.files_sent += 1
         size = path.stat().st_size
         label = f"shard -> rank {rank} ({self.host(rank)})"
         with open(path, "rb") as source, tqdm(total=size, unit="B", unit_scale=True, desc=label, leave=False) as bar:

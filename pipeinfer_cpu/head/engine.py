@@ -109,13 +109,28 @@ class EngineSettings:
 _PATHS = ("model", "shard_dir", "draft")
 
 
+@dataclass(frozen=True)
+class ShardSetup:
+    """How the stages got their shards: written now or found in the cache, sent or already there."""
+
+    written: int  # shard files written now (0: this split was in the cache)
+    sent: int  # shard files sent to ranks that lacked them
+    seconds: float  # from splitting to every stage loaded
+
+    def describe(self) -> str:
+        where = f"{self.written} shard{'s' * (self.written != 1)} written" if self.written else "shards from the cache"
+        return f"{where}, {self.sent or 'none'} sent, stages loaded in {self.seconds:.1f} s"
+
+
 class Engine:
     """A loaded model ready to generate; owns the workers' lifetime in pipeline mode."""
 
     def __init__(self, settings: EngineSettings, info: ModelInfo, vocab: Vocab, executor: Executor,
                  cluster: Cluster | None, stage_ranks: list[int], local_stage: Stage | None,
-                 draft: DraftClient | None = None, backends: dict[int, BackendReport] | None = None) -> None:
+                 draft: DraftClient | None = None, backends: dict[int, BackendReport] | None = None,
+                 shards: ShardSetup | None = None) -> None:
         self.settings = settings
+        self.shards = shards  # how the stages got their shards (None: one process, no shards)
         self.backends = backends or {}  # rank -> the llama.cpp CPU backend it runs
         self.info = info
         self.vocab = vocab
@@ -190,7 +205,8 @@ class Engine:
         ranges = split_layers(info.n_layer, weights)
         cluster.greet(settings.cpu_variant, settings.links)  # first: a worker that cannot run llama.cpp is named before anything else starts
         backends = {HEAD: _head_backend(settings.cpu_variant), **cluster.backends}
-        plan = shard_model(info, ranges, out_dir=settings.shard_dir, progress=_progress(settings.verbose))
+        started, written = time.monotonic(), []
+        plan = shard_model(info, ranges, out_dir=settings.shard_dir, progress=_progress(settings.verbose, written))
         cancellation = settings.mode == Mode.PIPEINFER
         stage_settings = StageSettings(settings.n_ctx, settings.n_batch, settings.n_threads,
                                        settings.speculation.kv_sequences, cancellation, settings.llama,
@@ -204,7 +220,8 @@ class Engine:
             draft = NgramFirstDraftClient(ngram, model) if ngram and model else model or LocalDraftClient(ngram)
         vocab = Vocab(info.path)
         executor = PipelineExecutor(cluster, stage_ranks, settings.timeout_s)
-        return Engine(settings, info, vocab, executor, cluster, stage_ranks, None, draft, backends)
+        shards = ShardSetup(len(written), cluster.files_sent, time.monotonic() - started)
+        return Engine(settings, info, vocab, executor, cluster, stage_ranks, None, draft, backends, shards)
 
     # -- text ---------------------------------------------------------------------------------
 
@@ -407,7 +424,10 @@ def _default_threads(stages_here: int) -> int:
     return max(1, (os.cpu_count() or 1) // stages_here)
 
 
-def _progress(verbose: bool) -> Callable[[str], None] | None:
-    if not verbose:
-        return None
-    return lambda text: print(text, file=sys.stderr, flush=True)
+def _progress(verbose: bool, written: list[str]) -> Callable[[str], None]:
+    """shard_model's progress: each shard written is noted in `written` (and said, when verbose)."""
+    def note(text: str) -> None:
+        written.append(text)
+        if verbose:
+            print(text, file=sys.stderr, flush=True)
+    return note

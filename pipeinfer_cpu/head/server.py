@@ -22,7 +22,7 @@ Requests:
   quit
 `max_tokens` null: as many as the context holds. `stop`: strings that end the answer (not shown). `strict`
 (the HTTP API): a prompt and max_tokens that do not fit the context are refused (no turn is dropped).
-Events: ready {model, mode, stages, n_ctx, notice, ranks (rank -> it in words)}; token {text, ids (the tokens
+Events: ready {model, mode, stages, n_ctx, notice, ranks (rank -> it in words), shards (how the stages got them)}; token {text, ids (the tokens
 decided since the last token event: what a resumed answer replays)};
 done {stopped_by, answer, stats, dropped_turns (turn), first_logits (complete, base64 float32, when asked)};
 error {message, code}; health {context_tokens, kv_ends (rank -> last position held), kv_ok}; bye.
@@ -86,7 +86,8 @@ class EngineServer:
     def ready_event(self) -> dict:
         return {"event": "ready", "model": self.engine.info.name, "mode": self.engine.settings.mode,
                 "stages": len(self.engine.stage_ranks) or 1, "n_ctx": self.engine.settings.n_ctx,
-                "notice": self.notice, "ranks": self.engine.rank_names()}
+                "notice": self.notice, "ranks": self.engine.rank_names(),
+                "shards": None if self.engine.shards is None else self.engine.shards.describe()}
 
     def handle(self, request: dict, emit: Emit, should_stop: Callable[[], bool]) -> bool:
         """Answer one request through `emit`; False once the session should end.

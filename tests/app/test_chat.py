@@ -196,6 +196,7 @@ class FakeEngine:
         self.vocab = vocab or FakeVocab()
         self.decoder = FakeDecoder()
         self.stage_ranks: list[int] = []
+        self.shards = None
         self.fed: list[list[int]] = []
         self.calls: list[dict] = []  # what each generate was given, and the context it found
         self.resets = 0
@@ -289,7 +290,7 @@ def _text(tokens) -> str:
 def test_ready_event_describes_the_engine():
     assert EngineServer(FakeEngine("ok", n_ctx=512)).ready_event() == {
         "event": "ready", "model": "fake", "mode": "single", "stages": 1, "n_ctx": 512, "notice": None,
-        "ranks": {"0": "rank 0 (the head, on here)"}}
+        "ranks": {"0": "rank 0 (the head, on here)"}, "shards": None}
 
 
 def test_second_turn_prefills_only_its_own_tokens():
