@@ -389,13 +389,15 @@ def export(checkpoint: str | None, arch: str | None, out_path: str, opset: int, 
     from compress.export import check_parity, export_onnx
     from compress.prune import apply_policy, build_space
     from compress.quantize import Int8Config
+    from compress.store import check_writable
 
     model, _, kept = _model(arch, checkpoint)
     if policy:
         _require_unpruned(checkpoint, kept, "--policy needs an unpruned model")
         keep, multiple = _read_policy(policy)
         model = apply_policy(model, build_space(model, channel_multiple=multiple), keep)
-    if int8_path:  # before any work: an int8 request without calibration images is one line
+    if int8_path:  # before any work: an unwritable path or no calibration images is one line
+        check_writable(int8_path)
         config = Int8Config(method="minmax" if int8_method == "auto" else int8_method,
                             activations=int8_activations, fmt=int8_format, fp32_ends=int8_fp32_ends)
         images = _heldout_images(data_root, calib_images, select_images if int8_method == "auto" else 0)

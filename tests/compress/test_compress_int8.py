@@ -104,3 +104,12 @@ def test_int8_of_an_empty_calibration_set(fp32_resnet20, tmp_path):
     with pytest.raises(ExportError, match="needs calibration images; got none"):
         quantize_int8(fp32_resnet20[1], tmp_path / "q.onnx", np.zeros((0, 3, 32, 32), np.float32))
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_int8_to_an_unwritable_path(cli, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = tmp_path / "m.onnx"
+    result = cli("export", "--arch", "resnet20", "--out", out, "--int8", blocker / "m.int8.onnx")
+    assert_one_line_error(result, "cannot write", "a-file")
+    assert not out.exists()
