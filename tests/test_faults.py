@@ -136,6 +136,21 @@ def test_reshard_finishes_the_answer_on_the_stages_left(cache_dir, cli, three_ho
     assert not any(alive(pid) for pid in pids), "a rank was left running"
 
 
+def test_reshard_goes_on_without_a_stage_that_stopped_answering(cache_dir, cli, three_hosts):
+    """A stage that hangs (a laptop asleep: here stage 3 stalls 60 s at its 20th run) is named by the
+    head after --timeout; the answer finishes on the other two and equals `single`'s."""
+    single = cli("run", "--mode", "single", "--chat-template", "-p", STORY, "-n", "60")
+    env = {**os.environ, "PIPEINFER_FAULTS": "3:stall=60:20"}
+    job = subprocess.run([sys.executable, "-m", "pipeinfer_cpu", "run", "--chat-template", "-p", STORY, "-n", "60",
+                          "--hostfile", str(three_hosts), "--on-failure", "reshard", "--timeout", "3"],
+                         cwd=REPO, env={**env, "PIPEINFER_CACHE": str(cache_dir)}, capture_output=True, text=True,
+                         timeout=120)
+    assert job.returncode == 0 and job.stdout == single.stdout, job.stderr
+    warning, = [line for line in job.stderr.splitlines() if line.startswith("warning: ")]
+    assert "rank 3 (stage 3, layers 20-30, on" in warning and "does not answer" in warning
+    assert "error:" not in job.stderr
+
+
 def test_reshard_with_no_stage_left_is_one_error_line(cache_dir):
     job = start_run(cache_dir, "--hostfile", "hosts/local.txt", "--stages", "1", "--on-failure", "reshard",
                     "-n", "4000", "-c", "4096", "--timeout", "5")

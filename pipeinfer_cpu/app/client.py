@@ -31,6 +31,7 @@ QUIT_WAIT_S = 15.0
 # the first process of that host's proxy, not the one that died).
 _DEAD_RANK = re.compile(r"process rank (\d+)")
 _DEAD_HOST = re.compile(r"RUNNING AT (\S+)")
+_SILENT_RANK = re.compile(r"rank (\d+) \([^)]*\) does not answer")  # the head's line after a pipeline timeout
 
 
 class JobEnded(Exception):
@@ -127,19 +128,21 @@ class JobClient:
     """The MPI job's head, over JSON lines; a thread reads its events, another forwards its stderr."""
 
     @staticmethod
-    def launch(options: EngineOptions) -> "JobClient":
+    def launch(options: EngineOptions, hold_errors: bool = False) -> "JobClient":
         """Start the job (head beside the first stage, then the stages, then any draft rank) and send
-        it the engine settings; `start` then waits until it is ready."""
+        it the engine settings; `start` then waits until it is ready. `hold_errors`: keep the job's
+        `error:` lines in `held_errors` instead of showing them (a caller that may go on after them)."""
         start = {"type": "start", "settings": options.settings.to_json(), "debug": options.debug}  # checks first
         tmp = tempfile.TemporaryDirectory(prefix="pipeinfer-job-")
         process = launcher.start(options.topology.placement, Path(tmp.name))
-        client = JobClient(process, options.debug, tmp, options.topology.placement)
+        client = JobClient(process, options.debug, tmp, options.topology.placement, hold_errors)
         client._send(start)
         return client
 
     def __init__(self, process: subprocess.Popen, debug: bool, tmp: tempfile.TemporaryDirectory,
-                 placement: tuple[str, ...] = ()) -> None:
+                 placement: tuple[str, ...] = (), hold_errors: bool = False) -> None:
         self.process = process
+        self.held_errors: list[str] | None = [] if hold_errors else None  # the job's `error:` lines, not shown
         self.debug = debug
         self.tmp = tmp
         self.events: queue.Queue[dict] = queue.Queue()
@@ -176,6 +179,13 @@ class JobClient:
     def _show(self, line: str) -> None:
         """Pass a line of the job's output on, minus mpiexec's noise (kept: why a rank died, and which)."""
         noise = launcher.is_mpi_noise(line)
+        if line.startswith("error: "):
+            silent = _SILENT_RANK.search(line)  # the head names a stage that stopped answering
+            if silent and self.dead_rank is None:
+                self.dead_rank = int(silent.group(1))
+            if self.held_errors is not None:
+                self.held_errors.append(line.removeprefix("error: ").strip())
+                return
         if self.debug or not noise:
             self.reported |= line.startswith("error: ")
             sys.stderr.write(line)

@@ -84,26 +84,30 @@ class Recovery:
 class ReshardingClient:
     """A JobClient that survives a stage's death by going on with the stages that are left."""
 
-    def __init__(self, options: EngineOptions, launch: Callable[[EngineOptions], JobClient] = JobClient.launch) -> None:
+    def __init__(self, options: EngineOptions) -> None:
         self.options = options
-        self.launch = launch
-        self.job = launch(options)
+        self.job = JobClient.launch(options, hold_errors=True)
         self.start_wait_s = 0.0
+        self._failed_at = 0.0  # when the last failure was noticed
         self.recoveries: list[Recovery] = []
         self._replayed: list[int] = []  # of the answer being asked for: the tokens failed jobs had shown
         self._tmp = tempfile.TemporaryDirectory(prefix="pipeinfer-reshard-")
 
-    @property
-    def reported(self) -> bool:
-        return self.job.reported
-
+    reported = False  # the job's error lines are held back (we may go on); a failure we cannot survive is raised
     @property
     def decided_ids(self) -> list[int]:
         return self._replayed + self.job.decided_ids
 
     def start(self, wait_s: float) -> dict:
         self.start_wait_s = wait_s
-        return self.job.start(wait_s)
+        return self._start_job()
+
+    def _start_job(self) -> dict:
+        """Wait until the job is ready; a job that does not start is a JobEnded with its own error lines."""
+        try:
+            return self.job.start(self.start_wait_s)
+        except JobEnded as exc:
+            raise JobEnded("; ".join(self.job.held_errors or [str(exc)])) from None
 
     def ask(self, request: dict, on_token: Callable[[str], None], wait_s: float,
             interrupt: threading.Event | None = None) -> dict:
@@ -142,23 +146,24 @@ class ReshardingClient:
         self._failed_at = time.monotonic()
         job = self.job
         job.close()
+        what = "; ".join(job.held_errors or [str(exc)])  # the head's own word on it, where it had one
         failure = Failure(job.dead_rank, job.dead_host)
         stage = failed_stage(self.options.topology.placement, len(self.options.topology.stage_hosts), failure)
         if stage is None:
-            raise JobEnded(f"{exc} (--on-failure reshard: no stage is known to have died)") from None
+            raise JobEnded(f"{what} (--on-failure reshard: no stage is known to have failed)") from None
         try:
             options = without_stage(self.options, stage, Path(self._tmp.name))
             options.preflight()
         except UserError as why:
-            raise JobEnded(f"{exc}; cannot reshard: {why}") from None
+            raise JobEnded(f"{what}; cannot reshard: {why}") from None
         n_stages = len(options.topology.stage_hosts)
-        print(f"warning: {exc}; going on with {n_stages} stage{'s' * (n_stages > 1)} (--on-failure reshard)",
+        print(f"warning: {what}; going on with {n_stages} stage{'s' * (n_stages > 1)} (--on-failure reshard)",
               file=sys.stderr, flush=True)
         self.options = options
-        self.job = self.launch(options)
-        ready = self.job.start(self.start_wait_s)
+        self.job = JobClient.launch(options, hold_errors=True)
+        ready = self._start_job()
         who = who_died(job.ranks, job.placement, job.dead_rank, job.dead_host)
-        recovery = Recovery(f"{who}: {job.death or 'ended'}", after_tokens, n_stages,
+        recovery = Recovery(f"{who}: {job.death or what}", after_tokens, n_stages,
                             time.monotonic() - self._failed_at, ready.get("shards") or "")
         print(f"(the {n_stages} stages were ready {recovery.restart_s:.1f} s after the failure: {recovery.shards})",
               file=sys.stderr, flush=True)
