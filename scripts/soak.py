@@ -8,7 +8,8 @@ with the n-gram draft (rejections cancel runs in flight) until --tokens tokens, 
 interrupted. After every request: each stage's committed KV sequence is checked against the head's
 mirror (the `health` request), the RSS of every rank is sampled, and tokens/s noted. Writes
 soak.json (every sample), soak.png (RSS per rank and tokens/s over time) and prints a summary table.
-Anything that fails (a stuck run: no answer within --timeout; a KV mismatch) is counted, not hidden.
+Anything that fails (a job that ends: counted, with its message, and started again; a stuck run: no
+answer within --timeout; a KV mismatch) is counted, not hidden.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from pipeinfer_cpu.app.client import JobClient
+from pipeinfer_cpu.app.client import JobClient, JobEnded
 from pipeinfer_cpu.app.options import EngineOptions
 from pipeinfer_cpu.conversation import Conversation, conversation_to_json
 from pipeinfer_cpu.head.modes import Mode
@@ -64,13 +65,33 @@ def ask(job: JobClient, request: dict, interrupt_after_s: float | None, timeout_
             timer.cancel()
 
 
+def launch(options: EngineOptions) -> JobClient:
+    job = JobClient.launch(options)
+    job.start(600)
+    return job
+
+
+def ask_or_restart(job: JobClient, options: EngineOptions, request: dict, interrupt_after_s: float | None,
+                   timeout_s: float) -> tuple[JobClient, dict]:
+    """The answer; a job that ended is counted (an `ended` event with its message) and started again,
+    so one failure does not end the soak."""
+    try:
+        return job, ask(job, request, interrupt_after_s, timeout_s)
+    except JobEnded as exc:
+        job.close()
+        return launch(options), {"event": "ended", "message": str(exc)}
+
+
 def sample(job: JobClient, phase: str, started: float, final: dict, timeout_s: float) -> dict:
-    health = job.ask({"type": "health"}, lambda text: None, timeout_s)
+    try:
+        health = job.ask({"type": "health"}, lambda text: None, timeout_s)
+    except JobEnded as exc:  # counted with the next request, which restarts the job
+        health = {"message": str(exc)}
     stats = final.get("stats", {})
     times = stats.get("token_times_s") or [0.0]
     decode_s = times[-1] - times[0]
     n = stats.get("n_generated", 0)
-    return {"phase": phase, "t_s": time.monotonic() - started, "event": final["event"],
+    return {"phase": phase, "t_s": time.monotonic() - started, "event": final["event"], "message": final.get("message"),
             "stopped_by": final.get("stopped_by"), "tokens": n,
             "tok_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
             "runs_cancelled": stats.get("runs_cancelled", 0), "kv_ok": health.get("kv_ok"),
@@ -79,18 +100,18 @@ def sample(job: JobClient, phase: str, started: float, final: dict, timeout_s: f
 
 def chat_phase(args, rng: random.Random, started: float, record) -> None:
     options = EngineOptions(hostfile=args.hostfile, n_ctx=1024, timeout_s=args.timeout)
-    job = JobClient.launch(options)
-    job.start(600)
+    job = launch(options)
     conversation, first = Conversation(None, ()), 0
     for turn in range(args.turns):
         asked = conversation.with_turn("user", USER_TURNS[turn % len(USER_TURNS)])
         sampling = SamplingConfig(temperature=0.8, seed=turn)
         request = {"type": "turn", "conversation": conversation_to_json(asked), "first": first, "max_tokens": 64,
                    "sampling": sampling_json(sampling)}
-        final = ask(job, request, rng.uniform(0.05, 1.5) if rng.random() < 0.2 else None, 2 * args.timeout)
+        job, final = ask_or_restart(job, options, request, rng.uniform(0.05, 1.5) if rng.random() < 0.2 else None,
+                                    2 * args.timeout)
         answer = final.get("answer", "")
         conversation = asked.with_turn("assistant", answer)
-        first = final.get("dropped_turns", first)
+        first = final.get("dropped_turns", first) if final["event"] == "done" else 0  # a new job: nothing dropped yet
         record(sample(job, "chat", started, final, 2 * args.timeout))
     job.close()
 
@@ -98,13 +119,13 @@ def chat_phase(args, rng: random.Random, started: float, record) -> None:
 def pipeinfer_phase(args, rng: random.Random, started: float, record) -> None:
     options = EngineOptions(hostfile=args.hostfile, n_ctx=4096, timeout_s=args.timeout, draft=Path("ngram"),
                             spec=SpecSettings(Mode.PIPEINFER))
-    job = JobClient.launch(options)
-    job.start(600)
+    job = launch(options)
     total, index = 0, 0
     while total < args.tokens:
         request = {"type": "complete", "text": PROMPTS[index % len(PROMPTS)], "chat_template": True, "fresh": True,
                    "max_tokens": 3000, "sampling": sampling_json(SamplingConfig(repeat_penalty=1.1))}
-        final = ask(job, request, rng.uniform(1, 30) if rng.random() < 0.1 else None, 2 * args.timeout)
+        job, final = ask_or_restart(job, options, request, rng.uniform(1, 30) if rng.random() < 0.1 else None,
+                                    2 * args.timeout)
         point = sample(job, "pipeinfer", started, final, 2 * args.timeout)
         total += point["tokens"]
         index += 1

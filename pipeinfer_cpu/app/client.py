@@ -31,6 +31,7 @@ QUIT_WAIT_S = 15.0
 # the first process of that host's proxy, not the one that died).
 _DEAD_RANK = re.compile(r"process rank (\d+)")
 _DEAD_HOST = re.compile(r"RUNNING AT (\S+)")
+_COMPLAINT = re.compile(r"error|fail|lost|abort", re.IGNORECASE)
 _SILENT_RANK = re.compile(r"rank (\d+) \([^)]*\) does not answer")  # the head's line after a pipeline timeout
 
 
@@ -152,6 +153,7 @@ class JobClient:
         self.placement = placement  # the hostfile's host of each rank
         self.ranks: dict[str, str] = {}  # rank -> it in words, from the ready event
         self.decided_ids: list[int] = []  # the tokens of the answer being asked for, as its events came
+        self.mpi_complaint: str | None = None  # the last error line of mpiexec's own
         self.reported = False  # did a rank already explain a failure in an `error:` line?
         self._threads = [threading.Thread(target=target, daemon=True)
                          for target in (self._read_events, self._forward_stderr)]
@@ -191,6 +193,8 @@ class JobClient:
             sys.stderr.write(line)
             sys.stderr.flush()
         if noise:
+            if _COMPLAINT.search(line):  # hydra's own trouble (a proxy lost, say): the last word, if nothing else
+                self.mpi_complaint = line.strip()
             if self.death is None and ("EXIT STRING" in line or "exited on signal" in line):
                 self.death = line.split(":", 1)[-1].strip()
             rank, host = _DEAD_RANK.search(line), _DEAD_HOST.search(line)
@@ -263,7 +267,8 @@ class JobClient:
             return "it closed its output"
         self._drain_stderr()
         if self.death is None and self.dead_rank is None and self.dead_host is None:
-            return f"exit code {code}"
+            said = f": mpiexec said {self.mpi_complaint!r}" if self.mpi_complaint else ""
+            return f"exit code {code}{said}"
         who = who_died(self.ranks, self.placement, self.dead_rank, self.dead_host)
         return f"{who} died: {self.death or f'exit code {code}'}"
 
