@@ -123,7 +123,8 @@ def choose_int8(fp32_path: str | Path, int8_path: str | Path, calibration: np.nd
         for ends in (False, True):
             for method in methods:
                 config = replace(base, method=method, fp32_ends=ends)
-                path = quantize_int8(fp32_path, Path(tmp) / f"{config.label}.onnx", calibration, config)
+                name = f"{method}{'-fp32-ends' if ends else ''}.onnx"
+                path = quantize_int8(fp32_path, Path(tmp) / name, calibration, config)
                 acc = onnx_accuracy(path, *selection)
                 scores.append((config.label, acc))
                 if best is None or acc > best[0]:
