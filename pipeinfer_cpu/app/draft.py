@@ -73,10 +73,10 @@ def distill(target, out, state, stages, layers, minutes, steps, quant, device, d
 @friendly_errors
 def evaluate(target, draft_model, n_tokens, prompt_sets, threads, json_path, debug):
     """Teacher-forced top-1 agreement of DRAFT with TARGET over the target's greedy answers to held-out
-    prompts, and the cost ratio (target ms/token over draft ms/token, plain greedy decoding with llama.cpp,
-    three interleaved runs each, medians)."""
+    prompts, and the cost ratio (target ms/token over draft ms/token, plain greedy decoding with llama.cpp of
+    64 tokens after the last set's first prompt, three interleaved runs each, medians)."""
     from pipeinfer_cpu.app.prompt_sets import prompt_sets as named_sets
-    from pipeinfer_cpu.draftmake.evaluate import agreement, cost_ratio, held_out_sequences
+    from pipeinfer_cpu.draftmake.evaluate import agreement, chat_prompt, cost_ratio, held_out_sequences
     from pipeinfer_cpu.modelfiles.registry import resolve_model
 
     target_path, draft_path = resolve_model(target), resolve_model(draft_model)
@@ -86,8 +86,8 @@ def evaluate(target, draft_model, n_tokens, prompt_sets, threads, json_path, deb
         result["sets"][name] = {"agreement": measured.rate, "positions": measured.positions}
     total = sum(s["positions"] for s in result["sets"].values())
     result["agreement"] = sum(s["agreement"] * s["positions"] for s in result["sets"].values()) / total
-    first = held_out_sequences(target_path, named_sets(prompt_sets).popitem()[1][:1], 1)[0][1]
-    result["speed"] = cost_ratio(target_path, draft_path, first, 64, threads)
+    speed_prompt = chat_prompt(target_path, list(named_sets(prompt_sets).values())[-1][0])  # all: a story
+    result["speed"] = cost_ratio(target_path, draft_path, speed_prompt, 64, threads)
     click.echo(json.dumps(result, indent=1))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

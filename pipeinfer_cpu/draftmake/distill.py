@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeinfer_cpu.draftmake.corpus import write_prompts
 from pipeinfer_cpu.draftmake.export import QUANTS, write_draft
 from pipeinfer_cpu.draftmake.settings import TrainSettings
-from pipeinfer_cpu.draftmake.targetfile import open_target
+from pipeinfer_cpu.draftmake.targetfile import open_target, read_shape
 from pipeinfer_cpu.errors import UserError
 
 STAGES = ("prepare", "train", "export")
@@ -38,7 +38,7 @@ class DistillPlan:
 
 def prepare(target: Path, state: Path, settings: dict) -> None:
     """Check the target, then write the state folder: settings.json and the tokenised prompts."""
-    _, shape = open_target(target)
+    shape = read_shape(target)
     layers = TrainSettings(**settings).draft_layers
     if not 0 < layers < shape.n_layer:
         raise UserError(f"a draft of {layers} blocks makes no sense for a target of {shape.n_layer}")

@@ -24,7 +24,8 @@ class Agreement:
         return self.agreed / max(self.positions, 1)
 
 
-def _whole_model(path: Path, n_ctx: int, n_threads: int) -> Stage:
+def whole_model(path: Path, n_ctx: int, n_threads: int) -> Stage:
+    """A llama.cpp context over a whole model (one stage, first and last), 64-token batches."""
     return Stage(StageConfig(path=path, is_first=True, is_last=True, n_ctx=n_ctx, n_batch=64, n_threads=n_threads))
 
 
@@ -51,9 +52,19 @@ def greedy_continuation(stage: Stage, prompt: Sequence[int], n_tokens: int, is_e
     return tokens
 
 
-def held_out_sequences(target: Path, prompts: Sequence[str], n_tokens: int, n_threads: int = 1) -> list[tuple[int, list[int]]]:
+def chat_prompt(target: Path, text: str) -> list[int]:
+    """One user turn in the target's chat template, as token ids."""
+    vocab = Vocab(target)
+    try:
+        return vocab.chat_tokens([("user", text)])
+    finally:
+        vocab.close()
+
+
+def held_out_sequences(target: Path, prompts: Sequence[str], n_tokens: int,
+                       n_threads: int = 1) -> list[tuple[int, list[int]]]:
     """(prompt length, prompt + the target's greedy answer) for each chat prompt."""
-    vocab, stage = Vocab(target), _whole_model(target, 1024, n_threads)
+    vocab, stage = Vocab(target), whole_model(target, 1024, n_threads)
     try:
         out = []
         for prompt in prompts:
@@ -69,7 +80,7 @@ def agreement(target: Path, draft: Path, sequences: Sequence[tuple[int, list[int
     """Teacher-forced top-1 agreement over the answer positions (the last prompt token onwards: those
     are the positions a draft predicts the answer from)."""
     positions = agreed = 0
-    stages = [_whole_model(path, 1024, n_threads) for path in (target, draft)]
+    stages = [whole_model(path, 1024, n_threads) for path in (target, draft)]
     try:
         for n_prompt, tokens in sequences:
             picks = [sequence_logits(stage, tokens)[n_prompt - 1:].argmax(1) for stage in stages]

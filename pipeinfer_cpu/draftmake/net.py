@@ -43,15 +43,16 @@ class Decoder(nn.Module):
     each query sees; with `cache` (a list of (k, v) buffers [B, H_kv, S_max, D] per block) it writes
     the new keys at `start` and attends over the buffers' first `start + T` slots."""
 
-    def __init__(self, shape: DecoderShape, weights: Mapping[str, np.ndarray], trainable_embedding: bool = False):
+    def __init__(self, shape: DecoderShape, weights: Mapping[str, np.ndarray]):
         super().__init__()
         self.shape = shape
         self.params = nn.ParameterDict()
         for name, value in weights.items():
             if name == "output.weight":  # tied: the head is the embedding
                 continue
-            grad = trainable_embedding or name != "token_embd.weight"
-            self.params[name.replace(".", "__")] = nn.Parameter(torch.tensor(np.asarray(value)),  # a copy: gguf's arrays are read-only maps
+            grad = name != "token_embd.weight"  # the target's: exported as its own bytes, so never trained
+            # torch.tensor copies: gguf's arrays are read-only memory maps, which an optimiser must not write
+            self.params[name.replace(".", "__")] = nn.Parameter(torch.tensor(np.asarray(value)),
                                                                 requires_grad=grad)
 
     def weight(self, name: str) -> torch.Tensor:
@@ -84,8 +85,11 @@ class Decoder(nn.Module):
             x = x + F.linear(F.silu(F.linear(h, w("ffn_gate"))) * F.linear(h, w("ffn_up")), w("ffn_down"))
         return rms_norm(x, self.weight("output_norm.weight"), s.rms_eps)
 
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight("token_embd.weight"))
+
     def forward(self, tokens, positions, mask, cache=None, start: int = 0) -> torch.Tensor:
-        return F.linear(self.hidden(tokens, positions, mask, cache, start), self.weight("token_embd.weight"))
+        return self.head(self.hidden(tokens, positions, mask, cache, start))
 
     def new_cache(self, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         s, like = self.shape, self.weight("token_embd.weight")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeinfer_cpu.errors import ModelError
+from pipeinfer_cpu.modelfiles.models import open_gguf, read_header
 
 # Families the draft can copy: llama's block (RMSNorm, rotary attention with grouped KV heads, SwiGLU).
 # qwen2 adds biases to q/k/v and uses the half-split rotary layout; not done yet.
@@ -41,39 +42,26 @@ class DecoderShape:
         return dict(self.__dict__)
 
 
-def _reader(path: Path):
-    import gguf
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path} is not a readable GGUF file ({exc})") from exc
-
-
-def _value(reader, key: str):
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
-
-
-def read_shape(reader) -> DecoderShape:
-    """The decoder shape of a GGUF; a ModelError for a family the draft maker cannot copy."""
-    arch = _value(reader, "general.architecture")
+def read_shape(path: Path) -> DecoderShape:
+    """The decoder shape of a GGUF, from the project's one-pass header reader (gguf's reader parses the
+    whole tokenizer first); a ModelError for a family the draft maker cannot copy."""
+    header = read_header(path)
+    arch = header.values.get("general.architecture")
     if arch not in SUPPORTED:
         raise ModelError(f"draft distill supports the {', '.join(SUPPORTED)} architecture, not {arch!r}")
-    key = lambda name: _value(reader, f"{arch}.{name}")  # noqa: E731
-    n_head = int(key("attention.head_count"))
-    tokens = reader.fields["tokenizer.ggml.tokens"]
-    return DecoderShape(arch=arch, n_layer=int(key("block_count")), n_embd=int(key("embedding_length")),
-                        n_head=n_head, n_head_kv=int(key("attention.head_count_kv") or n_head),
-                        n_ff=int(key("feed_forward_length")), n_vocab=len(tokens.data),
-                        rms_eps=float(key("attention.layer_norm_rms_epsilon")),
-                        rope_base=float(key("rope.freq_base") or 10000.0))
+    number = lambda name, default=None: header.values.get(f"{arch}.{name}", default)  # noqa: E731
+    n_head = int(number("attention.head_count"))
+    return DecoderShape(arch=arch, n_layer=int(number("block_count")), n_embd=int(number("embedding_length")),
+                        n_head=n_head, n_head_kv=int(number("attention.head_count_kv", n_head)),
+                        n_ff=int(number("feed_forward_length")), n_vocab=header.n_vocab,
+                        rms_eps=float(number("attention.layer_norm_rms_epsilon")),
+                        rope_base=float(number("rope.freq_base", 10000.0)))
 
 
 def open_target(path: Path):
-    """(reader, shape) of a target GGUF, after the architecture check."""
-    reader = _reader(path)
-    return reader, read_shape(reader)
+    """(gguf reader, shape) of a target GGUF, after the architecture check."""
+    shape = read_shape(path)
+    return open_gguf(path), shape
 
 
 def dequantised(tensor) -> np.ndarray:

@@ -58,7 +58,7 @@ def generate(model: Decoder, prompts: list[np.ndarray], n_new: int, temps: np.nd
     b, width = tokens.shape
     cache = model.new_cache(b, width + n_new)
     positions = positions_of(valid)
-    logits = model(tokens, positions, causal_mask(valid), cache, 0)[:, -1]
+    logits = model.head(model.hidden(tokens, positions, causal_mask(valid), cache, 0)[:, -1])  # the last only
     temps_t = torch.as_tensor(temps, device=device, dtype=torch.float32)
     position = positions[:, -1]
     out, keys_valid = [], valid
@@ -86,15 +86,17 @@ def _in_batches(model, prompts, n_new, temps, ends, generator, batch) -> list[np
 
 
 def write_corpus(model: Decoder, prompts: dict, settings: TrainSettings, device) -> list[np.ndarray]:
-    """The target's own text: its answers to the templated prompts (each `copies` times, at the
-    temperatures in turn) and to questions it first writes itself."""
+    """The target's own text: its answers to the templated prompts (each `copies` times, each time at a
+    temperature drawn from TEMPERATURES) and to questions it first writes itself."""
     rng = np.random.default_rng(settings.seed)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     ends = torch.as_tensor(prompts["ends"], device=device)
     before, after = prompts["question_before"], prompts["question_after"]
     asked = _in_batches(model, [before] * settings.questions, 48, np.full(settings.questions, 1.0), ends,
                         generator, settings.gen_batch)
-    questions = [np.concatenate([q[:-1], after]) for q in asked if np.isin(q[-1], prompts["ends"]) and len(q) > len(before) + 3]
+    # a question counts when the target ended it within 48 tokens; its end token makes way for the frame
+    finished = [q for q in asked if np.isin(q[-1], prompts["ends"]) and len(q) > len(before) + 3]
+    questions = [np.concatenate([q[:-1], after]) for q in finished]
     templated = [row[:n] for row, n in zip(prompts["tokens"], prompts["lengths"])]
     templated = templated[:settings.max_prompts or len(templated)] * settings.copies
     everything = templated + questions
@@ -124,7 +126,8 @@ def kl_to_target(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: 
 
 def _batch(rows, lengths, index, device):
     tokens = torch.as_tensor(rows[index], device=device)
-    valid = torch.arange(rows.shape[1], device=device)[None, :] < torch.as_tensor(lengths[index], device=device)[:, None]
+    row_lengths = torch.as_tensor(lengths[index], device=device)
+    valid = torch.arange(rows.shape[1], device=device)[None, :] < row_lengths[:, None]
     width = int(lengths[index].max())
     return tokens[:, :width], valid[:, :width]
 

@@ -2,7 +2,7 @@
 the draft passing the checks every draft passes (greedy speculative and pipeinfer equal single).
 
 The target here is the default model cut to its first 4 blocks: real weights and the real tokenizer, at a
-size that trains in seconds. The torch copy of the whole default model is checked against llama.cpp."""
+size that trains in seconds (scripts/draft_teacher_match.py checks the whole model's copy)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 from pipeinfer_cpu.draftmake import evaluate  # noqa: E402
 from pipeinfer_cpu.draftmake.distill import DistillPlan, distill  # noqa: E402
 from pipeinfer_cpu.draftmake.net import Decoder, causal_mask, positions_of  # noqa: E402
-from pipeinfer_cpu.draftmake.targetfile import open_target, read_weights  # noqa: E402
+from pipeinfer_cpu.draftmake.targetfile import open_target, read_shape, read_weights  # noqa: E402
 from pipeinfer_cpu.draftmake.weightfiles import load_draft  # noqa: E402
 
 TINY = dict(draft_layers=1, answer_tokens=8, copies=1, max_prompts=6, questions=2, gen_batch=8, train_batch=2,
@@ -24,9 +24,17 @@ TINY = dict(draft_layers=1, answer_tokens=8, copies=1, max_prompts=6, questions=
 SEQUENCE = [1, 4093, 198, 6004, 2, 198, 1, 520, 9531, 198, 504, 3458, 314, 216, 9, 28, 351]  # a chat turn
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """On 2 shared cores, torch's two threads waiting on each other ran these tests 3x slower than one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def torch_logits(path, weights=None):
-    reader, shape = open_target(path)
-    model = Decoder(shape, weights or read_weights(reader))
+    model = Decoder(read_shape(path), weights or read_weights(open_target(path)[0]))
     tokens = torch.tensor([SEQUENCE])
     valid = torch.ones_like(tokens, dtype=torch.bool)
     with torch.no_grad():
@@ -34,7 +42,7 @@ def torch_logits(path, weights=None):
 
 
 def llama_logits(path):
-    stage = evaluate._whole_model(path, 256, 1)
+    stage = evaluate.whole_model(path, 256, 1)
     try:
         return evaluate.sequence_logits(stage, SEQUENCE)
     finally:
@@ -44,11 +52,6 @@ def llama_logits(path):
 def close(ours, theirs, rel_l2, argmax):
     assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < rel_l2
     assert (ours.argmax(1) == theirs.argmax(1)).mean() >= argmax
-
-
-def test_the_torch_copy_of_the_target_matches_llama_cpp(default_model):
-    # llama.cpp quantises activations for its Q4_1 matmuls; the copy does not (README: about 4% apart)
-    close(torch_logits(default_model), llama_logits(default_model), rel_l2=0.08, argmax=0.9)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,11 @@ def small_target(tmp_path_factory, default_model):
     return path
 
 
+def test_the_torch_copy_of_the_target_matches_llama_cpp(small_target):
+    # llama.cpp quantises activations for its Q4_1 matmuls; the copy does not (the README: 2-3% apart)
+    close(torch_logits(small_target), llama_logits(small_target), rel_l2=0.08, argmax=0.9)
+
+
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory, small_target):
     folder = tmp_path_factory.mktemp("draft")
@@ -74,9 +82,10 @@ def distilled(tmp_path_factory, small_target):
 def test_the_stages_write_a_draft_llama_cpp_loads_and_computes_as_trained(distilled, small_target):
     plan, report = distilled
     assert report["train"]["steps"] == 2 and report["train"]["corpus_tokens"] > 0
-    reader, shape = open_target(plan.out)
-    assert shape.n_layer == 1 and shape.n_vocab == open_target(small_target)[1].n_vocab
-    weights = {**load_draft(plan.state), "token_embd.weight": read_weights(open_target(small_target)[0])["token_embd.weight"]}
+    shape = read_shape(plan.out)
+    assert shape.n_layer == 1 and shape.n_vocab == read_shape(small_target).n_vocab
+    embedding = read_weights(open_target(small_target)[0])["token_embd.weight"]
+    weights = {**load_draft(plan.state), "token_embd.weight": embedding}
     close(torch_logits(plan.out, weights), llama_logits(plan.out), rel_l2=0.05, argmax=0.9)
 
 
@@ -95,7 +104,7 @@ def test_the_distilled_draft_is_lossless_in_speculative_and_pipeinfer(cli, tmp_p
     def tokens(*args):
         stats = tmp_path / f"stats-{abs(hash(args))}.json"
         done = cli("run", "--hostfile", "hosts/local.txt", "--model", str(small_target), "--chat-template", "-p",
-                   "Tell me a short story about a brave mouse.", "-n", "24", "--stats-json", str(stats), *args)
+                   "Tell me a short story about a brave mouse.", "-n", "16", "--stats-json", str(stats), *args)
         assert done.returncode == 0, done.stderr
         return read_json(stats)
 
