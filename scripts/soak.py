@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--phases", default="chat,pipeinfer", help="Which phases to run, in order.")
     parser.add_argument("--replot", action="store_true", help="Only redraw soak.png and the table from soak.jsonl "
                                                               "(a soak stopped early keeps its samples there).")
     args = parser.parse_args()
@@ -197,8 +198,9 @@ def main() -> None:
         log.write(json.dumps(point) + "\n")
         log.flush()
 
-    chat_phase(args, rng, started, record)
-    pipeinfer_phase(args, rng, started, record)
+    phases = {"chat": chat_phase, "pipeinfer": pipeinfer_phase}
+    for name in args.phases.split(","):
+        phases[name](args, rng, started, record)
     (args.out / "soak.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                     "minutes": (time.monotonic() - started) / 60,
                                                     "points": points}, indent=1))
