@@ -99,7 +99,7 @@ def sample(job: JobClient, phase: str, started: float, final: dict, timeout_s: f
 
 
 def chat_phase(args, rng: random.Random, started: float, record) -> None:
-    options = EngineOptions(hostfile=args.hostfile, n_ctx=1024, timeout_s=args.timeout)
+    options = EngineOptions(hostfile=args.hostfile, n_ctx=1024, timeout_s=args.timeout, debug=args.debug)
     job = launch(options)
     conversation, first = Conversation(None, ()), 0
     for turn in range(args.turns):
@@ -117,7 +117,7 @@ def chat_phase(args, rng: random.Random, started: float, record) -> None:
 
 
 def pipeinfer_phase(args, rng: random.Random, started: float, record) -> None:
-    options = EngineOptions(hostfile=args.hostfile, n_ctx=4096, timeout_s=args.timeout, draft=Path("ngram"),
+    options = EngineOptions(hostfile=args.hostfile, n_ctx=4096, timeout_s=args.timeout, draft=Path("ngram"), debug=args.debug,
                             spec=SpecSettings(Mode.PIPEINFER))
     job = launch(options)
     total, index = 0, 0
@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--debug", action="store_true", help="mpiexec's own output and tracebacks on stderr.")
     parser.add_argument("--phases", default="chat,pipeinfer", help="Which phases to run, in order.")
     parser.add_argument("--replot", action="store_true", help="Only redraw soak.png and the table from soak.jsonl "
                                                               "(a soak stopped early keeps its samples there).")

@@ -184,3 +184,27 @@ def test_chat_reshards_and_goes_on(cache_dir, three_hosts, tmp_path):
     turns = [json.loads(line) for line in transcript.read_text().splitlines()]
     answers = [t for t in turns if t.get("role") == "assistant"]
     assert len(answers) == 2 and all(a["content"] and a["stopped_by"] != "error" for a in answers), turns
+
+
+def test_a_request_longer_than_a_pipe_does_not_end_the_job(cache_dir, monkeypatch):
+    """Found by the soak: MPICH's mpiexec ended the whole job when a request line (a long chat's whole
+    conversation, a long prompt) was over 64 KiB. Such a request now travels in parts; the job answers it
+    and the next one."""
+    from pipeinfer_cpu.app.client import JobClient
+    from pipeinfer_cpu.app.options import EngineOptions
+    from pipeinfer_cpu.conversation import Conversation, conversation_to_json
+
+    monkeypatch.setenv("PIPEINFER_CACHE", str(cache_dir))
+    conversation = Conversation(None, ())
+    for _ in range(200):  # about 90 KB of JSON
+        conversation = conversation.with_turn("user", "Tell me about the sea. " * 5).with_turn("assistant", "Waves. " * 40)
+    job = JobClient.launch(EngineOptions(hostfile=REPO / "hosts/local.txt", n_ctx=1024))
+    try:
+        job.start(300)
+        for last in ("Hi", "And again?"):
+            asked = conversation.with_turn("user", last)
+            final = job.ask({"type": "turn", "conversation": conversation_to_json(asked), "first": 0,
+                             "max_tokens": 8}, lambda text: None, 120)
+            assert final["event"] == "done" and final["dropped_turns"] > 0
+    finally:
+        assert job.close() == 0

@@ -27,6 +27,8 @@ from pipeinfer_cpu.head.server import EngineServer
 from pipeinfer_cpu.wire.transport import MpiTransport, under_mpi
 
 QUIT_WAIT_S = 15.0
+PART_CHARS = 16_000  # a long request line travels in parts of this many characters (see JobClient._send)
+PART_WAIT_S = 60.0  # how long the head may take to read one (it is idle between requests)
 # Where mpiexec says which process died: Open MPI names its rank, MPICH only its host (its PID is
 # the first process of that host's proxy, not the one that died).
 _DEAD_RANK = re.compile(r"process rank (\d+)")
@@ -204,12 +206,32 @@ class JobClient:
                 self.dead_host = host.group(1)
 
     def _send(self, request: dict) -> None:
+        """Send a request line; a long one in parts, each taken by the head before the next is sent:
+        MPICH's mpiexec ends the whole job ("process manager error waiting for completion") when more
+        than a pipe's worth (64 KiB) of input waits for rank 0, as a long chat's turn (the whole
+        conversation) or a long prompt would (found by scripts/soak.py after ~330 turns)."""
+        line = json.dumps(request)  # ASCII: a part re-encoded as a JSON string at most doubles
+        if len(line) <= PART_CHARS:
+            self._write(line)
+            return
+        for start in range(0, len(line), PART_CHARS):
+            end = start + PART_CHARS >= len(line)
+            self._write(json.dumps({"type": "part", "text": line[start:start + PART_CHARS], "end": end}))
+            self._await_part(time.monotonic() + PART_WAIT_S)
+
+    def _write(self, line: str) -> None:
         try:
             assert self.process.stdin is not None
-            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.write(line + "\n")
             self.process.stdin.flush()
         except (BrokenPipeError, OSError, ValueError):
             raise JobEnded(f"the MPI job ended ({self._exit_text()})") from None
+
+    def _await_part(self, deadline: float) -> None:
+        """Wait until the head has taken the part just sent (its `part` event)."""
+        while (event := self._poll(deadline, "the head to take a long request")) is None or event["event"] != "part":
+            if event is not None:
+                raise JobEnded(f"the head answered a part of a long request with {event['event']!r}")
 
     def start(self, wait_s: float) -> dict:
         deadline = time.monotonic() + wait_s

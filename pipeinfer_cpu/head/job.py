@@ -18,7 +18,7 @@ from typing import Callable
 from pipeinfer_cpu.errors import PipeinferError
 from pipeinfer_cpu.head.calibration import CalibrationSettings, calibrate
 from pipeinfer_cpu.head.engine import Engine, EngineSettings
-from pipeinfer_cpu.head.server import EngineServer, LineReader, json_line_writer, serve_json_lines
+from pipeinfer_cpu.head.server import EngineServer, LineReader, json_line_writer, next_whole_request, serve_json_lines
 from pipeinfer_cpu.wire import control as C
 from pipeinfer_cpu.wire.runs import Tag
 from pipeinfer_cpu.wire.transport import MpiTransport, wait
@@ -30,7 +30,7 @@ def main() -> int:
     events = json_line_writer(os.fdopen(os.dup(1), "w", encoding="utf-8"))
     os.dup2(2, 1)
     reader = LineReader(sys.stdin.fileno())
-    start = reader.next_request() or {}
+    start = next_whole_request(reader, events) or {}
     transport = MpiTransport()
     return as_head(lambda: _serve(start, transport, reader, events), transport, bool(start.get("debug")))
 

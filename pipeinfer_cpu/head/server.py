@@ -19,13 +19,15 @@ Requests:
       (app/reshard.py): fed as that job fed them and not shown again; the answer goes on after them
   interrupt   stop the answer being generated (ignored when none is)
   health      where each stage's committed KV sequence ends, against the head's mirror (for soak tests)
+  part {text, end}   a piece of a long request's line (MPICH's mpiexec cannot buffer more than 64 KiB of
+      input for rank 0): each is answered with a `part` event; the pieces up to `end` make the request
   quit
 `max_tokens` null: as many as the context holds. `stop`: strings that end the answer (not shown). `strict`
 (the HTTP API): a prompt and max_tokens that do not fit the context are refused (no turn is dropped).
 Events: ready {model, mode, stages, n_ctx, notice, ranks (rank -> it in words), shards (how the stages got them)}; token {text, ids (the tokens
 decided since the last token event: what a resumed answer replays)};
 done {stopped_by, answer, stats, dropped_turns (turn), first_logits (complete, base64 float32, when asked)};
-error {message, code}; health {context_tokens, kv_ends (rank -> last position held), kv_ok}; bye.
+error {message, code}; health {context_tokens, kv_ends (rank -> last position held), kv_ok}; part; bye.
 `stopped_by` is one of length, eos, stop, interrupt, context; an error's `code` is null or
 "context_length_exceeded". Every request but interrupt gets exactly one final event (token events come
 before `done`).
@@ -360,9 +362,23 @@ def serve_json_lines(server: EngineServer, reader: LineReader, emit: Emit) -> No
         return stop
 
     while True:
-        request = held.popleft() if held else reader.next_request()
+        request = next_whole_request(reader, emit, held.popleft() if held else None)
         if request is None or not server.handle(request, emit, interrupted):
             return
+
+
+def next_whole_request(reader: LineReader, emit: Emit, first: dict | None = None) -> dict | None:
+    """The next request (after `first`, when one was already read), a long one put together from its
+    parts, each acknowledged so that the front end sends the next (app/client.py JobClient._send)."""
+    request = first if first is not None else reader.next_request()
+    parts: list[str] = []
+    while request is not None and request.get("type") == "part":
+        parts.append(str(request.get("text", "")))
+        emit({"event": "part"})
+        if request.get("end"):
+            return decode_request("".join(parts))
+        request = reader.next_request()
+    return request
 
 
 def decode_request(line: str) -> dict:

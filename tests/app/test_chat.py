@@ -840,3 +840,19 @@ def test_the_rank_that_died_is_named_from_what_mpiexec_says():
     assert who_died(RANKS, placement, None, "node-b") == RANKS["2"]  # MPICH the host: one rank there
     assert who_died(RANKS, placement, None, "node-a") == f"a process on node-a (one of {RANKS['0']}, {RANKS['1']})"
     assert who_died(RANKS, placement, None, None) == "a rank"
+
+
+def test_a_long_request_comes_in_parts_each_acknowledged():
+    """The head's side of JobClient._send's parts: put together into the request, one `part` event each."""
+    request = complete_request("x" * 50)
+    line = json.dumps(request)
+    parts = [json.dumps({"type": "part", "text": line[i:i + 20], "end": i + 20 >= len(line)})
+             for i in range(0, len(line), 20)]
+    reader_fd, writer_fd = os.pipe()
+    os.write(writer_fd, ("\n".join(parts) + "\n" + json.dumps({"type": "quit"}) + "\n").encode())
+    os.close(writer_fd)
+    events: list[dict] = []
+    serve_json_lines(EngineServer(FakeEngine("ok")), LineReader(reader_fd), events.append)
+    os.close(reader_fd)
+    kinds = [e["event"] for e in events]
+    assert kinds[:1 + len(parts)] == ["ready"] + ["part"] * len(parts) and "done" in kinds and kinds[-1] == "bye"
