@@ -20,11 +20,7 @@ from typing import Callable, Iterator, Protocol
 
 from pipeinfer_cpu.app import launcher
 from pipeinfer_cpu.app.options import EngineOptions
-from pipeinfer_cpu.head.engine import Engine
-from pipeinfer_cpu.head.job import as_head
-from pipeinfer_cpu.head.modes import Mode
 from pipeinfer_cpu.head.server import EngineServer
-from pipeinfer_cpu.wire.transport import MpiTransport, under_mpi
 
 QUIT_WAIT_S = 15.0
 PART_CHARS = 16_000  # a long request line travels in parts of this many characters (see JobClient._send)
@@ -76,21 +72,6 @@ def _interrupt_flag(given: threading.Event | None) -> Iterator[threading.Event]:
     flag = threading.Event()
     with on_signals(flag.set):
         yield flag
-
-
-def with_client(options: EngineOptions, session: Callable[[Client], int]) -> int:
-    """Run `session` (it returns the exit code) with a client of the model: in this process (`single`,
-    or rank 0 of your own mpiexec), under the head's failure handling; else the head of a job started now."""
-    if under_mpi() or options.mode == Mode.SINGLE:
-        transport = MpiTransport() if under_mpi() else None
-        return as_head(lambda: session(LocalClient(EngineServer(Engine.start(options.settings, transport)))),
-                       transport, options.debug)
-    options.preflight()
-    if options.on_failure == "reshard":
-        from pipeinfer_cpu.app.reshard import ReshardingClient  # it builds on this module
-
-        return session(ReshardingClient(options))
-    return session(JobClient.launch(options))
 
 
 class LocalClient:
