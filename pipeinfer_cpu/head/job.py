@@ -24,6 +24,10 @@ from pipeinfer_cpu.wire.runs import Tag
 from pipeinfer_cpu.wire.transport import MpiTransport, wait
 
 STOP_GRACE_S = 3.0  # after an error, how long the head lets the workers leave before aborting the job
+# MPI_Abort makes mpiexec kill every process at once, and MPICH's mpiexec may then drop what the head
+# wrote to stderr just before but it has not yet passed on (seen: exit 1 with an empty stderr, when
+# every worker said bye within milliseconds). So the error line gets this long to travel first.
+FORWARD_S = 0.5
 
 
 def main() -> int:
@@ -72,8 +76,10 @@ def stop_all(transport: MpiTransport | None, code: int) -> int:
         return code
     for rank in range(1, transport.size):
         transport.send(rank, int(Tag.CONTROL), C.encode(C.Signal.SHUTDOWN))
+    started = time.perf_counter()
     transport.flush(2.0)
     _await_goodbyes(transport, STOP_GRACE_S)  # meanwhile mpiexec passes the head's error line on
+    time.sleep(max(0.0, started + FORWARD_S - time.perf_counter()))
     transport.abort(code)  # kills any rank that is stuck; mpiexec then exits with `code`
     return code
 
