@@ -61,6 +61,7 @@ class PipeInferLoop:
         self.switch = switch
         self._draft_sent: _DraftSent | None = None
         self._window: _Window | None = None
+        self._plain_runs: dict[int, float] = {}  # run id -> launch time of a decided token's one-token run
 
     def run(self) -> None:
         clock = self.state.clock
@@ -71,6 +72,9 @@ class PipeInferLoop:
             result = self.state.executor.poll()
             if result is not None:
                 progressed = True
+                launched_at = self._plain_runs.pop(result.run_id, None)
+                if launched_at is not None:
+                    self.switch.observe_plain_run(clock.now() - launched_at)
                 if self.state.verify(result) is not None:
                     self._maybe_switch()
             if progressed:
@@ -100,7 +104,10 @@ class PipeInferLoop:
         launched = self._launch_draft_reply()
         if not self._joins():
             while chain.needs_feed():
-                self.state.send(chain.feed_decided(self.n_batch))
+                launch = chain.feed_decided(self.n_batch)
+                self.state.send(launch)
+                if len(launch.tokens) == 1:  # a one-token run through every stage, as plain pipelining's
+                    self._plain_runs[launch.run_id] = self.state.clock.now()
                 launched = True
         if self._wants_draft():
             self._ask_draft()
@@ -140,11 +147,21 @@ class PipeInferLoop:
         outstanding = sent is not None and sent.epoch == chain.epoch
         if self._joins():
             return not (outstanding and sent.joint)
-        return not outstanding and not chain.needs_feed() and len(chain.inflight) < self.settings.max_inflight
+        return not outstanding and not chain.needs_feed() and len(chain.inflight) < self._inflight_cap
+
+    @property
+    def _inflight_cap(self) -> int:
+        """--max-inflight, or one run per stage where the switch asks for more (with adaptive drafting
+        and no trees, whose branches need a KV sequence per run), never more draft tokens in flight
+        than --max-inflight runs of --draft-max hold."""
+        settings = self.settings
+        if not settings.adaptive or settings.trees:
+            return settings.max_inflight
+        return max(settings.max_inflight, min(self.switch.inflight, settings.max_inflight * settings.draft_max))
 
     def _ask_draft(self) -> None:
         """Ask for a continuation of the fed tokens (eager), or of the decided ones (joint)."""
         joint = self._joins()
         context = self.chain.decided if joint else self.chain.fed
-        request_id = self.state.ask_draft(context)
+        request_id = self.state.ask_draft(context, self.switch.run_tokens)
         self._draft_sent = _DraftSent(request_id, self.chain.epoch, len(context), joint)

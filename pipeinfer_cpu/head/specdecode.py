@@ -139,10 +139,13 @@ class SpecState:
         self.executor.launch(RunMessage(launch.run_id, positions, seq_ids, tokens, outputs, launch.kv_ops,
                                         self._output))
 
-    def ask_draft(self, context: Sequence[int]) -> int:
-        """Ask the draft to continue `context`; returns the id its reply will carry."""
+    def ask_draft(self, context: Sequence[int], at_most: int | None = None) -> int:
+        """Ask the draft to continue `context` (by at most `at_most` tokens when adaptive); returns the
+        id its reply will carry."""
         self._draft_ids += 1
-        length = self.policy.run_length() if self.settings.adaptive else self.settings.draft_max
+        length = self.settings.draft_max
+        if self.settings.adaptive:
+            length = min(self.policy.run_length(), at_most or length)
         self.draft.request(DraftRequest(self._draft_ids, tuple(context), length, self.policy.p_accept))
         return self._draft_ids
 

@@ -390,6 +390,17 @@ class SpeculationSwitch:
     """
 
     window: int = 16
+    # With several target stages a speculative run of one draft token keeps the most stages busy with
+    # the freshest guesses: a run enters the pipeline every stage time, and a longer run both costs more
+    # per stage and waits for more draft tokens. Measured on 16 cores (README, "Speculation on 16
+    # cores"): pipeinfer 1.24-1.56x the pipeline with runs of up to 8 tokens and 4 in flight,
+    # 1.9-2.1x with one token per run and a run in flight per stage; `plan` predicted the same.
+    run_tokens: int | None = None  # draft tokens per run at most (None: as DraftPolicy decides)
+    inflight: int = 1  # runs in flight at least (beside --max-inflight): one per stage
+    # With several stages, off's speed is read from the decided tokens' one-token runs while eager
+    # speculates (each costs what plain pipelining costs per token), so no window is spent trying off:
+    # on 8 stages such tries cost about a tenth of pipeinfer's speed in short requests (`plan`).
+    off_from_runs: bool = False
     explore_every: int = 4
     max_explore_every: int = 32
     smoothing: float = 0.5
@@ -404,12 +415,23 @@ class SpeculationSwitch:
 
     @staticmethod
     def for_stages(n_stages: int) -> "SpeculationSwitch":
-        """The strategies worth trying on a pipeline of `n_stages` target stages."""
-        return SpeculationSwitch(strategies=STRATEGIES if n_stages == 1 else ("eager", "off"))
+        """How to feed a pipeline of `n_stages` target stages: the strategies worth trying, and with
+        several stages (adaptive drafting) one draft token per run and a run in flight per stage."""
+        if n_stages == 1:
+            return SpeculationSwitch(strategies=STRATEGIES)
+        return SpeculationSwitch(strategies=("eager", "off"), run_tokens=1, inflight=n_stages, off_from_runs=True)
 
     @property
     def speculating(self) -> bool:
         return self.strategy != "off"
+
+    def observe_plain_run(self, seconds: float) -> None:
+        """A decided token's one-token run took `seconds` from launch to result (while speculating):
+        with `off_from_runs`, that is plain pipelining's time per token, off's estimate."""
+        if not self.off_from_runs or not self.speculating or seconds <= 0:
+            return
+        rate, old = 1.0 / seconds, self.rates.get("off")
+        self.rates["off"] = rate if old is None else old + self.smoothing * (rate - old)
 
     def observe(self, tokens: int, seconds: float) -> None:
         """Record one finished window of the current strategy, then pick the next one."""
@@ -426,15 +448,18 @@ class SpeculationSwitch:
         self.strategy = self._next_strategy()
 
     def _next_strategy(self) -> str:
-        untried = [s for s in self.strategies if s not in self.rates]
+        estimated = {"off"} if self.off_from_runs else set()
+        untried = [s for s in self.strategies if s not in self.rates and s not in estimated]
         if untried:
             return untried[0]
-        ranked = sorted(self.strategies, key=lambda s: -self.rates[s])
+        ranked = sorted((s for s in self.strategies if s in self.rates), key=lambda s: -self.rates[s])
+        # an estimated strategy needs no exploration while another runs: it is kept current anyway
+        runners_up = [s for s in ranked[1:] if s not in estimated or ranked[0] in estimated]
         self._wait = self._wait or self.explore_every
         self._since += 1
-        if self._since < self._wait or len(ranked) < 2:
+        if self._since < self._wait or not runners_up:
             return ranked[0]
         self._since = 0
         self._leader = ranked[0]
         self.explorations += 1
-        return ranked[1 + (self.explorations - 1) % (len(ranked) - 1)]
+        return runners_up[(self.explorations - 1) % len(runners_up)]

@@ -244,4 +244,27 @@ def test_joint_feeding_is_only_tried_on_a_one_stage_pipeline():
     for _ in range(12):
         seen.add(four.strategy)
         four.observe(16, 0.3)
-    assert seen == {"eager", "off"}
+    assert seen == {"eager"}  # off is never tried blind with several stages: its speed comes from runs
+
+
+def test_with_several_stages_off_is_read_from_one_token_runs_not_tried():
+    """A decided token's one-token run costs what plain pipelining costs per token: once eager is
+    slower than that, the switch turns speculation off, and tries eager again now and then."""
+    from pipeinfer_cpu.head.speculation import SpeculationSwitch
+
+    four = SpeculationSwitch.for_stages(4)
+    assert (four.run_tokens, four.inflight) == (1, 4)
+    chosen = []
+    for _ in range(40):
+        if four.speculating:
+            four.observe_plain_run(0.01)  # off would give 100 tokens/s
+        chosen.append(four.strategy)
+        four.observe(16, 16 / (50.0 if four.strategy == "eager" else 100.0))
+    assert chosen[0] == "eager" and chosen[1] == "off"
+    assert 30 <= chosen.count("off") < 40  # eager re-tried now and then
+    good = SpeculationSwitch.for_stages(4)
+    for _ in range(40):
+        good.observe_plain_run(0.01)
+        good.observe(16, 16 / 150.0)  # eager beats off's 100 tokens/s: never leaves it
+        assert good.strategy == "eager"
+    assert SpeculationSwitch.for_stages(1).run_tokens is None

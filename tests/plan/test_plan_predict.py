@@ -122,3 +122,50 @@ def test_uniform_inputs_scale_runs_by_the_extra_token_cost():
     assert [s.layers for s in inputs.stages] == [4, 3, 3]
     assert inputs.stages[0].compute_s(3, 0, last=False) == pytest.approx(4 * 2 * MS)
     assert inputs.stages[2].compute_s(1, 1, last=True) == pytest.approx(3 * MS + 2 * MS)
+
+
+def _stages(n: int) -> ModelInputs:
+    stage = StageCost(1, ((1, 10 * MS), (2, 12.5 * MS)), NO_OUTPUT_COST)  # a token more: a quarter more
+    return ModelInputs((stage,) * n, (LOCAL,) * (n + 1), n_embd=1000, n_vocab=100, acceptance=0.6,
+                       draft_token_s=2 * MS)
+
+
+def _traced(monkeypatch, inputs: ModelInputs, spec: SpecSettings) -> tuple[list[int], int]:
+    """Draft tokens asked per request, and the most runs ever in flight, in one simulated request."""
+    from pipeinfer_cpu.plan import simulation
+
+    asked, most = [], [0]
+    request, launch = simulation.SimDraft.request, SimPipeline.launch
+
+    def traced_request(self, req):
+        asked.append(req.max_new)
+        request(self, req)
+
+    def traced_launch(self, run):
+        launch(self, run)
+        now = self.clock.now()
+        most[0] = max(most[0], sum(1 for r in self.runs if not r.delivered and r.cancel_at > now))
+
+    monkeypatch.setattr(simulation.SimDraft, "request", traced_request)
+    monkeypatch.setattr(SimPipeline, "launch", traced_launch)
+    predict(inputs, "pipeinfer", n_tokens=96, spec=spec)
+    return asked, most[0]
+
+
+def test_several_stages_get_one_draft_token_per_run_and_a_run_in_flight_per_stage(monkeypatch):
+    asked, most = _traced(monkeypatch, _stages(8), SpecSettings("pipeinfer"))
+    assert set(asked) == {1} and most == 8
+
+
+def test_one_stage_and_fixed_length_keep_longer_runs(monkeypatch):
+    asked, _ = _traced(monkeypatch, _stages(1), SpecSettings("pipeinfer"))
+    assert max(asked) > 1
+    asked, most = _traced(monkeypatch, _stages(8), SpecSettings("pipeinfer", adaptive=False, draft_max=3))
+    assert set(asked) == {3} and most <= 4
+
+
+def test_one_token_runs_beat_long_ones_on_eight_stages():
+    """What made them the default (measured on 16 cores too: README)."""
+    one = predict(_stages(8), "pipeinfer", n_tokens=256).tokens_per_s
+    long = predict(_stages(8), "pipeinfer", n_tokens=256, spec=SpecSettings("pipeinfer", adaptive=False)).tokens_per_s
+    assert one > 1.1 * long
