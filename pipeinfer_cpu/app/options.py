@@ -206,8 +206,12 @@ _OPTIONS = [
     click.option("--draft-ranks", type=click.Choice(["dedicated", "head"]), default="dedicated", show_default=True,
                  help="Run the draft on a rank of its own, or inside the head's process."),
     click.option("--draft-host", help="Host of the dedicated draft rank (default: the first host)."),
-    click.option("--draft-max", type=int, default=8, show_default=True, help="Draft tokens per speculative run, at most."),
-    click.option("--max-inflight", type=int, default=4, show_default=True, help="pipeinfer: runs in flight, at most."),
+    click.option("--draft-max", type=int, default=8, show_default=True,
+                 help="Draft tokens per speculative run, at most (pipeinfer on several target stages drafts one "
+                      "per run unless --fixed-length)."),
+    click.option("--max-inflight", type=int, default=4, show_default=True,
+                 help="pipeinfer: runs in flight, at most (on several target stages, unless --fixed-length: at "
+                      "least one per stage)."),
     click.option("--p-accept", type=float, default=0.4, show_default=True, help="Stop drafting below this top-1 probability."),
     click.option("--p-recovery", type=float, default=0.05, show_default=True, help="Raise p-accept by this after a rejection."),
     click.option("--p-decay", type=float, default=0.02, show_default=True, help="Lower p-accept by this after a confirmed run."),
