@@ -4,6 +4,8 @@ Measures decode tokens/s and mean inter-token latency (ITL) of every mode of `py
 bench`, for each suite:
   foundation         single,pipeline on the embedded default model, 2 stages, -t 1, -n 128
   speculation-2core  single,pipeline,speculative,pipeinfer on a SYNTHETIC bench pair, 1 stage, -t 1, -n 64
+  ngram-2stages      pipeline,pipeinfer on the default model with --draft ngram, 2 stages, -t 1, -n 64
+                     (-summary, -code: on those prompt sets)
 A tree is chosen by running from its root with PYTHONPATH=<root>; the bench's own subprocesses and MPI
 ranks inherit it. Rounds interleave the trees (odd rounds old then new, even rounds new then old).
 Every bench.json stays under OUT/<suite>/round<r>-<tree>/; OUT/ab.json and OUT/ab.md hold the medians
@@ -42,11 +44,16 @@ class Suite(NamedTuple):
     stages: int  # target stages
     n_tokens: int  # per prompt
     uses_pair: bool  # the SYNTHETIC pair's target and draft, or the default model
+    extra: tuple[str, ...] = ()  # further bench arguments
 
 
 SUITES = {
     "foundation": Suite(("single", "pipeline"), 2, 128, False),
     "speculation-2core": Suite(("single", "pipeline", "speculative", "pipeinfer"), 1, 64, True),
+    # pipeinfer on two target stages, the default model and the n-gram draft (in the head: no draft rank)
+    "ngram-2stages": Suite(("pipeline", "pipeinfer"), 2, 64, False, ("--draft", "ngram")),
+    "ngram-2stages-summary": Suite(("pipeline", "pipeinfer"), 2, 64, False, ("--draft", "ngram", "--prompt-sets", "summary")),
+    "ngram-2stages-code": Suite(("pipeline", "pipeinfer"), 2, 64, False, ("--draft", "ngram", "--prompt-sets", "code")),
 }
 METRICS = ("decode_tok_s", "itl_mean_ms")
 
@@ -105,7 +112,7 @@ def tree_state(root: Path) -> dict:
 def bench_argv(suite: Suite, n_tokens: int, pair: Path | None, out_dir: Path) -> list[str]:
     argv = [sys.executable, "-m", "pipeinfer_cpu", "bench", "--hostfile", "hosts/local.txt",
             "--modes", ",".join(suite.modes), "--stages", str(suite.stages), "-t", "1", "-n", str(n_tokens),
-            "--out", str(out_dir)]
+            "--out", str(out_dir), *suite.extra]
     if suite.uses_pair:
         argv += ["--model", str(pair / "synthetic-target.gguf"), "--draft", str(pair / "synthetic-draft.gguf")]
     return argv
