@@ -46,13 +46,12 @@ def speculative(binary: Path, model: Path, draft: Path | None, prompts: list[str
     """llama-speculative-simple, greedy, over the prompts: with a draft model (`draft-simple`) or
     one of llama.cpp's model-free drafts (`ngram-simple`, `ngram-map-k`, `ngram-mod`, `ngram-cache`)."""
     tokens = seconds = drafted = accepted = 0
-    command = []
+    program = [str(binary / "llama-speculative-simple"), "-m", str(model)]
     drafting = ["-md", str(draft), "-td", str(threads)] if draft is not None else []
+    settings = [*drafting, "-n", str(n_tokens), "-t", str(threads), "--temp", "0", "--spec-type", spec_type,
+                "--spec-draft-n-max", str(draft_max), "-c", "2048"]
     for prompt in prompts:
-        command = [str(binary / "llama-speculative-simple"), "-m", str(model), "-p", prompt, *drafting,
-                   "-n", str(n_tokens), "-t", str(threads), "--temp", "0",
-                   "--spec-type", spec_type, "--spec-draft-n-max", str(draft_max), "-c", "2048"]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        done = subprocess.run([*program, "-p", prompt, *settings], capture_output=True, text=True, check=True)
         log = done.stdout + done.stderr
         decoded = _DECODED.search(log)
         if decoded is None:
@@ -61,7 +60,7 @@ def speculative(binary: Path, model: Path, draft: Path | None, prompts: list[str
         seconds += float(decoded[2])
         drafted += int(_COUNTS["n_drafted"].search(log)[1])
         accepted += int(_COUNTS["n_accept"].search(log)[1])
-    shown = " ".join(command[:5] + ["PROMPT"] + command[7:])
+    shown = " ".join([*program, "-p", "PROMPT", *settings])
     return {"label": f"llama-speculative-simple {spec_type}, draft max {draft_max} ({threads} threads)",
             "command": shown, "decode_tok_s": tokens / seconds, "tokens": tokens, "drafted": drafted,
             "accepted": accepted, "acceptance": accepted / drafted if drafted else None}
