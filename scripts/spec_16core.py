@@ -89,18 +89,16 @@ def text_agreement(root: Path, n_tokens: int) -> float:
     (the bound's a for these runs; the pair was calibrated on other prompts). The source stands in for
     the target: its zero-norm layers change nothing."""
     from pipeinfer_cpu.app.bench import DEFAULT_PROMPTS
-    from pipeinfer_cpu.app.benchpair import Continuation, _open_stage, draft_agreement, greedy
+    from pipeinfer_cpu.app.benchpair import continuations, draft_agreement
     from pipeinfer_cpu.llama.runtime import Vocab
 
     source = batched_source(root)
     vocab = Vocab(source)
     try:
         prompts = [vocab.tokenize(p) for p in DEFAULT_PROMPTS]
-        stage = _open_stage(source, max(map(len, prompts)) + n_tokens, 1)
-        texts = [Continuation(tuple(p), tuple(greedy(stage, p, n_tokens, vocab.is_end))) for p in prompts]
-        stage.close()
     finally:
         vocab.close()
+    texts = continuations(source, prompts, n_tokens, 1)
     agreement = draft_agreement(pair_dir(root, 3.4) / DRAFT_NAME, texts, 1)
     print(f"teacher-forced agreement on the bench prompts' {sum(len(t.tokens) for t in texts)} tokens: "
           f"{agreement:.3f}")

@@ -194,8 +194,13 @@ def chat_tokens(path: Path, prompts: Sequence[str]) -> list[list[int]]:
 
 
 def target_continuations(target: Path, prompts: Sequence[str], n_tokens: int, n_threads: int) -> tuple[Continuation, ...]:
-    """Greedy-generate up to n_tokens per prompt with the target (stopping at end of generation)."""
-    prompt_ids = chat_tokens(target, prompts)
+    """Greedy-generate up to n_tokens per prompt, each a chat turn, with the target (stopping at end of generation)."""
+    return continuations(target, chat_tokens(target, prompts), n_tokens, n_threads)
+
+
+def continuations(target: Path, prompt_ids: Sequence[Sequence[int]], n_tokens: int,
+                  n_threads: int) -> tuple[Continuation, ...]:
+    """Greedy-generate up to n_tokens after each tokenised prompt with the target (stopping at end of generation)."""
     vocab = Vocab(target)
     stage = _open_stage(target, max(len(p) for p in prompt_ids) + n_tokens, n_threads)
     try:
