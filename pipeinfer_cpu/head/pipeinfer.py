@@ -30,6 +30,15 @@ def generate(context: Context, draft: DraftClient, settings: SpecSettings, reque
     return state.finish()
 
 
+def inflight_cap(settings: SpecSettings, switch: SpeculationSwitch) -> int:
+    """Runs in flight at most: --max-inflight, or one per stage where the switch asks for more (with
+    adaptive drafting and no trees, whose branches need a KV sequence per run), never more draft tokens
+    in flight than --max-inflight runs of --draft-max hold."""
+    if not settings.adaptive or settings.trees:
+        return settings.max_inflight
+    return max(settings.max_inflight, min(switch.inflight, settings.max_inflight * settings.draft_max))
+
+
 @dataclass(frozen=True)
 class _DraftSent:
     """The outstanding draft request, and the chain's state when it was asked: its reply is used
@@ -62,6 +71,7 @@ class PipeInferLoop:
         self._draft_sent: _DraftSent | None = None
         self._window: _Window | None = None
         self._plain_runs: dict[int, float] = {}  # run id -> launch time of a decided token's one-token run
+        self._inflight_cap = inflight_cap(self.settings, switch)
 
     def run(self) -> None:
         clock = self.state.clock
@@ -148,16 +158,6 @@ class PipeInferLoop:
         if self._joins():
             return not (outstanding and sent.joint)
         return not outstanding and not chain.needs_feed() and len(chain.inflight) < self._inflight_cap
-
-    @property
-    def _inflight_cap(self) -> int:
-        """--max-inflight, or one run per stage where the switch asks for more (with adaptive drafting
-        and no trees, whose branches need a KV sequence per run), never more draft tokens in flight
-        than --max-inflight runs of --draft-max hold."""
-        settings = self.settings
-        if not settings.adaptive or settings.trees:
-            return settings.max_inflight
-        return max(settings.max_inflight, min(self.switch.inflight, settings.max_inflight * settings.draft_max))
 
     def _ask_draft(self) -> None:
         """Ask for a continuation of the fed tokens (eager), or of the decided ones (joint)."""
