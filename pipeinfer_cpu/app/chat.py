@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from pipeinfer_cpu.app.client import Client, JobEnded
-from pipeinfer_cpu.app.reshard import with_client
+from pipeinfer_cpu.app.connect import with_client
 from pipeinfer_cpu.app.options import EngineOptions, SamplingOptions
 from pipeinfer_cpu.conversation import Conversation, conversation_from_json, conversation_to_json
 from pipeinfer_cpu.errors import UserError

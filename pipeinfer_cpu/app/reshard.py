@@ -1,5 +1,4 @@
-"""Which client a command reaches the model with (`with_client`), and keeping going when a node
-dies (`--on-failure reshard`).
+"""Keep going when a node dies (`--on-failure reshard`).
 
 MPI cannot shrink a running job portably (MPICH and Open MPI as installed here have no ULFM), so
 the honest design is a new job: this process, outside the MPI job and holding the tokens already
@@ -24,16 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeinfer_cpu.app.client import Client, JobClient, JobEnded, LocalClient, who_died
+from pipeinfer_cpu.app.client import JobClient, JobEnded, who_died
 from pipeinfer_cpu.app.hostfile import parse_hostfile, without_host_line
 from pipeinfer_cpu.app.options import EngineOptions
 from pipeinfer_cpu.errors import UserError
-from pipeinfer_cpu.head.engine import Engine
-from pipeinfer_cpu.head.job import as_head
-from pipeinfer_cpu.head.modes import Mode
-from pipeinfer_cpu.head.server import EngineServer
 from pipeinfer_cpu.modelfiles.planning import parse_weights
-from pipeinfer_cpu.wire.transport import MpiTransport, under_mpi
 
 
 @dataclass(frozen=True)
@@ -180,14 +174,3 @@ class ReshardingClient:
         self._tmp.cleanup()
         return code
 
-
-def with_client(options: EngineOptions, session: Callable[[Client], int]) -> int:
-    """Run `session` (it returns the exit code) with a client of the model: in this process (`single`,
-    or rank 0 of your own mpiexec), under the head's failure handling; else the head of a job started
-    now, one that re-shards on a stage's failure with --on-failure reshard."""
-    if under_mpi() or options.mode == Mode.SINGLE:
-        transport = MpiTransport() if under_mpi() else None
-        return as_head(lambda: session(LocalClient(EngineServer(Engine.start(options.settings, transport)))),
-                       transport, options.debug)
-    options.preflight()
-    return session(ReshardingClient(options) if options.on_failure == "reshard" else JobClient.launch(options))

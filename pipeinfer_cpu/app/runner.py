@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeinfer_cpu.app.client import Client, JobEnded
-from pipeinfer_cpu.app.reshard import with_client
+from pipeinfer_cpu.app.connect import with_client
 from pipeinfer_cpu.app.options import EngineOptions
 from pipeinfer_cpu.files import atomic_output
 from pipeinfer_cpu.head.server import sampling_json

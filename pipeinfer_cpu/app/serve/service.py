@@ -18,7 +18,7 @@ import uvicorn
 
 from pipeinfer_cpu.app.chat import say, start_or_close
 from pipeinfer_cpu.app.client import Client, JobEnded, on_signals
-from pipeinfer_cpu.app.reshard import with_client
+from pipeinfer_cpu.app.connect import with_client
 from pipeinfer_cpu.app.options import EngineOptions
 from pipeinfer_cpu.app.serve.api import Defaults
 from pipeinfer_cpu.app.serve.metrics import Metrics
