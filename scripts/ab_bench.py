@@ -52,8 +52,8 @@ SUITES = {
     "speculation-2core": Suite(("single", "pipeline", "speculative", "pipeinfer"), 1, 64, True),
     # pipeinfer on two target stages, the default model and the n-gram draft (in the head: no draft rank)
     "ngram-2stages": Suite(("pipeline", "pipeinfer"), 2, 64, False, ("--draft", "ngram")),
-    "ngram-2stages-summary": Suite(("pipeline", "pipeinfer"), 2, 64, False, ("--draft", "ngram", "--prompt-sets", "summary")),
-    "ngram-2stages-code": Suite(("pipeline", "pipeinfer"), 2, 64, False, ("--draft", "ngram", "--prompt-sets", "code")),
+    **{f"ngram-2stages-{name}": Suite(("pipeline", "pipeinfer"), 2, 64, False,
+                                      ("--draft", "ngram", "--prompt-sets", name)) for name in ("summary", "code")},
 }
 METRICS = ("decode_tok_s", "itl_mean_ms")
 
