@@ -23,13 +23,12 @@ SITE=$ROOT/site
 export PIPEINFER_CACHE=$ROOT/cache PYTHONUNBUFFERED=1 PIPEINFER_MPIEXEC=/usr/bin/mpiexec
 export PIPEINFER_MPIEXEC_ARGS="--bind-to core"
 export PYTHONPATH=$SITE:$PWD
+source "$(dirname "$0")/device_site.sh"
 PI="python3 -m pipeinfer_cpu"
 case "$1" in
 setup)
   mkdir -p $SITE $ROOT/parts
-  python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE .dev4/whl/*.whl
-  rm -rf $SITE/llama_cpp $SITE/bin && cp -r .dev4/llama_cpp_py $SITE/llama_cpp && cp -r .dev4/bin $SITE/bin
-  (cd $SITE/llama_cpp/lib && for f in *.so.0; do ln -sf "$f" "${f%.0}"; done)
+  install_site .dev4 $SITE
   cp .dev4/model.sha256 $ROOT/ && rm -rf $ROOT/old && cp -r .dev4/old $ROOT/old
   # a SYNTHETIC random-weight llama of SmolLM2-135M's shape with 120 layers, pure Q4_0: the bench target's cost
   python3 - <<PY

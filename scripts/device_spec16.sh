@@ -21,12 +21,11 @@ SITE=$ROOT/site
 export PIPEINFER_CACHE=$ROOT/cache PYTHONUNBUFFERED=1 PIPEINFER_MPIEXEC=/usr/bin/mpiexec
 export PIPEINFER_MPIEXEC_ARGS="--bind-to core" OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export PYTHONPATH=$SITE:$PWD
+source "$(dirname "$0")/device_site.sh"
 case "$1" in
 setup)  # the Python side, and the reference built in the background (it runs on between calls)
   mkdir -p $SITE $ROOT/parts
-  python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE .dev16a/whl/*.whl
-  rm -rf $SITE/llama_cpp $SITE/bin && cp -r .dev16a/llama_cpp_py $SITE/llama_cpp && cp -r .dev16a/bin $SITE/bin
-  (cd $SITE/llama_cpp/lib && for f in *.so.0; do ln -sf "$f" "${f%.0}"; done)
+  install_site .dev16a $SITE
   cp .dev16a/part.a .dev16a/smollm2.sha256 $ROOT/parts/
   rm -rf $ROOT/pipeinfer && cp -r .pref/pipeinfer $ROOT/pipeinfer
   # MPICH refuses a second MPI_Buffer_attach (one per model context); Open MPI tolerates it. Guard it anyway.
