@@ -18,7 +18,7 @@ set -u -o pipefail
 PY=${PY:-python3}
 STATE=${STATE:-.gpu/state.pt}
 DATA=${DATA:-/tmp/cifar10}
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/.gpu/site:$PWD
+export PYTHONUNBUFFERED=1 PYTHONPATH=${GPU_SITE:-$PWD/.gpu/site}:$PWD
 mkdir -p "$OUT" "$DATA"
 [ -d "$DATA/train" ] || tar -C "$DATA" -xJf .data/cifar10-jpeg.tar.xz || exit 1
 nvidia-smi -L

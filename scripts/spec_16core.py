@@ -4,7 +4,7 @@
     python scripts/spec_16core.py agreement --root R           # the draft's agreement on the bench text itself
     python scripts/spec_16core.py rounds --root R --rounds 3   # pipeline/speculative/pipeinfer, interleaved
     python scripts/spec_16core.py variants --root R --rounds 2 # pipeinfer with one draft token per run beside
-    python scripts/spec_16core.py ngram --root R               # the default model, n-gram draft, prompt sets
+    python scripts/spec_16core.py drafts --root R [--distilled D.gguf]  # the default model, its drafts, prompt sets
     python scripts/spec_16core.py reference --root R --pipeinfer DIR   # the PipeInfer reference, same pairs
     python scripts/spec_16core.py report --root R --out OUT    # OUT/spec-16core.json and .md
 
@@ -122,11 +122,34 @@ def run_rounds(root: Path, rounds: int, n_tokens: int, settings: list[str]) -> N
                   "-n", str(n_tokens))
 
 
-def run_ngram(root: Path, n_tokens: int, stages: int) -> None:
-    """The default model (SmolLM2-135M Q4_1) with the n-gram draft, the four modes, every prompt set."""
-    bench(root / "ngram", "--hostfile", str(hostfile(root, stages)), "--draft", "ngram",
-          "--modes", "single,pipeline,speculative,pipeinfer", "--stages", str(stages), "-t", "1",
-          "-n", str(n_tokens), "--prompt-sets", "all")
+def run_drafts(root: Path, rounds: int, n_tokens: int, stages: int, distilled: Path | None) -> None:
+    """The default model (SmolLM2-135M Q4_1) on every prompt set, 4 target stages, interleaved rounds:
+    each round `single` and `pipeline` once, then `speculative` and `pipeinfer` with the n-gram draft
+    and, given one, with the distilled draft (whose cost ratio on this CPU is measured first)."""
+    common = ("--hostfile", str(hostfile(root, stages)), "--stages", str(stages), "-t", "1", "-n", str(n_tokens),
+              "--prompt-sets", "all")
+    if distilled is not None and not (root / "drafts" / "cost.json").is_file():
+        (root / "drafts").mkdir(parents=True, exist_ok=True)
+        (root / "drafts" / "cost.json").write_text(json.dumps(draft_cost(distilled)))
+    calls = [("ngram", "ngram", "single,pipeline,speculative,pipeinfer")]
+    if distilled is not None:
+        calls.append(("distilled", str(distilled), "speculative,pipeinfer"))
+    for index in range(rounds):
+        for kind, draft, modes in calls:
+            out = root / "drafts" / kind / f"r{index}"
+            if not (out / "bench.json").is_file():  # resumable across calls of the lent machine
+                bench(out, *common, "--draft", draft, "--modes", modes)
+
+
+def draft_cost(draft: Path) -> dict:
+    """The draft's and the default model's plain greedy speed, 1 thread, llama.cpp (`draft evaluate`'s)."""
+    from pipeinfer_cpu.app.prompt_sets import prompt_sets
+    from pipeinfer_cpu.draftmake.evaluate import chat_prompt, cost_ratio
+    from pipeinfer_cpu.modelfiles.registry import resolve_model
+
+    target = resolve_model(None)
+    story = prompt_sets("story")["story"][0]
+    return cost_ratio(target, draft, chat_prompt(target, story), 64, 1)
 
 
 def run_variants(root: Path, rounds: int, n_tokens: int, settings: list[str]) -> None:
@@ -295,13 +318,15 @@ def _rounds_table(root: Path, a_text: float, draft_ms: float) -> list[dict]:
         speeds = _median_speeds(rows)
         med = {mode: statistics.median(values) for mode, values in speeds.items()}
         over = med["pipeinfer"] / med["pipeline"]
+        by_round = [p / q for p, q in zip(speeds["pipeinfer"], speeds["pipeline"])]  # one bench call a round
         measured_ratio = 1000.0 / med["pipeline"] / draft_ms
         top = bound(a_text, stages, measured_ratio)
         table.append({"setting": f"{stages} target stages + 1 draft rank, R = {cost_ratio:g} "
                                  f"(measured {measured_ratio:.1f})",
                       "rounds": len(speeds["pipeline"]), "pipeline": med["pipeline"],
                       "speculative": med["speculative"], "pipeinfer": med["pipeinfer"],
-                      "pipeinfer accept": med["pipeinfer_acceptance"], "pipeinfer / pipeline": over, "bound": top,
+                      "pipeinfer accept": med["pipeinfer_acceptance"], "pipeinfer / pipeline": over,
+                      "by round": ", ".join(f"{r:.2f}" for r in by_round), "bound": top,
                       "of the bound": over / top, "pipeinfer / speculative": med["pipeinfer"] / med["speculative"],
                       **_reference_cells(reference.get(name, []))})
     return table
@@ -320,42 +345,70 @@ def report(root: Path, out: Path, a_text: float = 0.692, draft_ms: float = 14.1)
     data = {"machine": next((m for m in machines if m), f"{os.cpu_count()} CPUs"),
             "agreement_calibrated": calibrated, "agreement_bench_text": a_text, "draft_ms": draft_ms,
             "settings": _rounds_table(root, a_text, draft_ms), "variants": _variants_table(root, a_text, draft_ms),
-            "ngram": _ngram_table(_json(root / "ngram" / "bench.json", {"modes": []})["modes"]),
+            "drafts": _drafts_table(root), "draft_cost": _json(root / "drafts" / "cost.json", {}),
             "reference": _json(root / "reference.json", {})}
     (out / "spec-16core.json").write_text(json.dumps(data, indent=1))
     text = (f"# Speculation on {data['machine']} (SYNTHETIC pairs; medians of interleaved rounds; bounds at the "
             f"draft's agreement on the bench text, {a_text}, and R = the pipeline's time per token / the "
             f"draft's {draft_ms} ms)\n\n{_table_text(data['settings'])}\n\n"
             f"## One draft token per run (second sitting)\n\n{_table_text(data['variants'])}\n\n"
-            f"## The default model with the n-gram draft, 4 target stages\n\n{_table_text(data['ngram'])}\n")
+            f"## The default model with its drafts, 4 target stages\n\n{_table_text(data['drafts'])}\n")
     (out / "spec-16core.md").write_text(text)
     print(text)
 
 
-def _ngram_table(rows: list[dict]) -> list[dict]:
-    """Per prompt set: the four modes, and pipeinfer against the bound at a = the share of tokens the
-    n-gram draft got right in pipeinfer (it proposes only where the context repeats; R = inf)."""
+def _draft_rounds(root: Path) -> tuple[dict[tuple[str, str, str], list[float]], dict[tuple[str, str], list[float]]]:
+    """The `drafts` rounds' tok/s by (prompt set, draft or 'none', mode), and by (prompt set, draft) the
+    share of pipeinfer's tokens that came from accepted guesses."""
+    speeds: dict[tuple[str, str, str], list[float]] = {}
+    from_draft: dict[tuple[str, str], list[float]] = {}
+    for kind in ("ngram", "distilled"):
+        for path in sorted((root / "drafts" / kind).glob("r*/bench.json")):
+            for row in json.loads(path.read_text())["modes"]:
+                mode = row["label"].split("] ")[1].split(" ")[0]
+                draft = kind if mode in ("speculative", "pipeinfer") else "none"
+                speeds.setdefault((row["prompt_set"], draft, mode), []).append(row["summary"]["decode_tok_s"])
+                if mode == "pipeinfer":
+                    runs = row["runs"]
+                    from_draft.setdefault((row["prompt_set"], kind), []).append(
+                        sum(r["accepted"] for r in runs) / max(1, sum(r["n_generated"] for r in runs)))
+    return speeds, from_draft
+
+
+def _drafts_table(root: Path) -> list[dict]:
+    """Per prompt set and draft: medians over the rounds of the four modes, pipeinfer against `pipeline`
+    and against the bound at a = the share of tokens the draft gave in pipeinfer (the n-gram draft
+    proposes only where the context repeats) and R = the pipeline's time per token over the draft's
+    (infinite for the n-gram draft, which costs nothing)."""
+    speeds, from_draft = _draft_rounds(root)
+    cost = _json(root / "drafts" / "cost.json", {})
+    med = {key: statistics.median(values) for key, values in speeds.items()}
     table = []
-    for name in dict.fromkeys(row["prompt_set"] for row in rows):
-        of_set = {row["label"].split("] ")[1].split(" ")[0]: row for row in rows if row["prompt_set"] == name}
-        runs = of_set["pipeinfer"]["runs"]
-        free = sum(r["accepted"] for r in runs) / max(1, sum(r["n_generated"] for r in runs))
-        over = of_set["pipeinfer"]["summary"]["decode_tok_s"] / of_set["pipeline"]["summary"]["decode_tok_s"]
-        top = bound(free, 4, float("inf"))
-        table.append({"set": name, **{mode: row["summary"]["decode_tok_s"] for mode, row in of_set.items()},
-                      "tokens from the draft (pipeinfer)": free, "pipeinfer / pipeline": over, "bound": top,
-                      "of the bound": over / top})
-    return table
+    for (prompt_set, kind), shares in from_draft.items():
+        pipeline = med[(prompt_set, "none", "pipeline")]
+        draft_tok_s = cost.get("draft_tok_s") if kind == "distilled" else None
+        ratio = draft_tok_s / pipeline if draft_tok_s else float("inf")
+        a = statistics.median(shares)
+        over = med[(prompt_set, kind, "pipeinfer")] / pipeline
+        top = bound(a, 4, ratio)
+        table.append({"set": prompt_set, "draft": kind, "rounds": len(shares),
+                      "single": med[(prompt_set, "none", "single")], "pipeline": pipeline,
+                      "speculative": med[(prompt_set, kind, "speculative")],
+                      "pipeinfer": med[(prompt_set, kind, "pipeinfer")], "tokens from the draft": a,
+                      "R": ratio, "pipeinfer / pipeline": over, "pipeinfer / single": over * pipeline /
+                      med[(prompt_set, "none", "single")], "bound": top, "of the bound": over / top})
+    return sorted(table, key=lambda row: (row["set"], row["draft"]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["pairs", "agreement", "rounds", "variants", "ngram", "reference", "report"])
+    parser.add_argument("step", choices=["pairs", "agreement", "rounds", "variants", "drafts", "reference", "report"])
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("-n", "--n-tokens", type=int, default=48)
     parser.add_argument("--settings", default=",".join(name for name, _, _ in SETTINGS))
+    parser.add_argument("--distilled", type=Path, help="drafts: the distilled draft GGUF (else n-gram only).")
     parser.add_argument("--pipeinfer", type=Path, help="The built PipeInfer reference (its `speculative`).")
     parser.add_argument("--text-agreement", type=float, default=0.692,
                         help="report: the draft's teacher-forced agreement on the bench prompts' own text.")
@@ -371,8 +424,8 @@ def main() -> None:
         run_rounds(args.root, args.rounds, args.n_tokens, settings)
     elif args.step == "variants":
         run_variants(args.root, args.rounds, args.n_tokens, settings)
-    elif args.step == "ngram":
-        run_ngram(args.root, args.n_tokens, 4)
+    elif args.step == "drafts":
+        run_drafts(args.root, args.rounds, args.n_tokens, 4, args.distilled)
     elif args.step == "reference":
         run_reference(args.root, args.pipeinfer, args.n_tokens, settings)
     else:
