@@ -6,7 +6,7 @@
 # after its first epoch, so counts then differ between jobs (each log and checkpoint records its own).
 # Usage (repo root, CIFAR-10 zips in $DATA):
 #   OUT=/some/dir DATA=.data/cifar10 [DIR=...] [BASELINE=...] [EPOCHS=30] [DISTILL=0.5] [CAP=400] \
-#     [MULTIPLE=16] [METHODS="gnn mlp"] [SEED=0] bash scripts/gpu_finetune.sh
+#     [MULTIPLE=16] [METHODS="gnn mlp"] [SEED=0] [EXTRA="--limit-per-class 10"] bash scripts/gpu_finetune.sh
 set -u -o pipefail
 PY=${PY:-python3}
 EPOCHS=${EPOCHS:-30}
@@ -30,7 +30,7 @@ for method in $METHODS; do
   distill=$DISTILL
   if [ "$method" = keepall ]; then policy=$RUN/search_keepall.json; distill=0; fi
   $PY -m compress.cli finetune --checkpoint "$BASELINE" --policy "$policy" --epochs "$EPOCHS" --lr "$LR" --seed "$SEED" \
-    --distill "$distill" "${extra[@]}" --out "$RUN/finetuned_$method.pt" --data "$DATA" \
+    --distill "$distill" "${extra[@]}" --out "$RUN/finetuned_$method.pt" --data "$DATA" ${EXTRA:-} \
     > "$RUN/finetune_$method.log" 2>&1 &
 done
 wait

@@ -1,0 +1,68 @@
+"""Mean and standard deviation per method of scripts/gpu_compare.sh's fine-tuned runs (issue 18, item 2).
+
+    python scripts/compare_summary.py RUN --out OUT     # OUT/compare.json and OUT/compare.md
+
+Reads RUN/s<seed>/finetune_<method>.log, whose last line `compress finetune` writes as
+"test accuracy A% -> B% after N epochs (...), F of the MACs -> FILE"; `keepall` is the control that keeps
+every channel, so its A is the unpruned baseline's own test accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+from pipeinfer_cpu.stats import markdown_table
+
+RESULT = re.compile(r"test accuracy ([\d.]+)% -> ([\d.]+)% after (\d+) epochs .*?, ([\d.]+) of the MACs")
+
+
+def read_runs(run: Path) -> dict[str, list[dict]]:
+    """Per method, one entry per seed that finished: accuracy before and after fine-tuning, MACs kept."""
+    runs: dict[str, list[dict]] = {}
+    for log in sorted(run.glob("s*/finetune_*.log")):
+        found = RESULT.findall(log.read_text())
+        if not found:
+            continue
+        before, after, epochs, macs = found[-1]
+        method = log.stem.removeprefix("finetune_")
+        runs.setdefault(method, []).append({"seed": log.parent.name.removeprefix("s"), "before": float(before),
+                                            "after": float(after), "epochs": int(epochs), "macs": float(macs)})
+    return runs
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def summary_table(runs: dict[str, list[dict]]) -> list[dict]:
+    baseline = statistics.mean(r["before"] for r in runs.get("keepall", [])) if runs.get("keepall") else None
+    table = []
+    for method, rows in runs.items():
+        after = [r["after"] for r in rows]
+        table.append({"method": method, "seeds": len(rows), "MACs kept": statistics.mean(r["macs"] for r in rows),
+                      "before fine-tuning": statistics.mean(r["before"] for r in rows),
+                      "after, mean": statistics.mean(after), "after, sd": _sd(after),
+                      "vs the baseline": statistics.mean(after) - baseline if baseline is not None else None})
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    runs = read_runs(args.run)
+    table = summary_table(runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "compare.json").write_text(json.dumps({"runs": runs, "table": table}, indent=1))
+    text = markdown_table(table, list(table[0])) if table else "no finished runs\n"
+    (args.out / "compare.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
