@@ -1,6 +1,6 @@
-"""Mean and standard deviation per method of scripts/gpu_compare.sh's fine-tuned runs (issue 18, item 2).
+"""Mean and standard deviation per method of scripts/gpu_compare.sh's fine-tuned runs (issue 18, items 2-3).
 
-    python scripts/compare_summary.py RUN --out OUT     # OUT/compare.json and OUT/compare.md
+    python scripts/compare_summary.py RUN --out OUT [--name methods]   # OUT/methods.json and OUT/methods.md
 
 Reads RUN/s<seed>/finetune_<method>.log, whose last line `compress finetune` writes as
 "test accuracy A% -> B% after N epochs (...), F of the MACs -> FILE"; `keepall` is the control that keeps
@@ -54,13 +54,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--name", default="compare", help="The output files' name.")
     args = parser.parse_args()
     runs = read_runs(args.run)
     table = summary_table(runs)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compare.json").write_text(json.dumps({"runs": runs, "table": table}, indent=1))
+    (args.out / f"{args.name}.json").write_text(json.dumps({"runs": runs, "table": table}, indent=1))
     text = markdown_table(table, list(table[0])) if table else "no finished runs\n"
-    (args.out / "compare.md").write_text(text)
+    (args.out / f"{args.name}.md").write_text(text)
     print(text)
 
 

@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# The 50% FLOPs comparison on equal terms (issue 18, item 2), in one lease of one GPU: from one baseline,
-# every method searched with each seed of SEEDS (uniform and depgraph once: they draw nothing at random,
-# so their one policy serves every seed), then every policy fine-tuned with the same recipe and that seed
-# (scripts/gpu_finetune.sh per seed, with its keep-every-channel control), all seeds at once, and the
-# mean and standard deviation per method (scripts/compare_summary.py). ResNet-56's step is bound by
-# kernel launches, not arithmetic, so many processes share the GPU well.
+# Issue 18's comparisons, each in one lease of one GPU, every policy fine-tuned with the same recipe and
+# its seed (scripts/gpu_finetune.sh, which logs the accuracy before and after), all processes sharing the
+# GPU (ResNet-56's step is bound by kernel launches, not arithmetic), then the mean and standard deviation
+# per method (scripts/compare_summary.py):
+#   methods   (item 2) the 50% FLOPs comparison: every method searched on BASELINE with each seed of SEEDS
+#             (uniform and depgraph once: they draw nothing at random), plus the keep-every-channel control;
+#   transfer  (item 3) a ResNet-20 baseline is trained (its search images held out), the GNN agent and the
+#             agent without the graph encoder (mlp) are searched on it with each seed, each proposes
+#             BASELINE's policy without search (`compress transfer`), beside a random policy per seed at
+#             the same budget (a one-episode random search on BASELINE).
 # Usage (repo root; carry .data and .gpu as for scripts/gpu_baseline.sh):
-#   OUT=/some/dir BASELINE=ckpt.pt [DATA=/tmp/cifar10] [SEEDS="0 1 2"] [METHODS="gnn mlp random uniform depgraph"]
-#     [TARGET=0.5] [EPISODES=96] [EPOCHS=30] [DISTILL=0.5] [JOBS=12] [EXTRA="--limit-per-class 10"] \
-#     bash scripts/gpu_compare.sh
-# It takes longer than one call of the lent machine (10 minutes): start it in a session of its own
-# (`setsid nohup bash scripts/gpu_compare.sh > /root/compare.log 2>&1 &`) and keep the machine warm with
-# calls that wait and show the logs (it is given back 30 s after a call ends); OUT then holds compare.md,
-# compare.json and compare-run.tgz (logs and policies; the fine-tuned checkpoints stay behind).
-# Checked on the CPU with SEEDS="0 1" EPISODES=2 EPOCHS=1 EXTRA="--limit-per-class 10".
+#   OUT=/some/dir BASELINE=resnet56.pt [DATA=/tmp/cifar10] [SEEDS="0 1 2"] [TARGET=0.5] [EPISODES=96] \
+#     [EPOCHS=30] [DISTILL=0.5] [JOBS=12] [METHODS="gnn mlp random uniform depgraph"] [SOURCE_EPOCHS=60] \
+#     [EXTRA="--limit-per-class 10"] bash scripts/gpu_compare.sh methods|transfer
+# Either takes longer than one call of the lent machine (10 minutes): start it in a session of its own
+# (`setsid nohup bash scripts/gpu_compare.sh methods > /root/methods.log 2>&1 &`) and keep the machine
+# warm with calls that wait and show the logs (it is given back 30 s after a call ends); OUT then holds
+# <experiment>.md, <experiment>.json and <experiment>-run.tgz (logs and policies, no checkpoints).
+# Checked on the CPU with SEEDS="0 1" EPISODES=2 EPOCHS=1 SOURCE_EPOCHS=1 EXTRA="--limit-per-class 10".
 set -u -o pipefail
+EXPERIMENT=$1
 PY=${PY:-python3}
-RUN=${RUN:-/tmp/compare-run}
+RUN=${RUN:-/tmp/$EXPERIMENT-run}
 DATA=${DATA:-/tmp/cifar10}
 SEEDS=${SEEDS:-0 1 2}
-METHODS=${METHODS:-gnn mlp random uniform depgraph}
+TARGET=${TARGET:-0.5}
 EXTRA=${EXTRA:-}
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONPATH=${GPU_SITE:-$PWD/.gpu/site}:$PWD
@@ -30,30 +35,54 @@ at_most_jobs() {  # run "$@" in the background once fewer than JOBS jobs are run
   while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-12}" ]; do wait -n; done
   "$@" &
 }
-search() {  # SEED METHOD
-  mkdir -p "$RUN/s$1"
-  $PY -m compress.cli search --checkpoint "$BASELINE" --target "${TARGET:-0.5}" --method "$2" \
-    --episodes "${EPISODES:-96}" --seed "$1" --out-dir "$RUN/s$1" --data "$DATA" $EXTRA > "$RUN/s$1/search_$2.log" 2>&1
+search() {  # CHECKPOINT DIR SEED METHOD [EPISODES]: DIR/search_METHOD.json (and .agent.pt for an agent)
+  mkdir -p "$2"
+  $PY -m compress.cli search --checkpoint "$1" --target "$TARGET" --method "$4" --episodes "${5:-${EPISODES:-96}}" \
+    --seed "$3" --out-dir "$2" --data "$DATA" $EXTRA > "$2/search_$4.log" 2>&1
+}
+finetune_all() {  # METHODS: each seed's policies in RUN/s<seed>/search_<method>.json, all seeds at once
+  for seed in $SEEDS; do
+    dir=$RUN/s$seed  # gpu_finetune.sh reads the policies here and leaves its logs here
+    OUT=$dir RUN=$dir/ft DIR=$dir BASELINE=$BASELINE SEED=$seed METHODS="$1" EPOCHS=${EPOCHS:-30} \
+      DISTILL=${DISTILL:-0.5} DATA=$DATA EXTRA=$EXTRA PY=$PY bash scripts/gpu_finetune.sh > "$dir/finetune.log" 2>&1 &
+  done
+  wait
 }
 
-for seed in $SEEDS; do
-  for method in $METHODS; do
-    case $method in uniform|depgraph) [ "$seed" = "$first" ] || continue ;; esac
-    at_most_jobs search "$seed" "$method"
+case $EXPERIMENT in
+methods)
+  METHODS=${METHODS:-gnn mlp random uniform depgraph}
+  for seed in $SEEDS; do
+    for method in $METHODS; do
+      case $method in uniform|depgraph) [ "$seed" = "$first" ] || continue ;; esac
+      at_most_jobs search "$BASELINE" "$RUN/s$seed" "$seed" "$method"
+    done
   done
-done
-wait
-for seed in $SEEDS; do
-  for method in uniform depgraph; do
-    [ "$seed" = "$first" ] || [ ! -f "$RUN/s$first/search_$method.json" ] || cp "$RUN/s$first/search_$method.json" "$RUN/s$seed/"
+  wait
+  for seed in $SEEDS; do
+    for method in uniform depgraph; do
+      [ "$seed" = "$first" ] || [ ! -f "$RUN/s$first/search_$method.json" ] || cp "$RUN/s$first/search_$method.json" "$RUN/s$seed/"
+    done
   done
-done
-for seed in $SEEDS; do
-  dir=$RUN/s$seed  # gpu_finetune.sh reads the policies here and leaves its logs here
-  OUT=$dir RUN=$dir/ft DIR=$dir BASELINE=$BASELINE SEED=$seed METHODS="$METHODS keepall" \
-    EPOCHS=${EPOCHS:-30} DISTILL=${DISTILL:-0.5} DATA=$DATA EXTRA=$EXTRA PY=$PY \
-    bash scripts/gpu_finetune.sh > "$dir/finetune.log" 2>&1 &
-done
-wait
-$PY scripts/compare_summary.py "$RUN" --out "$OUT"
-(cd "$RUN" && tar czf "$OUT/compare-run.tgz" --exclude='*.pt' .)
+  finetune_all "$METHODS keepall"
+  ;;
+transfer)
+  $PY -m compress.cli train --arch resnet20 --epochs "${SOURCE_EPOCHS:-60}" --out "$RUN/resnet20.pt" --data "$DATA" \
+    $EXTRA > "$RUN/train_resnet20.log" 2>&1 || { tail -n 3 "$RUN/train_resnet20.log"; exit 1; }
+  for seed in $SEEDS; do
+    for agent in gnn mlp; do at_most_jobs search "$RUN/resnet20.pt" "$RUN/source/s$seed" "$seed" "$agent"; done
+    at_most_jobs search "$BASELINE" "$RUN/s$seed" "$seed" random 1
+  done
+  wait
+  for seed in $SEEDS; do
+    for agent in gnn mlp; do
+      $PY -m compress.cli transfer --agent "$RUN/source/s$seed/search_$agent.agent.pt" --checkpoint "$BASELINE" \
+        --target "$TARGET" --out "$RUN/s$seed/search_transfer-$agent.json" > "$RUN/s$seed/transfer_$agent.log" 2>&1
+    done
+  done
+  finetune_all "transfer-gnn transfer-mlp random"
+  ;;
+*) echo "usage: bash scripts/gpu_compare.sh methods|transfer" >&2; exit 2 ;;
+esac
+$PY scripts/compare_summary.py "$RUN" --out "$OUT" --name "$EXPERIMENT"
+(cd "$RUN" && tar czf "$OUT/$EXPERIMENT-run.tgz" --exclude='*.pt' .)
