@@ -139,7 +139,10 @@ def test_a_stage_dies(cache_dir, moment):
 
 
 def test_the_draft_rank_dies(cache_dir, default_model):
-    outcome = run_job(cache_dir, _run_args("--mode", "pipeinfer", "--draft", str(default_model)), "3:die:3:draft")
+    # its 8th reply: the first few can come before the first token is shown (one token per run keeps
+    # several draft requests in flight from the start), and by the 20th the switch may have turned
+    # this slow draft (the target itself) off, so that the fault never comes
+    outcome = run_job(cache_dir, _run_args("--mode", "pipeinfer", "--draft", str(default_model)), "3:die:8:draft")
     assert_failed_cleanly(outcome, rf"rank 3 \(the draft, on .*\).*{DIED}", True)
     assert outcome.after_death_s is not None and outcome.after_death_s <= DEATH_BOUND_S
 
