@@ -109,10 +109,13 @@ def test_the_distilled_draft_is_lossless_in_speculative_and_pipeinfer(cli, tmp_p
         return read_json(stats)
 
     expected = tokens("--mode", "single", "-t", "1")["tokens"]
+    # the same checks as any draft's (tests/test_speculative_modes.py): pipeinfer on two target stages,
+    # where it speculates from the start; on one stage its switch may find this draft (about as slow as
+    # the 4-layer target: both pay the same output matrix) not worth a run, and draft nothing
     for mode in ("speculative", "pipeinfer"):
-        stats = tokens("--mode", mode, "--stages", "1", "--draft", str(plan.out))
+        stats = tokens("--mode", mode, "--stages", "2", "--draft", str(plan.out))
         assert stats["tokens"] == expected, mode
-        assert stats["drafted"] > 0 and 0 <= stats["accepted"] <= stats["drafted"]
+        assert stats["drafted"] > 0 and 0 <= stats["accepted"] <= stats["drafted"], mode
 
 
 def test_an_unsupported_architecture_is_one_line(cli, tmp_path):
