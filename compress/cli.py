@@ -309,6 +309,8 @@ def latency_table(arch: str | None, checkpoint: str | None, threads: int, channe
 @click.option("--arch", type=click.Choice(ARCHS), default=None)
 @click.option("--epochs", type=int, default=15, show_default=True)
 @click.option("--lr", type=float, default=0.02, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per step (a larger batch takes fewer, as fast, steps on a GPU; scale --lr with it).")
 @_distill_option
 @click.option("--max-seconds", type=click.FloatRange(min=1.0), default=None,
               help="Training-time budget: after the first epoch the schedule shrinks to the epochs "
@@ -321,8 +323,8 @@ def latency_table(arch: str | None, checkpoint: str | None, threads: int, channe
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True)
 @_data_option
 @_limit_option
-def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: float, distill: float,
-             max_seconds: float | None, channel_multiple: int | None, seed: int, device: str, out_path: str,
+def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: float, batch_size: int,
+             distill: float, max_seconds: float | None, channel_multiple: int | None, seed: int, device: str, out_path: str,
              data_root: str | None, limit_per_class: int | None) -> None:
     """Prune a checkpoint to a searched policy, fine-tune it, report test accuracy."""
     from compress.finetune import pick_device
@@ -336,8 +338,8 @@ def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: fl
     dev = pick_device(device)
     cfg = PipelineConfig(arch=info["arch"], target=1.0, out_dir=str(Path(out_path).parent),
                          data_root=data_root, device=device, seed=seed, finetune_epochs=epochs,
-                         finetune_lr=lr, distill_weight=distill, limit_per_class=limit_per_class,
-                         methods=("policy",))
+                         finetune_lr=lr, finetune_batch_size=batch_size, distill_weight=distill,
+                         limit_per_class=limit_per_class, methods=("policy",))
     model = model.to(dev)
     space = build_space(model, channel_multiple=channel_multiple)
     check_policy(space, keep)  # before the data are loaded
@@ -348,7 +350,7 @@ def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: fl
                            max_seconds=max_seconds)
         Path(tmp, "pruned_policy.pt").replace(out_path)
     click.echo(f"test accuracy {row['test_acc_before_ft']:.2f}% -> {row['test_acc']:.2f}% after "
-               f"{row['finetune_epochs']} epochs (lr {lr}, distill {distill}, channels x{channel_multiple}), "
+               f"{row['finetune_epochs']} epochs (lr {lr}, batch {batch_size}, distill {distill}, channels x{channel_multiple}), "
                f"{row['macs_ratio']:.4f} of the MACs -> {out_path}")
 
 

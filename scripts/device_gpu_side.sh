@@ -5,9 +5,12 @@
 #   cap:      scripts/jpeg_cap.py, airbench's recipes on the JPEG copy of CIFAR-10 (what the copy costs);
 #   baseline: scripts/gpu_baseline.sh, the ResNet-56 baseline, resumable (its state comes back for the
 #             next lease: put it at .gpu/state.pt and start again).
+#   compare:  a whole lease of issue 18 on every core: the baseline finished beside the transfer
+#             experiment's source (scripts/gpu_compare.sh source), then the methods comparison on that
+#             baseline, then the transfer experiment (settings: gpu_compare.sh's variables).
 # Carry .data (the JPEG copy packed with xz, see gpu_baseline.sh) and .gpu (site/: torch_pruning, airbench).
-#   bash scripts/device_gpu_side.sh cap | baseline   # return at once; the work runs on in its own session
-#   bash scripts/device_gpu_side.sh collect          # logs and JSON as $OUT/gpu.tgz, state and checkpoint
+#   bash scripts/device_gpu_side.sh cap | baseline | compare   # return at once; the work runs on in its own session
+#   bash scripts/device_gpu_side.sh collect   # logs and JSON as $OUT/gpu.tgz, state and checkpoints in $OUT/gpu/
 set -euo pipefail
 WORK=/root/gpuside
 CORES=${GPU_SIDE_CORES:-13-15}
@@ -31,10 +34,26 @@ baseline)
   in_background baseline env OUT=$WORK/out STATE=$WORK/state.pt STOP=100000 HARD=100000 BUDGET="${BUDGET:-1000}" \
     BATCH="${BATCH:-256}" LR="${LR:-0.2}" EPOCHS="${EPOCHS:-200}" bash scripts/gpu_baseline.sh
   ;;
-collect)  # $OUT/gpu.tgz: logs and JSON; $OUT/gpu/: the resumable state and, once trained, the checkpoint
+compare)
+  [ -f $WORK/state.pt ] || [ ! -f .gpu/state.pt ] || cp .gpu/state.pt $WORK/state.pt
+  CORES=${GPU_SIDE_CORES:-0-15} in_background compare bash "$0" compare-steps
+  ;;
+compare-steps)  # what `compare` runs
+  OUT=$WORK/out STATE=$WORK/state.pt STOP=100000 HARD=100000 BUDGET=1000 BATCH=256 LR=0.2 EPOCHS=200 \
+    bash scripts/gpu_baseline.sh > $WORK/out/baseline.log 2>&1 &
+  OUT=$WORK/out bash scripts/gpu_compare.sh source
+  wait
+  [ -f $WORK/out/baseline.pt ] || { echo "no baseline"; exit 1; }
+  OUT=$WORK/out BASELINE=$WORK/out/baseline.pt bash scripts/gpu_compare.sh methods
+  OUT=$WORK/out BASELINE=$WORK/out/baseline.pt bash scripts/gpu_compare.sh transfer
+  ;;
+collect)  # $OUT/gpu.tgz: logs, JSON and tables, the comparisons' so far; $OUT/gpu/: the resumable state,
+  # the checkpoints (baseline, ResNet-20, first seed's fine-tuned models) and the searched agents
   mkdir -p "$OUT/gpu"
-  (cd $WORK/out && tar czf "$OUT/gpu.tgz" *.json *.log 2>/dev/null) || true
+  tar czf "$OUT/gpu.tgz" --exclude='*.pt' -C / "${WORK#/}/out" tmp/methods-run tmp/transfer-run 2>/dev/null || true
   cp $WORK/state.pt $WORK/out/baseline.pt "$OUT/gpu/" 2>/dev/null || true
+  (cd / && find tmp/methods-run tmp/transfer-run \( -name '*.agent.pt' -o -name resnet20.pt -o -path '*/s0/ft/*.pt' \) \
+    -print0 2>/dev/null | tar czf "$OUT/gpu/models.tgz" --null -T -) || true
   tail -3 $WORK/out/train.log 2>/dev/null || true
   ;;
 esac

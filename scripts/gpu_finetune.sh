@@ -6,7 +6,7 @@
 # after its first epoch, so counts then differ between jobs (each log and checkpoint records its own).
 # Usage (repo root, CIFAR-10 zips in $DATA):
 #   OUT=/some/dir DATA=.data/cifar10 [DIR=...] [BASELINE=...] [EPOCHS=30] [DISTILL=0.5] [CAP=400] \
-#     [MULTIPLE=16] [METHODS="gnn mlp"] [SEED=0] [EXTRA="--limit-per-class 10"] bash scripts/gpu_finetune.sh
+#     [BATCH=256] [LR=0.02] [MULTIPLE=16] [METHODS="gnn mlp"] [SEED=0] [EXTRA="--limit-per-class 10"] bash scripts/gpu_finetune.sh
 set -u -o pipefail
 PY=${PY:-python3}
 EPOCHS=${EPOCHS:-30}
@@ -16,6 +16,7 @@ BASELINE=${BASELINE:-$DIR/baseline.pt}
 METHODS=${METHODS:-gnn mlp random uniform keepall}
 DISTILL=${DISTILL:-0}              # weight of distillation from the unpruned baseline
 LR=${LR:-0.02}                     # peak learning rate of the warm-up + cosine schedule
+BATCH=${BATCH:-256}                # images per step
 SEED=${SEED:-0}                    # data order and augmentation of the fine-tuning
 extra=()
 [ -n "${CAP:-}" ] && extra+=(--max-seconds "$CAP")                # training seconds per job
@@ -29,7 +30,7 @@ for method in $METHODS; do
   policy=$DIR/search_$method.json
   distill=$DISTILL
   if [ "$method" = keepall ]; then policy=$RUN/search_keepall.json; distill=0; fi
-  $PY -m compress.cli finetune --checkpoint "$BASELINE" --policy "$policy" --epochs "$EPOCHS" --lr "$LR" --seed "$SEED" \
+  $PY -m compress.cli finetune --checkpoint "$BASELINE" --policy "$policy" --epochs "$EPOCHS" --lr "$LR" --batch-size "$BATCH" --seed "$SEED" \
     --distill "$distill" "${extra[@]}" --out "$RUN/finetuned_$method.pt" --data "$DATA" ${EXTRA:-} \
     > "$RUN/finetune_$method.log" 2>&1 &
 done

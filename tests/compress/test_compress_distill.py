@@ -83,8 +83,8 @@ def test_distillation_without_a_teacher_is_refused():
 
 
 def test_finetune_cli_distils_within_a_time_cap(small_run, cifar_root, cli, tmp_path):
-    """`finetune --distill --max-seconds`: the cap cuts 50 planned epochs; the checkpoint records
-    the schedule it got, and the channel multiple comes from the policy file."""
+    """`finetune --distill --max-seconds --batch-size`: the cap cuts 50 planned epochs; the checkpoint
+    records the schedule and batch it got, and the channel multiple comes from the policy file."""
     from compress.store import load_checkpoint
 
     policy = json.loads((small_run / "search_mlp.json").read_text())
@@ -93,13 +93,13 @@ def test_finetune_cli_distils_within_a_time_cap(small_run, cifar_root, cli, tmp_
     policy_file.write_text(json.dumps({**policy, "channel_multiple": 4}))
     out = tmp_path / "distilled.pt"
     result = cli("finetune", "--checkpoint", small_run / "baseline.pt", "--policy", policy_file,
-                 "--epochs", 50, "--max-seconds", 1, "--distill", 0.5, "--out", out, "--data", cifar_root,
+                 "--epochs", 50, "--max-seconds", 1, "--distill", 0.5, "--batch-size", 64, "--out", out, "--data", cifar_root,
                  "--limit-per-class", 30, "--device", "cpu")
     assert result.exit_code == 0, result.output + str(result.exception)
     epochs = int(re.search(r"after (\d+) epochs", result.output).group(1))
-    assert epochs < 50 and "channels x4" in result.output
+    assert epochs < 50 and "channels x4" in result.output and "batch 64" in result.output
     _, info = load_checkpoint(out, "resnet20")
     meta = info["meta"]
     assert (meta["finetune_epochs"], meta["planned_epochs"], meta["max_seconds"]) == (epochs, 50, 1.0)
-    assert meta["distill_weight"] == 0.5 and meta["channel_multiple"] == 4
+    assert meta["distill_weight"] == 0.5 and meta["channel_multiple"] == 4 and meta["finetune_batch_size"] == 64
     assert all(n % 4 == 0 for n in info["kept"].values())
