@@ -94,5 +94,5 @@ source|transfer)
   ;;
 *) echo "usage: bash scripts/gpu_compare.sh methods|source|transfer" >&2; exit 2 ;;
 esac
-$PY scripts/compare_summary.py "$RUN" --out "$OUT" --name "$EXPERIMENT"
+$PY scripts/compare_summary.py "$RUN" --out "$OUT" --name "$EXPERIMENT" --baseline "$BASELINE"
 (cd "$RUN" && tar czf "$OUT/$EXPERIMENT-run.tgz" --exclude='*.pt' .)
