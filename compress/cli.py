@@ -324,8 +324,8 @@ def latency_table(arch: str | None, checkpoint: str | None, threads: int, channe
 @_data_option
 @_limit_option
 def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: float, batch_size: int,
-             distill: float, max_seconds: float | None, channel_multiple: int | None, seed: int, device: str, out_path: str,
-             data_root: str | None, limit_per_class: int | None) -> None:
+             distill: float, max_seconds: float | None, channel_multiple: int | None, seed: int, device: str,
+             out_path: str, data_root: str | None, limit_per_class: int | None) -> None:
     """Prune a checkpoint to a searched policy, fine-tune it, report test accuracy."""
     from compress.finetune import pick_device
     from compress.pipeline import PipelineConfig, finetune_one, load_datasets
@@ -350,7 +350,8 @@ def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: fl
                            max_seconds=max_seconds)
         Path(tmp, "pruned_policy.pt").replace(out_path)
     click.echo(f"test accuracy {row['test_acc_before_ft']:.2f}% -> {row['test_acc']:.2f}% after "
-               f"{row['finetune_epochs']} epochs (lr {lr}, batch {batch_size}, distill {distill}, channels x{channel_multiple}), "
+               f"{row['finetune_epochs']} epochs (lr {lr}, batch {batch_size}, distill {distill}, "
+               f"channels x{channel_multiple}), "
                f"{row['macs_ratio']:.4f} of the MACs -> {out_path}")
 
 

@@ -193,14 +193,16 @@ def finetune_one(cfg: PipelineConfig, model: nn.Module, space: PruneSpace, keep:
     n_ft = max(1, len(cfg.methods))
     cap = None if epochs else (max_seconds or _budget(cfg, 0.30 / n_ft))
     fcfg = TrainConfig(epochs=epochs or cfg.finetune_epochs, lr=cfg.finetune_lr, seed=cfg.seed,
-                       batch_size=cfg.finetune_batch_size, warmup_epochs=1, max_seconds=cap, distill_weight=cfg.distill_weight)
+                       batch_size=cfg.finetune_batch_size, warmup_epochs=1, max_seconds=cap,
+                       distill_weight=cfg.distill_weight)
     res = train(pruned, data.train, fcfg, teacher=model if cfg.distill_weight else None)
     round_to_half(pruned)
     kept = space.kept_channels(keep)
     row = {"macs_ratio": macs / space.base_macs, "params": params, "test_acc_before_ft": before,
            "test_acc": evaluate(pruned, data.test, amp=False), "finetune_epochs": res.epochs,
            "finetune_seconds": round(res.seconds, 1), "planned_epochs": fcfg.epochs,
-           "max_seconds": cap, "finetune_lr": fcfg.lr, "finetune_batch_size": fcfg.batch_size, "distill_weight": fcfg.distill_weight,
+           "max_seconds": cap, "finetune_lr": fcfg.lr, "finetune_batch_size": fcfg.batch_size,
+           "distill_weight": fcfg.distill_weight,
            "distill_temperature": fcfg.distill_temperature, "channel_multiple": space.channel_multiple}
     save_checkpoint(out / f"pruned_{method}.pt", pruned, cfg.arch, kept=kept, meta={**row, "keep": keep})
     return row
