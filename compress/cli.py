@@ -171,14 +171,18 @@ def _require_unpruned(checkpoint: str | None, kept: dict | None, why: str) -> No
         raise CompressError(f"{checkpoint} is already pruned; {why}")
 
 
-def _read_policy(path: str) -> tuple[dict[str, float], int]:
-    """A search file's best keep ratios and the channel multiple they were searched with."""
+def _read_policy(path: str, arch: str) -> tuple[dict[str, float], int]:
+    """A search file's best keep ratios and the channel multiple they were searched with, for a model
+    of `arch` (a file that records another architecture is refused; files from before the record
+    are checked group by group only, by `check_policy`)."""
     from compress.store import read_json
 
     searched = read_json(path)
     keep = searched.get("best_keep")
     if not isinstance(keep, dict) or not keep:
         raise CompressError(f"{path} holds no best_keep policy")
+    if searched.get("arch", arch) != arch:
+        raise CompressError(f"{path} is a policy for {searched['arch']}, not for this {arch} model")
     return keep, searched.get("channel_multiple", DEFAULT_CHANNEL_MULTIPLE)
 
 
@@ -333,7 +337,7 @@ def finetune(checkpoint: str, policy: str, arch: str | None, epochs: int, lr: fl
     from compress.store import check_writable, load_checkpoint
 
     model, info = load_checkpoint(checkpoint, arch)
-    keep, searched_multiple = _read_policy(policy)
+    keep, searched_multiple = _read_policy(policy, info["arch"])
     channel_multiple = channel_multiple or searched_multiple
     dev = pick_device(device)
     cfg = PipelineConfig(arch=info["arch"], target=1.0, out_dir=str(Path(out_path).parent),
@@ -394,10 +398,10 @@ def export(checkpoint: str | None, arch: str | None, out_path: str, opset: int, 
     from compress.quantize import Int8Config
     from compress.store import check_writable
 
-    model, _, kept = _model(arch, checkpoint)
+    model, model_arch, kept = _model(arch, checkpoint)
     if policy:
         _require_unpruned(checkpoint, kept, "--policy needs an unpruned model")
-        keep, multiple = _read_policy(policy)
+        keep, multiple = _read_policy(policy, model_arch)
         model = apply_policy(model, build_space(model, channel_multiple=multiple), keep)
     if int8_path:  # before any work: an unwritable path or no calibration images is one line
         check_writable(int8_path)

@@ -163,9 +163,10 @@ def verify_budget(model: nn.Module, space: PruneSpace, keep: dict[str, float]) -
 
 def save_search(result: SearchResult, json_path: str | Path, png_path: str | Path | None = None,
                 arch: str | None = None) -> None:
-    """Best policy and learning curve as JSON, and the curve as a PNG (both written atomically);
-    an agent's policy network beside them (`<json stem>.agent.pt`, for `compress transfer`)."""
-    write_json(json_path, result.to_json())
+    """Best policy and learning curve as JSON (with the architecture searched, which `finetune` and
+    `export --policy` check), and the curve as a PNG (both written atomically); an agent's policy
+    network beside them (`<json stem>.agent.pt`, for `compress transfer`)."""
+    write_json(json_path, {**result.to_json(), **({"arch": arch} if arch else {})})
     if result.agent is not None and arch is not None:
         save_agent(Path(json_path).with_suffix(".agent.pt"), result.agent, arch, result.method,
                    result.target, result.channel_multiple)

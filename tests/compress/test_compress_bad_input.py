@@ -80,6 +80,22 @@ def test_policy_with_a_bad_channel_multiple(cli, checkpoint, tmp_path, multiple)
     assert not out.exists()
 
 
+def test_policy_of_another_depth(cli, checkpoint, tmp_path):
+    """A ResNet-56 search's policy on a ResNet-20 (or the reverse) names only groups both have, so
+    only the architecture the search file records tells them apart: refused by `finetune` and
+    `export --policy` alike."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"best_keep": {"stages.0.0.conv1.0": 0.5}, "arch": "resnet56"}))
+    out = tmp_path / "pruned.pt"
+    result = cli("finetune", "--checkpoint", checkpoint, "--policy", policy, "--out", out)
+    assert_one_line_error(result, "is a policy for resnet56, not for this resnet20 model")
+    assert not out.exists()
+    onnx_out = tmp_path / "m.onnx"
+    assert_one_line_error(cli("export", "--arch", "resnet20", "--policy", policy, "--out", onnx_out),
+                          "is a policy for resnet56")
+    assert not onnx_out.exists()
+
+
 def test_policy_of_another_architecture(cli, checkpoint, tmp_path):
     """A VGG policy on a ResNet names groups the ResNet does not have: refused before any data are
     read, instead of silently keeping every channel."""

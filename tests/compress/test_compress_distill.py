@@ -88,13 +88,13 @@ def test_finetune_cli_distils_within_a_time_cap(small_run, cifar_root, cli, tmp_
     from compress.store import load_checkpoint
 
     policy = json.loads((small_run / "search_mlp.json").read_text())
-    assert policy["channel_multiple"] == 8  # what `reproduce` searched with
+    assert policy["channel_multiple"] == 8 and policy["arch"] == "resnet20"  # what `reproduce` searched
     policy_file = tmp_path / "policy.json"
     policy_file.write_text(json.dumps({**policy, "channel_multiple": 4}))
     out = tmp_path / "distilled.pt"
     result = cli("finetune", "--checkpoint", small_run / "baseline.pt", "--policy", policy_file,
-                 "--epochs", 50, "--max-seconds", 1, "--distill", 0.5, "--batch-size", 64, "--out", out, "--data", cifar_root,
-                 "--limit-per-class", 30, "--device", "cpu")
+                 "--epochs", 50, "--max-seconds", 1, "--distill", 0.5, "--batch-size", 64, "--out", out,
+                 "--data", cifar_root, "--limit-per-class", 30, "--device", "cpu")
     assert result.exit_code == 0, result.output + str(result.exception)
     epochs = int(re.search(r"after (\d+) epochs", result.output).group(1))
     assert epochs < 50 and "channels x4" in result.output and "batch 64" in result.output
