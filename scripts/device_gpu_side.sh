@@ -21,6 +21,9 @@ in_background() {  # $1: name; the rest: the command, run from here on the side 
     > $WORK/out/$name.log 2>&1 < /dev/null &
   echo "$name started on cores $CORES"
 }
+adopt_state() {  # the resumable baseline state an earlier lease left, if this call carried it in .gpu
+  [ -f $WORK/state.pt ] || [ ! -f .gpu/state.pt ] || cp .gpu/state.pt $WORK/state.pt
+}
 mkdir -p /tmp/cifar10 $WORK
 [ ! -d .gpu/site ] || cp -r .gpu/site $WORK/  # a later call may not carry .gpu: the jobs read their own copy
 [ -d /tmp/cifar10/train ] || tar -C /tmp/cifar10 -xJf .data/cifar10-jpeg.tar.xz
@@ -30,17 +33,19 @@ cap)
     --variants "${CAP_VARIANTS:-94,96}" --out $WORK/out/jpeg-cap.json
   ;;
 baseline)
-  [ -f $WORK/state.pt ] || [ ! -f .gpu/state.pt ] || cp .gpu/state.pt $WORK/state.pt  # an earlier lease's
-  in_background baseline env OUT=$WORK/out STATE=$WORK/state.pt STOP=100000 HARD=100000 BUDGET="${BUDGET:-1000}" \
-    BATCH="${BATCH:-256}" LR="${LR:-0.2}" EPOCHS="${EPOCHS:-200}" bash scripts/gpu_baseline.sh
+  adopt_state
+  in_background baseline bash "$0" baseline-steps
+  ;;
+baseline-steps)  # what `baseline` runs: the papers'-recipe ResNet-56 (its own settings, never a comparison's)
+  OUT=$WORK/out STATE=$WORK/state.pt STOP=100000 HARD=100000 BUDGET=1000 BATCH=256 LR=0.2 EPOCHS=200 \
+    bash scripts/gpu_baseline.sh
   ;;
 compare)
-  [ -f $WORK/state.pt ] || [ ! -f .gpu/state.pt ] || cp .gpu/state.pt $WORK/state.pt
+  adopt_state
   CORES=${GPU_SIDE_CORES:-0-15} in_background compare bash "$0" compare-steps
   ;;
 compare-steps)  # what `compare` runs
-  OUT=$WORK/out STATE=$WORK/state.pt STOP=100000 HARD=100000 BUDGET=1000 BATCH=256 LR=0.2 EPOCHS=200 \
-    bash scripts/gpu_baseline.sh > $WORK/out/baseline.log 2>&1 &
+  bash "$0" baseline-steps > $WORK/out/baseline.log 2>&1 &
   OUT=$WORK/out bash scripts/gpu_compare.sh source
   wait
   [ -f $WORK/out/baseline.pt ] || { echo "no baseline"; exit 1; }
